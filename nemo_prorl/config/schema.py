@@ -1,0 +1,197 @@
+"""Typed configuration: the one place where defaults live. Hydra composes `conf/` over these dataclasses,
+so a misspelt key fails at launch with the key named. Batch sizes name their units."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class TinyModelConfig:
+    """A small Qwen2 (the architecture of ProRL's base model) built locally when no model path is given."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 256
+    vocab_size: int = 320  # target size of the BPE tokenizer trained on the task corpus
+
+
+@dataclass
+class WarmStartConfig:
+    """Short supervised warm start of the tiny model, so RL starts from a model that sometimes succeeds.
+    The result is cached under `cache_dir`, keyed by everything that determines it."""
+
+    enabled: bool = True
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    num_examples: int = 4096
+    # Fraction of warm-start answers that are right; the rest are off by a small amount. A noisy teacher
+    # leaves the right answer in the model's distribution without making it reliable, the situation RL
+    # with a verifier improves (1.0 gives plain supervised learning).
+    teacher_accuracy: float = 1.0
+    cache_dir: str = "~/.cache/nemo_prorl/warmstart"
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # a Hugging Face folder; None builds the tiny model (embedded default)
+    dtype: str = "float32"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+
+@dataclass
+class OptimConfig:
+    # ProRL §4.1: AdamW, constant learning rate 2e-6.
+    lr: float = 2e-6
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class PolicyConfig:
+    backend: str = "hf"  # registry: nemo_prorl.policy.POLICY_BACKENDS
+    micro_batch_size: int = 8  # sequences per forward/backward pass
+    logprob_micro_batch_size: int = 16  # sequences per no-grad logprob pass
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "torch"  # registry: nemo_prorl.rollout.ROLLOUT_ENGINES
+    temperature: float = 1.2  # ProRL §4.1: high temperature keeps exploration up over long runs
+    top_p: float = 1.0
+    max_response_length: int = 8192  # tokens; ProRL runs 1-7 used 8k, run 8 16k
+    max_num_seqs: int = 256  # sequences decoded together; bounds KV-cache memory
+    weight_sync_bucket_mb: float = 256.0
+
+
+@dataclass
+class DynamicSamplingConfig:
+    # DAPO §3.2; ProRL §3.1 keeps it on for the whole run.
+    enabled: bool = True
+    max_generation_rounds: int = 3
+    reward_atol: float = 0.0
+
+
+@dataclass
+class ReferenceResetConfig:
+    every_n_steps: Optional[int] = None
+    stall_patience: Optional[int] = None  # evaluations without validation gain before a reset
+    stall_min_delta: float = 0.0
+    reset_optimizer: bool = False
+
+
+@dataclass
+class AlgoConfig:
+    advantage_estimator: str = "grpo"  # registry: nemo_prorl.algo.advantages.ADVANTAGE_ESTIMATORS
+    num_prompts_per_step: int = 256  # ProRL §4.1: batch size 256 prompts
+    num_generations_per_prompt: int = 16  # ProRL §4.1: n = 16 rollouts per prompt
+    num_prompts_per_minibatch: int = 64  # ProRL §4.1: mini-batch 64, i.e. 4 updates per step
+    num_epochs_per_step: int = 1
+    clip_eps_low: float = 0.2  # ProRL §3.1 decoupled clipping
+    clip_eps_high: float = 0.4
+    clip_ratio_c: Optional[float] = None  # dual-clip bound for negative advantages (e.g. 3.0)
+    loss_agg_mode: str = "token-mean"
+    kl_coef: float = 1e-4
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    advantage_eps: float = 1e-6
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    reference_reset: ReferenceResetConfig = field(default_factory=ReferenceResetConfig)
+
+
+@dataclass
+class SyntheticTaskConfig:
+    """Procedurally generated tasks with exact answers (the embedded demo's data)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["reverse", "sort"])  # reverse | sort | arithmetic
+    min_digits: int = 3  # digit strings for reverse and sort
+    max_digits: int = 8
+    min_operands: int = 2  # arithmetic expressions
+    max_operands: int = 3
+    max_value: int = 99
+    operators: str = "+-"
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # registry: nemo_prorl.data.DATA_SOURCES
+    seed: int = 1234
+    max_prompt_length: int = 1024  # tokens; longer prompts are dropped and counted
+    num_validation_prompts: int = 256
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+
+
+@dataclass
+class OverlongShapingConfig:
+    enabled: bool = False  # DAPO §3.4 soft overlong punishment
+    buffer_length: int = 1024
+    penalty_factor: float = 1.0
+
+
+@dataclass
+class StopProperlyConfig:
+    enabled: bool = False  # ProRL appendix, runs 4-5
+    truncated_reward_scale: float = 0.0
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 1
+    overlong: OverlongShapingConfig = field(default_factory=OverlongShapingConfig)
+    stop_properly: StopProperlyConfig = field(default_factory=StopProperlyConfig)
+
+
+@dataclass
+class ValidationConfig:
+    every_n_steps: int = 10
+    num_samples_per_prompt: int = 8
+    # ProRL §4.2 evaluates with temperature 0.6 and top-p 0.95.
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_response_length: Optional[int] = None  # None: rollout.max_response_length
+    pass_k: list[int] = field(default_factory=lambda: [1, 8])
+    metric: str = "pass@1"  # feeds the reference-reset stall rule
+
+
+@dataclass
+class ClusterConfig:
+    device: str = "cpu"  # cpu | cuda
+    num_nodes: int = 1
+    gpus_per_node: int = 0
+    num_threads: Optional[int] = None  # torch intra-op threads on CPU; None leaves torch's default
+
+
+@dataclass
+class TrainerConfig:
+    num_steps: int = 2000
+    seed: int = 42
+    output_dir: str = "runs/${experiment_name}"
+    checkpoint_every_n_steps: int = 50
+    keep_last_checkpoints: int = 3
+    progress_bar: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclass
+class ProRLConfig:
+    experiment_name: str = "prorl"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)

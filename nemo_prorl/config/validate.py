@@ -1,0 +1,115 @@
+"""Value checks that types alone cannot express. All problems are reported at once, each with its key."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from nemo_prorl.config.schema import ProRLConfig
+
+
+def _registry_names() -> dict[str, Iterable[str]]:
+    # Imported here: the registries pull in backends, which the schema module must not depend on.
+    from nemo_prorl.algo.advantages import ADVANTAGE_ESTIMATORS
+    from nemo_prorl.algo.loss import KL_ESTIMATORS, LOSS_AGG_MODES
+    from nemo_prorl.data import DATA_SOURCES
+    from nemo_prorl.policy import POLICY_BACKENDS
+    from nemo_prorl.rollout import ROLLOUT_ENGINES
+
+    return {
+        "policy.backend": POLICY_BACKENDS.names(),
+        "rollout.engine": ROLLOUT_ENGINES.names(),
+        "algo.advantage_estimator": ADVANTAGE_ESTIMATORS.names(),
+        "algo.loss_agg_mode": LOSS_AGG_MODES,
+        "algo.kl_estimator": KL_ESTIMATORS,
+        "data.source": DATA_SOURCES.names(),
+        "cluster.device": ("cpu", "cuda"),
+        "model.dtype": ("float32", "bfloat16", "float16"),
+    }
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate_config(cfg: ProRLConfig) -> None:
+    from nemo_prorl.algo.advantages import NEEDS_GROUP
+    from nemo_prorl.config.loader import ConfigError
+
+    errors: list[str] = []
+
+    def check(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            errors.append(f"{key}={_get(cfg, key)!r}: {rule}")
+
+    for key, allowed in _registry_names().items():
+        allowed = list(allowed)
+        check(_get(cfg, key) in allowed, key, f"allowed values: {', '.join(allowed)}")
+
+    a = cfg.algo
+    check(a.clip_eps_low >= 0, "algo.clip_eps_low", "must be >= 0")
+    check(a.clip_eps_low < 1, "algo.clip_eps_low", "must be < 1 (the ratio is clipped at 1 - eps_low)")
+    check(a.clip_eps_high >= 0, "algo.clip_eps_high", "must be >= 0")
+    check(a.clip_ratio_c is None or a.clip_ratio_c > 1, "algo.clip_ratio_c", "dual-clip bound must be > 1 or null")
+    check(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0")
+    check(a.entropy_coef >= 0, "algo.entropy_coef", "must be >= 0")
+    check(a.num_prompts_per_step >= 1, "algo.num_prompts_per_step", "must be >= 1")
+    check(a.num_epochs_per_step >= 1, "algo.num_epochs_per_step", "must be >= 1")
+    check(
+        1 <= a.num_prompts_per_minibatch <= a.num_prompts_per_step,
+        "algo.num_prompts_per_minibatch",
+        f"must be between 1 and algo.num_prompts_per_step={a.num_prompts_per_step}",
+    )
+    min_n = 2 if a.advantage_estimator in NEEDS_GROUP else 1
+    check(
+        a.num_generations_per_prompt >= min_n,
+        "algo.num_generations_per_prompt",
+        f"must be >= {min_n} with algo.advantage_estimator={a.advantage_estimator!r} "
+        "(group-relative advantages need several responses per prompt)",
+    )
+    check(a.dynamic_sampling.max_generation_rounds >= 1, "algo.dynamic_sampling.max_generation_rounds", "must be >= 1")
+    r = a.reference_reset
+    check(r.every_n_steps is None or r.every_n_steps >= 1, "algo.reference_reset.every_n_steps", "must be >= 1 or null")
+    check(r.stall_patience is None or r.stall_patience >= 1, "algo.reference_reset.stall_patience", "must be >= 1 or null")
+
+    ro = cfg.rollout
+    check(ro.temperature > 0, "rollout.temperature", "must be > 0")
+    check(0 < ro.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    check(ro.max_response_length >= 1, "rollout.max_response_length", "must be >= 1")
+    check(ro.max_num_seqs >= 1, "rollout.max_num_seqs", "must be >= 1")
+    check(ro.weight_sync_bucket_mb > 0, "rollout.weight_sync_bucket_mb", "must be > 0")
+
+    p = cfg.policy
+    check(p.micro_batch_size >= 1, "policy.micro_batch_size", "must be >= 1")
+    check(p.logprob_micro_batch_size >= 1, "policy.logprob_micro_batch_size", "must be >= 1")
+    check(p.optim.lr > 0, "policy.optim.lr", "must be > 0")
+    check(p.optim.grad_clip > 0, "policy.optim.grad_clip", "must be > 0")
+
+    v = cfg.validation
+    check(v.every_n_steps >= 0, "validation.every_n_steps", "must be >= 0 (0 disables validation)")
+    check(v.num_samples_per_prompt >= 1, "validation.num_samples_per_prompt", "must be >= 1")
+    check(
+        all(1 <= k <= v.num_samples_per_prompt for k in v.pass_k),
+        "validation.pass_k",
+        f"every k must be between 1 and validation.num_samples_per_prompt={v.num_samples_per_prompt}",
+    )
+    allowed_metrics = [f"pass@{k}" for k in v.pass_k] + ["reward"]
+    check(v.metric in allowed_metrics, "validation.metric", f"allowed values: {', '.join(allowed_metrics)}")
+
+    s = cfg.reward.overlong
+    check(not s.enabled or 0 < s.buffer_length <= ro.max_response_length, "reward.overlong.buffer_length",
+          "must be in (0, rollout.max_response_length]")
+    from nemo_prorl.data.synthetic import TASKS
+
+    bad_tasks = [t for t in cfg.data.synthetic.tasks if t not in TASKS]
+    check(not bad_tasks and bool(cfg.data.synthetic.tasks), "data.synthetic.tasks",
+          f"allowed values: {', '.join(TASKS.names())}")
+    check(cfg.data.num_validation_prompts >= 0, "data.num_validation_prompts", "must be >= 0")
+    check(cfg.trainer.num_steps >= 0, "trainer.num_steps", "must be >= 0")
+    check(cfg.trainer.keep_last_checkpoints >= 1, "trainer.keep_last_checkpoints", "must be >= 1")
+    if cfg.model.path is None:
+        check(cfg.model.warm_start.steps >= 0, "model.warm_start.steps", "must be >= 0")
+
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))

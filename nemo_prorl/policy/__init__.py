@@ -1,0 +1,6 @@
+"""Policy backends behind one registry (`policy.backend`)."""
+
+from nemo_prorl.policy.base import POLICY_BACKENDS, LossFn, PolicyBackend
+from nemo_prorl.policy import hf as _hf  # noqa: F401  (registers "hf")
+
+__all__ = ["POLICY_BACKENDS", "LossFn", "PolicyBackend"]

@@ -1,0 +1,6 @@
+"""Rollout engines behind one registry (`rollout.engine`). All vLLM imports live in this package."""
+
+from nemo_prorl.rollout.base import ROLLOUT_ENGINES, Completion, RolloutEngine, SamplingParams
+from nemo_prorl.rollout import torch_engine as _torch_engine  # noqa: F401  (registers "torch")
+
+__all__ = ["ROLLOUT_ENGINES", "Completion", "RolloutEngine", "SamplingParams"]

@@ -1,0 +1,119 @@
+"""Embedded rollout engine: batched autoregressive sampling with a KV cache in plain PyTorch.
+
+It holds its own copy of the model, like vLLM does, so the trainer must sync weights into it after every
+update; that keeps the embedded path faithful to the distributed one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from nemo_prorl.config.schema import ProRLConfig
+from nemo_prorl.rollout.base import ROLLOUT_ENGINES, Completion, RolloutEngine, SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside the smallest set whose probability mass reaches top_p."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+class TorchRolloutEngine(RolloutEngine):
+    def __init__(self, model_dir: Path, *, device: str, dtype: str, max_num_seqs: int, pad_token_id: int) -> None:
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.max_num_seqs = max_num_seqs
+        self.pad_token_id = pad_token_id
+        # keep_vars: the live tensors under every state-dict name (tied weights appear under both names).
+        self._params = self.model.state_dict(keep_vars=True)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+        jobs = [(i, prompts[i]) for i in range(len(prompts)) for _ in range(params.n)]
+        gen = torch.Generator(device="cpu").manual_seed(params.seed)
+        out: list[Completion] = []
+        for start in range(0, len(jobs), self.max_num_seqs):
+            out.extend(self._generate_chunk(jobs[start : start + self.max_num_seqs], params, gen))
+        return out
+
+    def _generate_chunk(
+        self, jobs: list[tuple[int, Sequence[int]]], params: SamplingParams, gen: torch.Generator
+    ) -> list[Completion]:
+        B = len(jobs)
+        P = max(len(p) for _, p in jobs)
+        ids = torch.full((B, P), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((B, P), dtype=torch.long)
+        for row, (_, p) in enumerate(jobs):  # left padding: every prompt ends at column P - 1
+            ids[row, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, P - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        stop = torch.tensor(params.stop_token_ids or (-1,), device=self.device)
+        cache = DynamicCache()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            use_cache=True).logits[:, -1]
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        tokens, logps = [], []
+        last_pos = pos[:, -1]
+        for _ in range(params.max_tokens):
+            scaled = logits.float() / params.temperature
+            logp_all = torch.log_softmax(scaled, dim=-1)
+            probs = torch.softmax(top_p_filter(scaled, params.top_p), dim=-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(self.device)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_token_id), nxt)
+            tokens.append(nxt)
+            logps.append(logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+            live = ~done
+            done = done | torch.isin(nxt, stop)
+            if bool(done.all()):
+                break
+            # Finished rows keep decoding padding that nothing attends to; it is cut out below.
+            mask = torch.cat([mask, live.long().unsqueeze(-1)], dim=-1)
+            last_pos = last_pos + live.long()
+            logits = self.model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=last_pos.unsqueeze(-1),
+                                past_key_values=cache, use_cache=True).logits[:, -1]
+        return self._collect(jobs, torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), stop.cpu())
+
+    def _collect(self, jobs, tokens: torch.Tensor, logps: torch.Tensor, stop: torch.Tensor) -> list[Completion]:
+        out = []
+        is_stop = torch.isin(tokens, stop)
+        for row, (prompt_index, _) in enumerate(jobs):
+            hits = torch.nonzero(is_stop[row]).flatten()
+            end = int(hits[0]) + 1 if len(hits) else tokens.shape[1]
+            out.append(Completion(
+                prompt_index=prompt_index,
+                token_ids=tokens[row, :end].tolist(),
+                logprobs=logps[row, :end].tolist(),
+                finish_reason="stop" if len(hits) else "length",
+            ))
+        return out
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in weights:
+            target = self._params.get(name)
+            if target is None:
+                raise KeyError(f"rollout engine has no weight named {name!r}")
+            if target.shape != tensor.shape:
+                raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != engine's {tuple(target.shape)}")
+            target.data.copy_(tensor)
+
+
+@ROLLOUT_ENGINES.register("torch")
+def build_torch_engine(cfg: ProRLConfig, model_dir: Path) -> RolloutEngine:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return TorchRolloutEngine(model_dir, device=cfg.cluster.device, dtype=cfg.model.dtype,
+                              max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad)

@@ -1,0 +1,270 @@
+"""The ProRL trainer: one loop of named, timed phases.
+
+  generate -> score -> filter (DAPO rounds) -> advantages -> logprobs -> update -> sync_weights
+  -> validate (every k steps) -> reset_reference (schedule or stall) -> checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from nemo_prorl.algo.advantages import ADVANTAGE_ESTIMATORS
+from nemo_prorl.algo.loss import policy_loss
+from nemo_prorl.algo.reset import reference_reset_decision
+from nemo_prorl.algo.sampling import groups_with_signal, take_groups
+from nemo_prorl.config.schema import ProRLConfig
+from nemo_prorl.data.records import PromptRecord, PromptSource
+from nemo_prorl.policy.base import Batch, LossFn, PolicyBackend
+from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams
+from nemo_prorl.trainer.batching import build_batch, select_rows
+from nemo_prorl.trainer.checkpoint import save_checkpoint
+from nemo_prorl.trainer.logger import MetricsLogger
+from nemo_prorl.trainer.phases import PhaseTimer
+from nemo_prorl.trainer.scoring import per_domain_means, score_completions, shaped_rewards
+from nemo_prorl.trainer.validate import validate
+from nemo_prorl.weight_sync import sync_weights
+
+
+@dataclasses.dataclass
+class StepGroups:
+    """The groups kept for one step's update, after dynamic sampling."""
+
+    prompt_ids: list[list[int]] = dataclasses.field(default_factory=list)
+    completions: list[Completion] = dataclasses.field(default_factory=list)
+    rewards: list[torch.Tensor] = dataclasses.field(default_factory=list)  # one [n] tensor per group
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+def _seed(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + p) % (2**62)
+    return h
+
+
+class ProRLTrainer:
+    def __init__(self, cfg: ProRLConfig, resolved: DictConfig, *, policy: PolicyBackend, engine: RolloutEngine,
+                 tokenizer: Any, source: PromptSource, out_dir: Path) -> None:
+        self.cfg, self.resolved = cfg, resolved
+        self.policy, self.engine, self.tokenizer, self.source = policy, engine, tokenizer, source
+        self.out_dir = out_dir
+        self.step = 0
+        self.last_reset_step = 0
+        self.val_history: list[float] = []  # validation metric since the last reference reset
+        self.val_records, self.val_prompt_ids, _ = self.encode_prompts(source.validation_set())
+        self.use_reference = cfg.algo.kl_coef > 0
+        self.stop_ids = (tokenizer.eos_token_id,)
+
+    # ---------------------------------------------------------------- prompts
+    def encode_prompts(self, records: Sequence[PromptRecord]) -> tuple[list[PromptRecord], list[list[int]], int]:
+        """Chat-template and tokenize; prompts over data.max_prompt_length are dropped and counted, never cut."""
+        kept, ids = [], []
+        for rec in records:
+            text = self.tokenizer.apply_chat_template(list(rec.messages), add_generation_prompt=True, tokenize=False)
+            toks = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(toks) <= self.cfg.data.max_prompt_length:
+                kept.append(rec)
+                ids.append(toks)
+        return kept, ids, len(records) - len(kept)
+
+    # ---------------------------------------------------------------- phases: generate, score, filter
+    def collect_groups(self, step: int, timer: PhaseTimer) -> tuple[StepGroups, dict[str, float]]:
+        a, ro = self.cfg.algo, self.cfg.rollout
+        n, need = a.num_generations_per_prompt, a.num_prompts_per_step
+        ds = a.dynamic_sampling
+        kept = StepGroups()
+        gen_groups = uniform_groups = rounds = dropped_prompts = 0
+        all_rewards, all_lengths, all_trunc, all_domains, gen_tokens = [], [], [], [], 0
+        for rnd in range(ds.max_generation_rounds if ds.enabled else 1):
+            with timer("generate"):
+                records, prompt_ids, dropped = self.encode_prompts(self.source.next_prompts(need))
+                dropped_prompts += dropped
+                params = SamplingParams(n=n, temperature=ro.temperature, top_p=ro.top_p,
+                                        max_tokens=ro.max_response_length, stop_token_ids=self.stop_ids,
+                                        seed=_seed(self.cfg.trainer.seed, step, rnd))
+                completions = self.engine.generate(prompt_ids, params)
+            with timer("score"):
+                scores = score_completions(records, completions, self.tokenizer)
+                shaped = shaped_rewards(scores, self.cfg.reward, ro.max_response_length).view(len(records), n)
+            with timer("filter"):
+                signal = groups_with_signal(shaped, ds.reward_atol)
+                uniform_groups += int((~signal).sum())
+                keep = signal if ds.enabled else torch.ones_like(signal)
+                for g in take_groups(len(kept), keep, need).tolist():
+                    kept.prompt_ids.append(prompt_ids[g])
+                    kept.rewards.append(shaped[g])
+                    kept.completions.extend(dataclasses.replace(c, prompt_index=len(kept) - 1)
+                                            for c in completions[g * n : (g + 1) * n])
+            rounds += 1
+            gen_groups += len(records)
+            all_rewards.append(scores.rewards)
+            all_lengths.append(scores.lengths)
+            all_trunc.append(scores.truncated)
+            all_domains += scores.domains
+            gen_tokens += int(scores.lengths.sum())
+            if len(kept) >= need:
+                break
+        rewards, lengths = torch.cat(all_rewards), torch.cat(all_lengths).float()
+        metrics = {
+            "reward/mean": float(rewards.mean()),
+            "response_length/mean": float(lengths.mean()),
+            "response_length/max": float(lengths.max()),
+            "response_length/truncated_frac": float(torch.cat(all_trunc).float().mean()),
+            # Groups whose rewards were all equal (no learning signal), out of all generated this step.
+            "filter/filtered_group_frac": uniform_groups / max(gen_groups, 1),
+            "filter/kept_groups": float(len(kept)),
+            "filter/generation_rounds": float(rounds),
+            "data/dropped_long_prompts": float(dropped_prompts),
+            "throughput/generated_tokens": float(gen_tokens),
+            **per_domain_means(rewards, all_domains, "reward"),
+        }
+        return kept, metrics
+
+    # ---------------------------------------------------------------- phases: advantages, logprobs, update
+    def make_batch(self, groups: StepGroups) -> dict[str, torch.Tensor]:
+        a = self.cfg.algo
+        batch = build_batch(groups.prompt_ids, groups.completions, self.tokenizer.pad_token_id)
+        rewards = torch.stack(groups.rewards)  # [G, n]
+        token_counts = batch["response_mask"].sum(dim=1).view_as(rewards)
+        estimator = ADVANTAGE_ESTIMATORS.get(a.advantage_estimator, "algo.advantage_estimator")
+        batch["advantages"] = estimator(rewards, eps=a.advantage_eps, token_counts=token_counts).flatten()
+        return batch
+
+    def num_updates(self, num_groups: int) -> int:
+        a = self.cfg.algo
+        return math.ceil(num_groups / a.num_prompts_per_minibatch) * a.num_epochs_per_step
+
+    def loss_fn(self, mb: Batch) -> LossFn:
+        """The ProRL loss for one mini-batch; its normalisers are the mini-batch totals, so micro-batching
+        does not change the result."""
+        a = self.cfg.algo
+        num_tokens = mb["response_mask"].sum()
+        num_seqs = float(mb["response_mask"].shape[0])
+
+        def fn(logp: torch.Tensor, entropy: Optional[torch.Tensor], micro: Batch):
+            # With one update per step the sampling policy is the current one: old logprobs are the
+            # current ones, detached, and their forward pass is skipped.
+            old = micro["old_logprobs"] if "old_logprobs" in micro else logp.detach()
+            return policy_loss(
+                logp, old, micro["advantages"], micro["response_mask"],
+                clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high, clip_ratio_c=a.clip_ratio_c,
+                global_num_tokens=num_tokens, global_num_seqs=num_seqs,
+                horizon=self.cfg.rollout.max_response_length, loss_agg_mode=a.loss_agg_mode,
+                ref_logprobs=micro.get("ref_logprobs"), kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+                entropy=entropy, entropy_coef=a.entropy_coef,
+            )
+
+        return fn
+
+    def update(self, batch: dict[str, torch.Tensor], num_groups: int, step: int) -> dict[str, float]:
+        a, n = self.cfg.algo, self.cfg.algo.num_generations_per_prompt
+        T = self.cfg.rollout.temperature
+        gen = torch.Generator().manual_seed(_seed(self.cfg.trainer.seed, step, 7))
+        totals: dict[str, float] = {}
+        count = 0
+        for _ in range(a.num_epochs_per_step):
+            order = torch.randperm(num_groups, generator=gen)
+            for start in range(0, num_groups, a.num_prompts_per_minibatch):
+                groups = order[start : start + a.num_prompts_per_minibatch]
+                rows = (groups.unsqueeze(1) * n + torch.arange(n)).flatten()
+                mb = select_rows(batch, rows)
+                m = self.policy.train_minibatch(mb, self.loss_fn(mb), temperature=T)
+                for k, v in m.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                count += 1
+        return {f"actor/{k}": v / count for k, v in totals.items()}
+
+    def train_step(self, step: int, timer: PhaseTimer) -> dict[str, float]:
+        groups, metrics = self.collect_groups(step, timer)
+        if len(groups) == 0:  # every group was uniform for max_generation_rounds: nothing to learn from
+            metrics["actor/update_skipped"] = 1.0
+            return metrics
+        with timer("advantages"):
+            batch = self.make_batch(groups)
+        T = self.cfg.rollout.temperature
+        with timer("logprobs"):
+            if self.num_updates(len(groups)) > 1:
+                batch["old_logprobs"] = self.policy.logprobs(batch, temperature=T)
+            if self.use_reference:
+                batch["ref_logprobs"] = self.policy.logprobs(batch, temperature=T, reference=True)
+        with timer("update"):
+            metrics.update(self.update(batch, len(groups), step))
+        with timer("sync_weights"):
+            stats = sync_weights(self.policy, self.engine, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb)
+        metrics["sync/megabytes"] = stats.num_bytes / 2**20
+        return metrics
+
+    # ---------------------------------------------------------------- phases: validate, reset_reference
+    def validate(self, step: int, timer: PhaseTimer) -> dict[str, float]:
+        v = self.cfg.validation
+        with timer("validate"):
+            out = validate(self.engine, self.tokenizer, self.val_records, self.val_prompt_ids, v,
+                           max_tokens=v.max_response_length or self.cfg.rollout.max_response_length,
+                           seed=_seed(self.cfg.trainer.seed, 999))  # same seed each time: comparable numbers
+        self.val_history.append(out[f"val/{v.metric}"])
+        return out
+
+    def maybe_reset_reference(self, step: int, timer: PhaseTimer, logger: MetricsLogger) -> bool:
+        r = self.cfg.algo.reference_reset
+        decision = reference_reset_decision(
+            step=step, last_reset_step=self.last_reset_step, every_n_steps=r.every_n_steps,
+            val_history=self.val_history, stall_patience=r.stall_patience, stall_min_delta=r.stall_min_delta)
+        if not decision.reset:
+            return False
+        with timer("reset_reference"):
+            self.policy.reset_reference()
+            if r.reset_optimizer:
+                self.policy.reset_optimizer()
+        self.last_reset_step, self.val_history = step, []
+        logger.event(step, "reference_reset", reason=decision.reason, reset_optimizer=r.reset_optimizer)
+        return True
+
+    # ---------------------------------------------------------------- the loop
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "last_reset_step": self.last_reset_step, "val_history": self.val_history,
+                "data": self.source.state_dict()}
+
+    def checkpoint(self, timer: PhaseTimer) -> Path:
+        t = self.cfg.trainer
+        with timer("checkpoint"):
+            return save_checkpoint(self.out_dir / "checkpoints", self.step, policy=self.policy,
+                                   tokenizer=self.tokenizer, resolved_config=self.resolved,
+                                   trainer_state=self.trainer_state(), keep_last=t.keep_last_checkpoints)
+
+    def fit(self) -> dict[str, Any]:
+        t, v = self.cfg.trainer, self.cfg.validation
+        logger = MetricsLogger(self.out_dir, total_steps=t.num_steps, start_step=self.step,
+                               tensorboard=t.tensorboard, progress_bar=t.progress_bar)
+        validations: dict[int, dict[str, float]] = {}
+        try:
+            if v.every_n_steps > 0 and self.val_records:
+                timer = PhaseTimer()
+                validations[self.step] = self.validate(self.step, timer)
+                logger.log(self.step, {**validations[self.step], **timer.metrics()})
+            while self.step < t.num_steps:
+                self.step += 1
+                timer = PhaseTimer()
+                metrics = self.train_step(self.step, timer)
+                last = self.step == t.num_steps
+                if v.every_n_steps > 0 and self.val_records and (self.step % v.every_n_steps == 0 or last):
+                    validations[self.step] = self.validate(self.step, timer)
+                    metrics.update(validations[self.step])
+                metrics["reference/reset"] = float(self.maybe_reset_reference(self.step, timer, logger))
+                if self.step % t.checkpoint_every_n_steps == 0 or last:
+                    self.checkpoint(timer)
+                metrics.update(timer.metrics())
+                metrics["throughput/gen_tokens_per_s"] = metrics["throughput/generated_tokens"] / max(
+                    metrics.get("time/generate", 0.0), 1e-9)
+                logger.log(self.step, metrics)
+                logger.advance(self.step, metrics)
+        finally:
+            logger.close()
+        return {"validations": validations, "out_dir": str(self.out_dir)}

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny Qwen2 and tokenizer built locally (no hub access), and a small config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_OVERRIDES = [
+    "model.tiny.hidden_size=32",
+    "model.tiny.intermediate_size=64",
+    "model.tiny.num_hidden_layers=2",
+    "model.tiny.num_attention_heads=4",
+    "model.tiny.num_key_value_heads=2",
+    "model.warm_start.steps=20",
+    "model.warm_start.num_examples=256",
+    "algo.num_prompts_per_step=4",
+    "algo.num_generations_per_prompt=4",
+    "algo.num_prompts_per_minibatch=2",
+    "policy.micro_batch_size=4",
+    "rollout.max_response_length=6",
+    "data.num_validation_prompts=8",
+    "validation.every_n_steps=2",
+    "validation.num_samples_per_prompt=4",
+    "validation.pass_k=[1,4]",
+    "trainer.num_steps=3",
+    "trainer.checkpoint_every_n_steps=2",
+    "trainer.progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A warm-started tiny model folder (safetensors, config.json, tokenizer), built once per session."""
+    from nemo_prorl.config import load_config
+    from nemo_prorl.demo.warmstart import warm_started_model
+
+    cache = tmp_path_factory.mktemp("warmstart")
+    cfg, _ = load_config([*TINY_OVERRIDES, f"model.warm_start.cache_dir={cache}"])
+    return warm_started_model(cfg)
+
+
+@pytest.fixture()
+def tiny_cfg(tiny_model_dir: Path, tmp_path: Path):
+    """(typed config, resolved DictConfig) for a few-step run on the tiny model, writing under tmp_path."""
+    from nemo_prorl.config import load_config
+
+    return load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", f"trainer.output_dir={tmp_path / 'run'}"])
