@@ -89,7 +89,7 @@ def clipped_surrogate(
     clip_ratio_c: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped objective as a per-token loss, with the decoupled range [1 - eps_low, 1 + eps_high]
-    (DAPO §3.1 "clip-higher"; ProRL §3.1 uses 0.2 / 0.4 to keep entropy from collapsing).
+    (DAPO §3.1 "clip-higher"; ProRL §3.2 uses 0.2 / 0.4 to keep entropy from collapsing).
 
     Dual-clip (Ye et al. 2020): for negative advantages the loss is also bounded by -A * clip_ratio_c,
     so a token whose ratio exploded cannot produce an unbounded update.

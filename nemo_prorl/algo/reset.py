@@ -1,4 +1,4 @@
-"""ProRL's reference-policy reset (§3.2): the KL term keeps the policy near pi_ref, which stops progress
+"""ProRL's reference-policy reset (§2.3.1): the KL term keeps the policy near pi_ref, which stops progress
 once the policy should have moved on; periodically pi_ref is hard-reset to the current policy (and,
 optionally, the optimizer state is reset too). Reset on a schedule and/or when validation stalls."""
 

@@ -20,7 +20,7 @@ def overlong_penalty(
 
 
 def stop_properly_penalty(rewards: torch.Tensor, truncated: torch.Tensor, *, truncated_reward_scale: float) -> torch.Tensor:
-    """ProRL (§4, runs 4-5 of the appendix) penalised responses cut off at the length limit: their reward is
+    """ProRL (Appendix E, runs 4-5) penalised responses cut off at the length limit: their reward is
     multiplied by `truncated_reward_scale` (0 gives them nothing however correct their prefix looks;
     1 disables the penalty)."""
     return torch.where(truncated, rewards * truncated_reward_scale, rewards)

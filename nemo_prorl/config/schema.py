@@ -47,7 +47,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    # ProRL §4.1: AdamW, constant learning rate 2e-6.
+    # ProRL §3.2: AdamW, constant learning rate 2e-6.
     lr: float = 2e-6
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -67,7 +67,7 @@ class PolicyConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "torch"  # registry: nemo_prorl.rollout.ROLLOUT_ENGINES
-    temperature: float = 1.2  # ProRL §4.1: high temperature keeps exploration up over long runs
+    temperature: float = 1.2  # ProRL §3.2: high temperature keeps exploration up over long runs
     top_p: float = 1.0
     max_response_length: int = 8192  # tokens; ProRL runs 1-7 used 8k, run 8 16k
     max_num_seqs: int = 256  # sequences decoded together; bounds KV-cache memory
@@ -76,7 +76,7 @@ class RolloutConfig:
 
 @dataclass
 class DynamicSamplingConfig:
-    # DAPO §3.2; ProRL §3.1 keeps it on for the whole run.
+    # DAPO §3.2; ProRL §2 keeps it on for the whole run.
     enabled: bool = True
     max_generation_rounds: int = 3
     reward_atol: float = 0.0
@@ -84,6 +84,8 @@ class DynamicSamplingConfig:
 
 @dataclass
 class ReferenceResetConfig:
+    # ProRL §2.3.1: hard-reset pi_ref to the current policy when validation stagnates, and reinitialise the
+    # optimizer (ProRL v2 keeps the optimizer state instead).
     every_n_steps: Optional[int] = None
     stall_patience: Optional[int] = None  # evaluations without validation gain before a reset
     stall_min_delta: float = 0.0
@@ -93,14 +95,16 @@ class ReferenceResetConfig:
 @dataclass
 class AlgoConfig:
     advantage_estimator: str = "grpo"  # registry: nemo_prorl.algo.advantages.ADVANTAGE_ESTIMATORS
-    num_prompts_per_step: int = 256  # ProRL §4.1: batch size 256 prompts
-    num_generations_per_prompt: int = 16  # ProRL §4.1: n = 16 rollouts per prompt
-    num_prompts_per_minibatch: int = 64  # ProRL §4.1: mini-batch 64, i.e. 4 updates per step
+    num_prompts_per_step: int = 256  # ProRL §3.2: batch size 256 prompts
+    num_generations_per_prompt: int = 16  # ProRL §3.2: n = 16 rollouts per prompt
+    num_prompts_per_minibatch: int = 64  # ProRL §3.2: mini-batch 64, i.e. 4 updates per step
     num_epochs_per_step: int = 1
-    clip_eps_low: float = 0.2  # ProRL §3.1 decoupled clipping
+    clip_eps_low: float = 0.2  # ProRL §2 decoupled clipping (DAPO clip-higher)
     clip_eps_high: float = 0.4
     clip_ratio_c: Optional[float] = None  # dual-clip bound for negative advantages (e.g. 3.0)
     loss_agg_mode: str = "token-mean"
+    # ProRL (eq. 4) keeps a KL penalty but does not state beta; 1e-4 is a conservative default that the
+    # reference resets make cheap to keep.
     kl_coef: float = 1e-4
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
@@ -140,7 +144,7 @@ class OverlongShapingConfig:
 
 @dataclass
 class StopProperlyConfig:
-    enabled: bool = False  # ProRL appendix, runs 4-5
+    enabled: bool = False  # ProRL Appendix E, runs 4-5
     truncated_reward_scale: float = 0.0
 
 
@@ -155,7 +159,7 @@ class RewardConfig:
 class ValidationConfig:
     every_n_steps: int = 10
     num_samples_per_prompt: int = 8
-    # ProRL §4.2 evaluates with temperature 0.6 and top-p 0.95.
+    # ProRL §3.2 evaluates with temperature 0.6 and top-p 0.95.
     temperature: float = 0.6
     top_p: float = 0.95
     max_response_length: Optional[int] = None  # None: rollout.max_response_length

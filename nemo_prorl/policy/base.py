@@ -35,7 +35,7 @@ class PolicyBackend(ABC):
 
     @abstractmethod
     def reset_reference(self) -> None:
-        """Hard-reset the reference policy to the current policy (ProRL §3.2)."""
+        """Hard-reset the reference policy to the current policy (ProRL §2.3.1)."""
 
     @abstractmethod
     def reset_optimizer(self) -> None: ...

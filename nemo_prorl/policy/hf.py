@@ -64,7 +64,7 @@ class HFPolicy(PolicyBackend):
             self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
         )
         warmup = o.warmup_steps
-        # ProRL §4.1: constant learning rate (after an optional linear warmup).
+        # ProRL §3.2: constant learning rate (after an optional linear warmup).
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         return opt, sched
 

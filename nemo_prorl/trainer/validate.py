@@ -1,4 +1,4 @@
-"""Validation: sample several responses per held-out prompt and report pass@k (ProRL §4.2 protocol)."""
+"""Validation: sample several responses per held-out prompt and report pass@k (ProRL §3.2 protocol)."""
 
 from __future__ import annotations
 
