@@ -16,8 +16,7 @@ from transformers import AutoModelForCausalLM
 from nemo_prorl.algo.loss import entropy_from_logits
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.policy.base import POLICY_BACKENDS, Batch, LossFn, PolicyBackend, split_rows
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from nemo_prorl.torch_utils import DTYPES
 
 
 def trimmed_forward(

@@ -13,8 +13,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.rollout.base import ROLLOUT_ENGINES, Completion, RolloutEngine, SamplingParams
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from nemo_prorl.torch_utils import DTYPES
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
