@@ -62,8 +62,8 @@ def summarize(cfg: ProRLConfig, result: dict[str, Any]) -> str:
     if len(vals) >= 2:
         first, last = min(vals), max(vals)
         keys = [f"val/pass@{k}" for k in cfg.validation.pass_k] + ["val/reward", "val/response_length"]
-        lines += [f"validation on {len(cfg.validation.pass_k) and cfg.data.num_validation_prompts} held-out prompts, "
-                  f"step {first} -> step {last}:", before_after_table(vals[first], vals[last], keys)]
+        lines += [f"validation on {cfg.data.num_validation_prompts} held-out prompts, step {first} -> step {last}:",
+                  before_after_table(vals[first], vals[last], keys)]
     records = read_metrics(out_dir / "metrics.jsonl")
     train = [r for r in records if "actor/entropy" in r]
     if train:
