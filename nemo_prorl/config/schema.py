@@ -150,7 +150,6 @@ class StopProperlyConfig:
 
 @dataclass
 class RewardConfig:
-    num_workers: int = 1
     overlong: OverlongShapingConfig = field(default_factory=OverlongShapingConfig)
     stop_properly: StopProperlyConfig = field(default_factory=StopProperlyConfig)
 
