@@ -14,6 +14,7 @@ def _registry_names() -> dict[str, Iterable[str]]:
     from nemo_prorl.data import DATA_SOURCES
     from nemo_prorl.policy import POLICY_BACKENDS
     from nemo_prorl.rollout import ROLLOUT_ENGINES
+    from nemo_prorl.torch_utils import DTYPES
 
     return {
         "policy.backend": POLICY_BACKENDS.names(),
@@ -23,7 +24,7 @@ def _registry_names() -> dict[str, Iterable[str]]:
         "algo.kl_estimator": KL_ESTIMATORS,
         "data.source": DATA_SOURCES.names(),
         "cluster.device": ("cpu", "cuda"),
-        "model.dtype": ("float32", "bfloat16", "float16"),
+        "model.dtype": tuple(DTYPES),
     }
 
 
