@@ -3,7 +3,7 @@ import pytest
 from nemo_prorl.config.schema import SyntheticTaskConfig
 from nemo_prorl.data import DATA_SOURCES
 from nemo_prorl.data.synthetic import SyntheticSource, split_of
-from nemo_prorl.rewards import RewardInput, safe_score
+from nemo_prorl.rewards import RewardInput, RewardResult, safe_score
 
 
 @pytest.mark.parametrize("response,truth,reward", [
@@ -78,3 +78,37 @@ def test_unknown_task_names_the_key():
 
 def test_data_source_registry():
     assert DATA_SOURCES.names() == ["synthetic"]
+
+
+class _Batched:
+    calls = 0
+
+    def score(self, inp):
+        return self.score_batch([inp])[0]
+
+    def score_batch(self, inputs):
+        type(self).calls += 1
+        return [RewardResult(float(i.response == "y"), correct=i.response == "y") for i in inputs]
+
+
+class _Raises:
+    def score(self, inp):
+        raise RuntimeError("verifier bug")
+
+
+def test_reward_suite_scores_mixed_rows_in_order_and_never_raises():
+    from nemo_prorl.rewards import REWARDS, RewardSuite
+
+    for name, cls in (("test_batched", _Batched), ("test_raises", _Raises)):
+        if name not in REWARDS:
+            REWARDS.register(name)(lambda cfg=None, cls=cls: cls())
+    suite = RewardSuite(num_workers=2)
+    names = ["test_batched", "exact_match", "test_raises", "test_batched", "nope"]
+    inputs = [RewardInput(response=r, ground_truth="y") for r in ("y", "y", "y", "n", "y")]
+    _Batched.calls = 0
+    out = suite.score_batch(names, inputs)
+    assert [r.reward for r in out] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert [r.status for r in out] == ["ok", "ok", "error", "ok", "error"]
+    assert "verifier bug" in out[2].reason and "allowed values" in out[4].reason
+    assert _Batched.calls == 1  # a batch-capable reward gets all its rows in one call
+    suite.close()

@@ -29,7 +29,7 @@ class EvenLength:
 @pytest.fixture()
 def mixed_rewards(monkeypatch):
     if "test_even_length" not in REWARDS:
-        REWARDS.register("test_even_length")(EvenLength)
+        REWARDS.register("test_even_length")(lambda cfg=None: EvenLength())
     for task in ("reverse", "sort"):
         monkeypatch.setitem(synthetic.TASK_REWARDS, task, "test_even_length")
 
@@ -47,6 +47,7 @@ def test_run_writes_metrics_checkpoints_plot_and_summary(tiny_cfg, capsys, mixed
     assert [r["step"] for r in train] == [1, 2, 3]
     for key in REQUIRED:
         assert all(key in r for r in train), key
+    assert all(r["reward/error_frac"] == 0.0 and "reward/reverse" in r for r in train)
     assert sorted(result["validations"]) == [0, 2, 3]
     assert all("val/pass@1" in v and "val/pass@4" in v for v in result["validations"].values())
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
@@ -83,7 +84,7 @@ class AlwaysOne:
 
 def test_dynamic_sampling_drops_uniform_groups(tiny_model_dir, tmp_path, monkeypatch):
     if "test_always_one" not in REWARDS:
-        REWARDS.register("test_always_one")(AlwaysOne)
+        REWARDS.register("test_always_one")(lambda cfg=None: AlwaysOne())
     monkeypatch.setitem(synthetic.TASK_REWARDS, "reverse", "test_always_one")
     monkeypatch.setitem(synthetic.TASK_REWARDS, "sort", "test_always_one")
     cfg, resolved = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "trainer.num_steps=1",

@@ -149,7 +149,38 @@ class StopProperlyConfig:
 
 
 @dataclass
+class MathRewardConfig:
+    # Math-Verify and the sympy fallback run in worker processes; one that exceeds the limit is killed
+    # and replaced, so a pathological expression cannot hang scoring.
+    timeout_s: float = 5.0
+    num_workers: int = 2
+
+
+@dataclass
+class SandboxConfig:
+    """Limits for running generated code (rewards/sandbox.py). ProRL §3.1 (code): reward = fraction of
+    tests passed, 0 on syntax error or more than 5 s in total."""
+
+    backend: str = "local"  # "local" (rlimits + process group) or "remote" (HTTP, see rewards/remote.py)
+    url: str = ""  # for backend=remote, e.g. http://sandbox-host:8080
+    total_timeout_s: float = 5.0  # wall time for all of a program's test cases together
+    per_test_timeout_s: float = 5.0
+    cpu_time_s: int = 5  # RLIMIT_CPU per process
+    memory_mb: int = 1024  # RLIMIT_AS
+    max_processes: int = 32  # RLIMIT_NPROC counts the sandbox user's processes; see sandbox.py
+    max_output_bytes: int = 1 << 20  # stdout+stderr kept per run; more is an error
+    max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE
+    num_workers: int = 4  # programs run concurrently
+    python: str = ""  # interpreter for programs; "" = the trainer's own
+
+
+@dataclass
 class RewardConfig:
+    num_workers: int = 4  # threads scoring rows of rewards without their own pool
+    math: MathRewardConfig = field(default_factory=MathRewardConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    # STEM numeric answers: accepted within this relative tolerance (answers are often rounded).
+    stem_rel_tol: float = 0.01
     overlong: OverlongShapingConfig = field(default_factory=OverlongShapingConfig)
     stop_properly: StopProperlyConfig = field(default_factory=StopProperlyConfig)
 

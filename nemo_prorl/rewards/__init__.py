@@ -1,6 +1,14 @@
-"""Verifiers behind one registry; each data row names the one that scores it."""
+"""Verifiers behind one registry; each data row names the one that scores it (`PromptRecord.reward`)."""
 
-from nemo_prorl.rewards.base import REWARDS, RewardFn, RewardInput, RewardResult, get_reward, safe_score
-from nemo_prorl.rewards import exact as _exact  # noqa: F401  (registers "arithmetic", "exact_match")
+from nemo_prorl.rewards.base import (
+    REWARDS, RewardFn, RewardInput, RewardResult, RewardSuite, get_reward, safe_score,
+)
 
-__all__ = ["REWARDS", "RewardFn", "RewardInput", "RewardResult", "get_reward", "safe_score"]
+# Importing a module registers its rewards. Heavy dependencies (math-verify, reasoning-gym, langdetect)
+# are imported lazily, on first use.
+from nemo_prorl.rewards import exact as _exact  # noqa: F401,E402  "arithmetic", "exact_match"
+from nemo_prorl.rewards import math_verifier as _math  # noqa: F401,E402  "math"
+from nemo_prorl.rewards import code as _code  # noqa: F401,E402  "code"
+from nemo_prorl.rewards import ifeval as _ifeval  # noqa: F401,E402  "ifeval"
+
+__all__ = ["REWARDS", "RewardFn", "RewardInput", "RewardResult", "RewardSuite", "get_reward", "safe_score"]

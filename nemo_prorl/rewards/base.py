@@ -1,12 +1,20 @@
 """The reward contract: `score(RewardInput) -> RewardResult`. A reward never raises: an exception or a
 timeout becomes a result with status "error"/"timeout", reward 0, and the reason, which is distinct from
-a wrong answer (status "ok", reward 0)."""
+a wrong answer (status "ok", reward 0).
+
+Rewards are registered as factories taking the `reward` config section, so limits (sandbox, time outs)
+come from the one config. `RewardSuite` holds one instance per name and scores a batch concurrently:
+a reward with its own `score_batch` (the code sandbox, the math process pool) gets its rows in one call,
+the others run on a thread pool.
+"""
 
 from __future__ import annotations
 
-import functools
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Protocol
+from typing import Any, Callable, Literal, Optional, Protocol, Sequence
 
 from nemo_prorl.registry import Registry
 
@@ -28,24 +36,110 @@ class RewardResult:
     correct: Optional[bool] = None  # binary verdict where the domain has one (pass@k counts these)
     status: Status = "ok"
     reason: str = ""
+    # Extra per-response figures the trainer averages per domain (e.g. ifeval "loose", code "tests_passed").
+    info: dict[str, float] = field(default_factory=dict)
+
+
+def failed(status: Status, reason: str) -> RewardResult:
+    return RewardResult(0.0, correct=False, status=status, reason=reason)
 
 
 class RewardFn(Protocol):
     def score(self, inp: RewardInput) -> RewardResult: ...
 
 
-# Entries are zero-argument factories returning a RewardFn.
-REWARDS: Registry[Callable[[], RewardFn]] = Registry("reward")
+# Entries are factories: (RewardConfig or None) -> RewardFn. None means the schema defaults.
+REWARDS: Registry[Callable[[Any], RewardFn]] = Registry("reward")
 
 
-@functools.lru_cache(maxsize=None)
+def _guarded(fn: Callable[[RewardInput], RewardResult], inp: RewardInput) -> RewardResult:
+    try:
+        res = fn(inp)
+        if not isinstance(res, RewardResult):
+            return failed("error", f"reward returned {type(res).__name__}, not RewardResult")
+        return res
+    except Exception as e:  # noqa: BLE001  the contract is that scoring never takes the trainer down
+        return failed("error", f"{type(e).__name__}: {e}")
+
+
+class RewardSuite:
+    """One instance of each reward a run uses, built lazily from the `reward` config section."""
+
+    def __init__(self, cfg: Any = None, num_workers: Optional[int] = None) -> None:
+        self.cfg = cfg
+        self.num_workers = num_workers or (getattr(cfg, "num_workers", None) or 4)
+        self._fns: dict[str, RewardFn] = {}
+        self._lock = threading.Lock()
+        self._threads: Optional[ThreadPoolExecutor] = None
+
+    def get(self, name: str) -> RewardFn:
+        with self._lock:
+            if name not in self._fns:
+                self._fns[name] = REWARDS.get(name)(self.cfg)
+            return self._fns[name]
+
+    def score(self, name: str, inp: RewardInput) -> RewardResult:
+        try:
+            fn = self.get(name)
+        except Exception as e:  # noqa: BLE001  an unknown name is recorded per row, not raised
+            return failed("error", f"{type(e).__name__}: {e}")
+        return _guarded(fn.score, inp)
+
+    def score_batch(self, names: Sequence[str], inputs: Sequence[RewardInput]) -> list[RewardResult]:
+        """Score row i with reward names[i]. Rows are grouped by reward; batch-capable rewards get their
+        rows in one call, the rest run on the thread pool. Order is preserved; nothing raises."""
+        if len(names) != len(inputs):
+            raise ValueError(f"{len(names)} reward names for {len(inputs)} inputs")
+        out: list[Optional[RewardResult]] = [None] * len(inputs)
+        by_name: dict[str, list[int]] = defaultdict(list)
+        for i, n in enumerate(names):
+            by_name[n].append(i)
+        singles: list[tuple[int, str]] = []
+        for name, rows in by_name.items():
+            try:
+                fn = self.get(name)
+            except Exception as e:  # noqa: BLE001
+                for i in rows:
+                    out[i] = failed("error", f"{type(e).__name__}: {e}")
+                continue
+            batch = getattr(fn, "score_batch", None)
+            if batch is None:
+                singles += [(i, name) for i in rows]
+                continue
+            try:
+                results = list(batch([inputs[i] for i in rows]))
+                assert len(results) == len(rows), f"{name}.score_batch returned {len(results)} of {len(rows)}"
+            except Exception as e:  # noqa: BLE001
+                results = [failed("error", f"{type(e).__name__}: {e}")] * len(rows)
+            for i, r in zip(rows, results):
+                out[i] = r
+        if singles:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(self.num_workers, thread_name_prefix="reward")
+            futures = [(i, self._threads.submit(self.score, n, inputs[i])) for i, n in singles]
+            for i, f in futures:
+                out[i] = f.result()
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
+        for fn in self._fns.values():
+            close = getattr(fn, "close", None)
+            if close is not None:
+                close()
+        self._fns.clear()
+
+
+_DEFAULT = RewardSuite()
+
+
 def get_reward(name: str) -> RewardFn:
-    return REWARDS.get(name)()
+    """The reward with the schema's default settings (shared, built once)."""
+    return _DEFAULT.get(name)
 
 
 def safe_score(name: str, inp: RewardInput) -> RewardResult:
-    """Score with the named reward; an unknown name or any exception is recorded, never raised."""
-    try:
-        return get_reward(name).score(inp)
-    except Exception as e:  # noqa: BLE001  the contract is that scoring never takes the trainer down
-        return RewardResult(0.0, correct=False, status="error", reason=f"{type(e).__name__}: {e}")
+    """Score with the named reward at default settings; an unknown name or any exception is recorded."""
+    return _DEFAULT.score(name, inp)

@@ -18,7 +18,7 @@ class ArithmeticReward:
         return RewardResult(1.0 if ok else 0.0, correct=ok)
 
 
-REWARDS.register("arithmetic")(ArithmeticReward)
+REWARDS.register("arithmetic")(lambda cfg=None: ArithmeticReward())
 
 
 class ExactMatchReward:
@@ -29,4 +29,4 @@ class ExactMatchReward:
         return RewardResult(1.0 if ok else 0.0, correct=ok)
 
 
-REWARDS.register("exact_match")(ExactMatchReward)
+REWARDS.register("exact_match")(lambda cfg=None: ExactMatchReward())

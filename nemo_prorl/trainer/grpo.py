@@ -26,7 +26,8 @@ from nemo_prorl.trainer.batching import build_batch, select_rows
 from nemo_prorl.trainer.checkpoint import save_checkpoint
 from nemo_prorl.trainer.logger import MetricsLogger
 from nemo_prorl.trainer.phases import PhaseTimer
-from nemo_prorl.trainer.scoring import per_domain_means, score_completions, shaped_rewards
+from nemo_prorl.rewards import RewardSuite
+from nemo_prorl.trainer.scoring import per_domain_means, reward_health, score_completions, shaped_rewards
 from nemo_prorl.trainer.validate import validate
 from nemo_prorl.weight_sync import sync_weights
 
@@ -62,6 +63,8 @@ class ProRLTrainer:
         self.val_records, self.val_prompt_ids, _ = self.encode_prompts(source.validation_set())
         self.use_reference = cfg.algo.kl_coef > 0
         self.stop_ids = (tokenizer.eos_token_id,)
+        self.rewards = RewardSuite(cfg.reward)
+        self.reward_failures: list[str] = []  # reasons of verifier errors/time outs since the last log
 
     # ---------------------------------------------------------------- prompts
     def encode_prompts(self, records: Sequence[PromptRecord]) -> tuple[list[PromptRecord], list[list[int]], int]:
@@ -82,7 +85,8 @@ class ProRLTrainer:
         ds = a.dynamic_sampling
         kept = StepGroups()
         gen_groups = uniform_groups = rounds = dropped_prompts = 0
-        all_rewards, all_lengths, all_trunc, all_domains, gen_tokens = [], [], [], [], 0
+        all_rewards, all_lengths, all_trunc, all_domains, all_status, all_info = [], [], [], [], [], []
+        gen_tokens = 0
         for rnd in range(ds.max_generation_rounds if ds.enabled else 1):
             with timer("generate"):
                 records, prompt_ids, dropped = self.encode_prompts(self.source.next_prompts(need))
@@ -92,7 +96,7 @@ class ProRLTrainer:
                                         seed=_seed(self.cfg.trainer.seed, step, rnd))
                 completions = self.engine.generate(prompt_ids, params)
             with timer("score"):
-                scores = score_completions(records, completions, self.tokenizer)
+                scores = score_completions(records, completions, self.tokenizer, self.rewards)
                 shaped = shaped_rewards(scores, self.cfg.reward, ro.max_response_length).view(len(records), n)
             with timer("filter"):
                 signal = groups_with_signal(shaped, ds.reward_atol)
@@ -109,6 +113,9 @@ class ProRLTrainer:
             all_lengths.append(scores.lengths)
             all_trunc.append(scores.truncated)
             all_domains += scores.domains
+            all_status += scores.statuses
+            all_info += scores.info
+            self.reward_failures += scores.failures
             gen_tokens += int(scores.lengths.sum())
             if len(kept) >= need:
                 break
@@ -125,6 +132,7 @@ class ProRLTrainer:
             "data/dropped_long_prompts": float(dropped_prompts),
             "throughput/generated_tokens": float(gen_tokens),
             **per_domain_means(rewards, all_domains, "reward"),
+            **reward_health(all_status, all_domains, all_info),
         }
         return kept, metrics
 
@@ -206,7 +214,7 @@ class ProRLTrainer:
     def validate(self, step: int, timer: PhaseTimer) -> dict[str, float]:
         v = self.cfg.validation
         with timer("validate"):
-            out = validate(self.engine, self.tokenizer, self.val_records, self.val_prompt_ids, v,
+            out = validate(self.engine, self.tokenizer, self.rewards, self.val_records, self.val_prompt_ids, v,
                            max_tokens=v.max_response_length or self.cfg.rollout.max_response_length,
                            seed=_seed(self.cfg.trainer.seed, 999))  # same seed each time: comparable numbers
         self.val_history.append(out[f"val/{v.metric}"])
@@ -265,6 +273,11 @@ class ProRLTrainer:
                     metrics.get("time/generate", 0.0), 1e-9)
                 logger.log(self.step, metrics)
                 logger.advance(self.step, metrics)
+                if self.reward_failures:  # verifier errors/time outs: counted in metrics, examples here
+                    logger.event(self.step, "reward_failures", count=len(self.reward_failures),
+                                 examples=self.reward_failures[:3])
+                    self.reward_failures = []
         finally:
             logger.close()
+            self.rewards.close()
         return {"validations": validations, "out_dir": str(self.out_dir)}

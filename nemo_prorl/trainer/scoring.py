@@ -1,9 +1,10 @@
-"""Score completions with the reward each prompt's record names, and apply the configured shaping."""
+"""Score completions with the reward each prompt's record names (concurrently, through a RewardSuite),
+apply the configured shaping, and turn the results into per-domain metrics."""
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from nemo_prorl.algo.shaping import overlong_penalty, stop_properly_penalty
 from nemo_prorl.config.schema import RewardConfig
 from nemo_prorl.data.records import PromptRecord
-from nemo_prorl.rewards import RewardInput, safe_score
+from nemo_prorl.rewards import RewardInput, RewardSuite
 from nemo_prorl.rollout.base import Completion
 
 
@@ -21,28 +22,37 @@ class Scores:
     correct: torch.Tensor  # [N] bool
     lengths: torch.Tensor  # [N] response tokens
     truncated: torch.Tensor  # [N] bool, cut at the length limit
-    statuses: Counter
+    statuses: list[str]  # [N] "ok", "error" (verifier failed), "timeout" (verifier ran out of time)
     domains: list[str]
+    info: list[dict[str, float]] = field(default_factory=list)  # [N] extra per-response figures
+    failures: list[str] = field(default_factory=list)  # "<reward>: <reason>" of error/timeout rows
 
 
-def score_completions(records: Sequence[PromptRecord], completions: Sequence[Completion], tokenizer) -> Scores:
-    rewards, correct, statuses, domains = [], [], Counter(), []
+def _prompt_text(rec: PromptRecord) -> str:
+    users = [m["content"] for m in rec.messages if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def score_completions(records: Sequence[PromptRecord], completions: Sequence[Completion], tokenizer,
+                      suite: RewardSuite) -> Scores:
+    names, inputs = [], []
     for c in completions:
         rec = records[c.prompt_index]
-        text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
-        res = safe_score(rec.reward, RewardInput(
-            response=text, ground_truth=rec.ground_truth, finish_reason=c.finish_reason, metadata=rec.metadata))
-        rewards.append(res.reward)
-        correct.append(bool(res.correct) if res.correct is not None else res.reward >= 1.0)
-        statuses[res.status] += 1
-        domains.append(rec.domain)
+        names.append(rec.reward)
+        inputs.append(RewardInput(response=tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                                  ground_truth=rec.ground_truth, prompt=_prompt_text(rec),
+                                  finish_reason=c.finish_reason, metadata=rec.metadata))
+    results = suite.score_batch(names, inputs)
     return Scores(
-        rewards=torch.tensor(rewards, dtype=torch.float32),
-        correct=torch.tensor(correct, dtype=torch.bool),
+        rewards=torch.tensor([r.reward for r in results], dtype=torch.float32),
+        correct=torch.tensor([bool(r.correct) if r.correct is not None else r.reward >= 1.0 for r in results],
+                             dtype=torch.bool),
         lengths=torch.tensor([len(c.token_ids) for c in completions]),
         truncated=torch.tensor([c.finish_reason == "length" for c in completions]),
-        statuses=statuses,
-        domains=domains,
+        statuses=[r.status for r in results],
+        domains=[records[c.prompt_index].domain for c in completions],
+        info=[r.info for r in results],
+        failures=[f"{n}: {r.reason}" for n, r in zip(names, results) if r.status != "ok"],
     )
 
 
@@ -61,3 +71,18 @@ def per_domain_means(values: torch.Tensor, domains: Sequence[str], prefix: str) 
     for v, d in zip(values.tolist(), domains):
         groups[d].append(v)
     return {f"{prefix}/{d}": sum(vs) / len(vs) for d, vs in sorted(groups.items())}
+
+
+def reward_health(statuses: Sequence[str], domains: Sequence[str], info: Sequence[dict[str, float]],
+                  prefix: str = "reward") -> dict[str, float]:
+    """Verifier failures (kept apart from wrong answers) and the rewards' extra figures, per domain:
+    `reward/error_frac`, `reward/timeout_frac`, `reward/<domain>/<info key>`."""
+    n = max(len(statuses), 1)
+    counts = Counter(statuses)
+    out = {f"{prefix}/error_frac": counts["error"] / n, f"{prefix}/timeout_frac": counts["timeout"] / n}
+    sums: dict[str, list[float]] = defaultdict(list)
+    for d, extra in zip(domains, info):
+        for k, v in extra.items():
+            sums[f"{prefix}/{d}/{k}"].append(float(v))
+    out.update({k: sum(vs) / len(vs) for k, vs in sorted(sums.items())})
+    return out

@@ -1,0 +1,230 @@
+"""Math answers (reward "math"). ProRL §3.1 scored math with DeepScaleR's verifier or Math-Verify, reward 1
+if either accepts. We extract the last `\\boxed{}` after the thinking block and accept it if Math-Verify
+does, or if a sympy-based grader in the style of DeepScaleR/PRM800K does (after removing LaTeX formatting
+noise and units, comparing fractions/decimals/percentages numerically, and intervals, tuples, sets and
+matrices element by element). Binary reward.
+
+Both checkers run in a `HardTimeoutPool` worker with a per-call time limit, so an expression that makes
+sympy spin cannot hang scoring; such a call is recorded with status "timeout".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from fractions import Fraction
+from typing import Any, Optional, Sequence
+
+from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
+from nemo_prorl.rewards.extract import last_boxed, strip_thinking
+from nemo_prorl.rewards.workers import HardTimeoutPool
+
+# ----------------------------------------------------------------------------------- normalisation
+_REMOVE = [r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\quad", r"\qquad", r"\displaystyle", "$",
+           r"\mathrm", r"\mathbf", r"\textstyle"]
+_UNIT_WORDS = ("degrees", "degree", "units", "unit", "cm", "meters", "meter", "inches", "inch", "feet",
+               "foot", "dollars", "cents", "square", "sq", "km", "mph", "hours", "minutes", "seconds")
+
+
+def normalize(ans: str) -> str:
+    """Strip what graders treat as formatting noise: spacing commands, \\left/\\right, dfrac/tfrac, degree
+    signs, trailing units in \\text{}, `x =` prefixes, thousands separators, a trailing period."""
+    s = ans.strip()
+    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{\s*(?:" + "|".join(_UNIT_WORDS) + r")(?:\^?\{?\d\}?)?\s*\}", "", s)
+    for tok in _REMOVE:
+        s = s.replace(tok, "")
+    s = re.sub(r"\\(?:text|textbf|mbox)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"\^\s*\{?\\circ\}?|°", "", s)
+    s = s.replace("\\%", "%").replace("\\$", "")
+    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)  # "x = 5" -> "5"
+    s = re.sub(r"\s+(?:" + "|".join(_UNIT_WORDS) + r")\b\.?$", "", s)
+    s = s.strip().rstrip(".").strip()
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")
+    s = re.sub(r"\s+", "", s)
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
+    return s
+
+
+_NUM = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?")
+
+
+def to_number(s: str) -> Optional[float]:
+    """Plain numbers, a/b, \\frac{a}{b}, -\\frac{a}{b}, and percentages (as their value / 100)."""
+    pct = s.endswith("%")
+    s = s.rstrip("%")
+    m = re.fullmatch(r"(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", s) or re.fullmatch(r"(-?)(-?[\d.]+)/(-?[\d.]+)", s)
+    try:
+        if m:
+            v = float(Fraction(m.group(2)) / Fraction(m.group(3))) * (-1 if m.group(1) else 1)
+        elif _NUM.fullmatch(s):
+            v = float(s)
+        else:
+            return None
+    except (ValueError, ZeroDivisionError):
+        return None
+    return v / 100 if pct else v
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def _split_top(s: str, sep: str = ",") -> list[str]:
+    """Split on `sep` outside brackets/braces."""
+    parts, depth, cur = [], 0, ""
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if depth == 0 and s.startswith(sep, i):
+            parts.append(cur)
+            cur = ""
+            i += len(sep)
+            continue
+        cur += c
+        i += 1
+    parts.append(cur)
+    return [p.strip() for p in parts]
+
+
+def _sympy_equal(a: str, b: str) -> bool:
+    from latex2sympy2_extended import latex2sympy
+    import sympy
+
+    ea, eb = latex2sympy(a), latex2sympy(b)
+    if ea == eb:
+        return True
+    try:
+        return bool(sympy.simplify(ea - eb) == 0)
+    except (TypeError, AttributeError):
+        return bool(ea.equals(eb))
+
+
+def scalar_equal(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    na, nb = to_number(a), to_number(b)
+    if na is not None and nb is not None:
+        if _close(na, nb):
+            return True
+        # "50%" against "50": percentages are often written either way
+        if a.endswith("%") != b.endswith("%"):
+            return _close(to_number(a.rstrip("%")), to_number(b.rstrip("%")))  # type: ignore[arg-type]
+        return False
+    try:
+        return _sympy_equal(a, b)
+    except Exception:  # noqa: BLE001  unparseable LaTeX is simply "not equal"
+        return False
+
+
+_MATRIX = re.compile(r"\\begin\{[pbvBV]?matrix\}(.*)\\end\{[pbvBV]?matrix\}")
+
+
+def _matrix(s: str) -> Optional[list[list[str]]]:
+    m = _MATRIX.fullmatch(s)
+    return [[c.strip() for c in row.split("&")] for row in m.group(1).split("\\\\") if row.strip()] if m else None
+
+
+def answers_equal(pred: str, truth: str) -> bool:
+    """The DeepScaleR-style fallback: structural comparison over normalised strings, sympy for scalars."""
+    p, t = normalize(pred), normalize(truth)
+    if p == t:
+        return True
+    mp_, mt = _matrix(p), _matrix(t)
+    if mp_ is not None or mt is not None:
+        return (mp_ is not None and mt is not None and [len(r) for r in mp_] == [len(r) for r in mt]
+                and all(scalar_equal(x, y) for rp, rt in zip(mp_, mt) for x, y in zip(rp, rt)))
+    for open_, close_ in (("\\{", "\\}"), ("{", "}")):
+        if p.startswith(open_) and p.endswith(close_) and t.startswith(open_) and t.endswith(close_):
+            ep = _split_top(p[len(open_):-len(close_)])
+            et = _split_top(t[len(open_):-len(close_)])
+            return _multiset_equal(ep, et)
+    if p[:1] in "([" and p[-1:] in ")]" and t[:1] in "([" and t[-1:] in ")]":
+        if (p[0], p[-1]) != (t[0], t[-1]):
+            return False  # [0,1) is not (0,1)
+        ep, et = _split_top(p[1:-1]), _split_top(t[1:-1])
+        return len(ep) == len(et) and all(scalar_equal(x, y) for x, y in zip(ep, et))
+    ep, et = _split_top(p), _split_top(t)
+    if len(ep) > 1 or len(et) > 1:  # "1, 2" answers to "find all x": order does not matter
+        return _multiset_equal(ep, et)
+    return scalar_equal(p, t)
+
+
+def _multiset_equal(a: Sequence[str], b: Sequence[str]) -> bool:
+    left = list(b)
+    if len(a) != len(b):
+        return False
+    for x in a:
+        hit = next((i for i, y in enumerate(left) if scalar_equal(x, y)), None)
+        if hit is None:
+            return False
+        left.pop(hit)
+    return True
+
+
+def math_verify_equal(pred: str, truth: str) -> bool:
+    """Math-Verify's verdict. Its own signal-based time outs are off: they turn a time out into a silent
+    "wrong", while the pool's hard limit records it as a time out."""
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call that time outs are off
+    gold = parse(truth if "\\boxed" in truth or "$" in truth else f"${truth}$", parsing_timeout=None)
+    target = parse(f"\\boxed{{{pred}}}", parsing_timeout=None)
+    return bool(gold and target and verify(gold, target, timeout_seconds=None))
+
+
+def check(arg: tuple[str, str]) -> dict[str, Any]:
+    """Worker entry point: (extracted answer, ground truth) -> verdicts of both checkers."""
+    pred, truth = arg
+    mv = False
+    mv_error = ""
+    try:
+        mv = math_verify_equal(pred, truth)
+    except Exception as e:  # noqa: BLE001  one checker failing leaves the other
+        mv_error = f"{type(e).__name__}: {e}"
+    fb = False if mv else answers_equal(pred, truth)  # only consulted when Math-Verify says no
+    return {"math_verify": mv, "fallback_only": fb, "error": mv_error}
+
+
+class MathReward:
+    def __init__(self, cfg: Any = None) -> None:
+        mcfg = getattr(cfg, "math", None)
+        self.timeout_s = float(getattr(mcfg, "timeout_s", 5.0))
+        self.pool = HardTimeoutPool(int(getattr(mcfg, "num_workers", 2)))
+
+    def score(self, inp: RewardInput) -> RewardResult:
+        return self.score_batch([inp])[0]
+
+    def score_batch(self, inputs: Sequence[RewardInput]) -> list[RewardResult]:
+        out: list[Optional[RewardResult]] = [None] * len(inputs)
+        jobs, rows = [], []
+        for i, inp in enumerate(inputs):
+            pred = last_boxed(strip_thinking(inp.response))
+            if not inp.ground_truth.strip():
+                out[i] = failed("error", "empty ground truth")
+            elif pred is None:
+                out[i] = RewardResult(0.0, correct=False, reason="no \\boxed{} answer")
+            else:
+                jobs.append((pred, inp.ground_truth))
+                rows.append(i)
+        for i, o in zip(rows, self.pool.map(check, jobs, timeout=self.timeout_s)):
+            if o.status != "ok":
+                out[i] = failed(o.status, o.reason)  # type: ignore[arg-type]
+                continue
+            ok = bool(o.value["math_verify"] or o.value["fallback_only"])
+            out[i] = RewardResult(float(ok), correct=ok, reason=o.value["error"],
+                                  info={"math_verify": float(o.value["math_verify"]),
+                                        "fallback_only": float(o.value["fallback_only"])})
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+REWARDS.register("math")(MathReward)

@@ -1,0 +1,105 @@
+"""Math verifier: answer extraction, equivalences accepted by Math-Verify or the sympy fallback, hard time outs."""
+
+import time
+
+import pytest
+
+from nemo_prorl.config.schema import MathRewardConfig, RewardConfig
+from nemo_prorl.rewards import RewardInput
+from nemo_prorl.rewards.extract import last_boxed, strip_thinking
+from nemo_prorl.rewards.math_verifier import MathReward, answers_equal, normalize, to_number
+
+
+@pytest.fixture(scope="module")
+def reward():
+    r = MathReward(RewardConfig(math=MathRewardConfig(timeout_s=3.0, num_workers=2)))
+    yield r
+    r.close()
+
+
+@pytest.mark.parametrize("text,expected", [
+    (r"so \boxed{42}.", "42"),
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+    (r"\boxed {7}", "7"),  # spacing
+    (r"\fbox{3}", "3"),
+    (r"first \boxed{1} then \boxed{2}", "2"),  # the last one
+    (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),  # escaped braces do not nest
+    (r"\boxed{\left(1,\frac{2}{3}\right)}", r"\left(1,\frac{2}{3}\right)"),
+    (r"$\boxed 5$", "5"),
+    (r"\boxed{unclosed", None),
+    ("no box at all", None),
+])
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+def test_only_text_after_thinking_counts():
+    assert strip_thinking(r"<think>\boxed{1}</think> answer \boxed{2}") == r" answer \boxed{2}"
+    assert strip_thinking("no think tags") == "no think tags"
+
+
+EQUAL = [
+    (r"\frac12", "0.5"), (r"\dfrac{1}{2}", r"\frac{1}{2}"), ("50\\%", "0.5"), ("50\\%", "50"), ("[0,1)", "[0, 1)"),
+    (r"\{1,2\}", r"\{2,1\}"), ("1, 2", "2, 1"), (r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", r"\begin{bmatrix}1&2\\3&4\end{bmatrix}"),
+    (r"5\text{ cm}", "5"), (r"10^\circ", "10"), ("x=3", "3"), ("1,000", "1000"), (r"\sqrt{2}/2", r"\frac{\sqrt{2}}{2}"),
+    (r"\frac{-3}{4}", "-0.75"), (r"2\pi", r"\pi + \pi"), ("(1, 2)", r"\left(1,2\right)"), ("3.", "3"),
+    (r"x^2+2x+1", r"(x+1)^2"), (r"\text{(B)}", "B"),
+]
+NOT_EQUAL = [
+    ("2", "3"), ("(0,1)", "[0,1)"), (r"\{1,2\}", r"\{1,3\}"), ("1, 2", "1, 2, 3"), (r"\frac{\pi}{3}", "60"),
+    (r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", r"\begin{pmatrix}1&2\\4&3\end{pmatrix}"), ("0.5001", "0.5"),
+    (r"x^2", "2x"), ("-1", "1"),
+]
+
+
+@pytest.mark.parametrize("pred,truth", EQUAL)
+def test_equivalent_answers_score_one(reward, pred, truth):
+    res = reward.score(RewardInput(response=rf"<think>\boxed{{wrong}}</think> Thus \boxed{{{pred}}}", ground_truth=truth))
+    assert (res.reward, res.correct, res.status) == (1.0, True, "ok"), res
+
+
+@pytest.mark.parametrize("pred,truth", NOT_EQUAL)
+def test_different_answers_score_zero(reward, pred, truth):
+    res = reward.score(RewardInput(response=rf"\boxed{{{pred}}}", ground_truth=truth))
+    assert (res.reward, res.correct, res.status) == (0.0, False, "ok"), res
+
+
+@pytest.mark.parametrize("pred,truth", [
+    ("50\\%", "0.5"), ("[0,1)", "[0, 1)"), (r"\frac{-3}{4}", "-0.75"), (r"x^2+2x+1", r"(x+1)^2"),
+    (r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", r"\begin{bmatrix}1&2\\3&4\end{bmatrix}"), ("1,000", "1000"),
+])
+def test_fallback_alone_accepts(pred, truth):
+    """The sympy fallback is a verifier on its own (ProRL accepts if either says yes)."""
+    assert answers_equal(pred, truth)
+
+
+@pytest.mark.parametrize("pred,truth", NOT_EQUAL)
+def test_fallback_alone_rejects(pred, truth):
+    assert not answers_equal(pred, truth)
+
+
+@pytest.mark.parametrize("s,v", [("3", 3.0), ("-0.25", -0.25), (r"\frac{3}{4}", 0.75), (r"-\frac{1}{2}", -0.5),
+                                 ("25%", 0.25), ("1/3", 1 / 3), ("1e-3", 1e-3), ("abc", None), ("1/0", None)])
+def test_to_number(s, v):
+    assert to_number(s) == (pytest.approx(v) if v is not None else None)
+
+
+def test_normalize_strips_formatting_noise():
+    assert normalize(r"\left( \dfrac{1}{2}, 3 \right)") == r"(\frac{1}{2},3)"
+    assert normalize(r"$12$ \text{ inches}.") == "12"
+
+
+def test_missing_box_is_a_wrong_answer_and_empty_truth_an_error(reward):
+    res = reward.score(RewardInput(response="the answer is 4", ground_truth="4"))
+    assert res.status == "ok" and res.reward == 0 and "boxed" in res.reason
+    assert reward.score(RewardInput(response=r"\boxed{4}", ground_truth=" ")).status == "error"
+
+
+def test_pathological_expression_times_out_and_the_pool_keeps_serving(reward):
+    t0 = time.monotonic()
+    res = reward.score(RewardInput(response=r"\boxed{2^{2^{2^{2^{100}}}}}", ground_truth="3"))
+    assert res.status == "timeout" and res.reward == 0 and "killed" in res.reason
+    assert time.monotonic() - t0 < 3.0 + 2.0
+    batch = reward.score_batch([RewardInput(response=r"\boxed{4}", ground_truth="4"),
+                                RewardInput(response=r"\boxed{5}", ground_truth="4")])
+    assert [r.reward for r in batch] == [1.0, 0.0]

@@ -1,0 +1,229 @@
+"""The code sandbox against hostile programs: each must be contained, scored 0 with a reason, and the
+pool must keep serving afterwards."""
+
+import json
+import os
+import secrets
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nemo_prorl.config.schema import RewardConfig, SandboxConfig
+from nemo_prorl.rewards import RewardInput
+from nemo_prorl.rewards.code import CodeReward, outputs_match, plan_tests
+from nemo_prorl.rewards.sandbox import LocalSandbox, _namespaces_available
+from nemo_prorl.rewards.sandbox_remote import RemoteSandbox, serve
+
+needs_ns = pytest.mark.skipif(not _namespaces_available(), reason="this kernel forbids user/net/pid namespaces")
+
+# stdin/stdout problem: print the sum of two integers
+TESTS = json.dumps({"inputs": ["1 2\n", "10 -3\n", "0 0\n"], "outputs": ["3\n", "7\n", "0\n"]})
+GOOD = "a, b = map(int, input().split())\nprint(a + b)\n"
+
+
+def fenced(code: str) -> str:
+    return f"<think>let me write it</think>\n```python\n{code}\n```"
+
+
+@pytest.fixture(scope="module")
+def reward():
+    cfg = RewardConfig(sandbox=SandboxConfig(total_timeout_s=3.0, per_test_timeout_s=3.0, cpu_time_s=3,
+                                             memory_mb=512, max_file_bytes=4 << 20, num_workers=2))
+    r = CodeReward(cfg)
+    yield r
+    r.close()
+
+
+def _score(reward, code, tests=TESTS):
+    return reward.score(RewardInput(response=fenced(code), ground_truth=tests))
+
+
+def _host_processes_with(token: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if token.encode() in (p / "cmdline").read_bytes():
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_correct_program_scores_one_and_tempdirs_are_removed(reward):
+    before = set(Path(tempfile.gettempdir()).glob("prorl-sbx-*"))
+    res = _score(reward, GOOD)
+    assert (res.reward, res.correct, res.status) == (1.0, True, "ok")
+    assert res.info["tests_passed"] == 1.0
+    assert set(Path(tempfile.gettempdir()).glob("prorl-sbx-*")) <= before
+
+
+def test_partial_credit_is_the_fraction_of_tests_passed(reward):
+    res = _score(reward, "a, b = map(int, input().split())\nprint(a + b if a else 99)\n")
+    assert res.reward == pytest.approx(2 / 3) and res.correct is False
+
+
+def test_syntax_error_and_missing_code_score_zero(reward):
+    assert _score(reward, "def f(:\n").reason.startswith("syntax error")
+    res = reward.score(RewardInput(response="no code here", ground_truth=TESTS))
+    assert res.reward == 0 and res.reason == "no fenced code block" and res.status == "ok"
+
+
+def test_bad_ground_truth_is_a_verifier_error_not_a_wrong_answer(reward):
+    res = reward.score(RewardInput(response=fenced(GOOD), ground_truth="{not json"))
+    assert res.status == "error" and "not JSON" in res.reason
+    res = reward.score(RewardInput(response=fenced(GOOD), ground_truth=json.dumps({"inputs": ["1"]})))
+    assert res.status == "error" and "unknown test format" in res.reason
+
+
+HOSTILE = {
+    "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+    "memory_bomb": "x = bytearray(8 << 30)\nprint(len(x))\n",
+    "growing_memory": "x = []\nwhile True:\n    x.append(' ' * (1 << 20))\n",
+    "infinite_loop": "while True:\n    pass\n",
+    "network": "import socket\ns = socket.create_connection(('1.1.1.1', 53), timeout=2)\nprint(3)\n",
+    "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(-1, signal.SIGKILL)\nprint(3)\n",
+    "gigabytes_of_output": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
+}
+
+
+@needs_ns
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_program_is_contained_and_scored_zero(reward, name):
+    t0 = time.monotonic()
+    res = _score(reward, HOSTILE[name])
+    assert res.reward == 0.0 and res.correct is False, res
+    assert res.status == "ok" and res.reason, res  # the program's failure, with a reason; not a verifier error
+    assert time.monotonic() - t0 < 3.0 + 5.0  # the total budget plus start-up
+    assert os.getpid() and _score(reward, GOOD).reward == 1.0  # we are alive and the pool keeps serving
+
+
+@needs_ns
+def test_hostile_reasons_name_the_limit(reward):
+    assert "time limit" in _score(reward, HOSTILE["infinite_loop"]).reason
+    assert "MemoryError" in _score(reward, HOSTILE["memory_bomb"]).reason
+    assert "unreachable" in _score(reward, HOSTILE["network"]).reason
+    assert "output_limit" in _score(reward, HOSTILE["gigabytes_of_output"]).reason
+
+
+@needs_ns
+def test_sleeping_children_do_not_outlive_the_run(reward):
+    token = f"prorl_sleeper_{secrets.token_hex(4)}"
+    code = ("import os, subprocess, sys\n"
+            f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', '{token}'], start_new_session=True)\n"
+            "if os.fork() == 0:\n    os.setsid()\n    import time; time.sleep(60)\n"
+            "a, b = map(int, input().split())\nprint(a + b)\n")
+    res = _score(reward, code)
+    assert res.reward == 1.0  # the answer was right; the children are simply killed
+    time.sleep(0.2)
+    assert _host_processes_with(token) == []
+
+
+@needs_ns
+def test_program_cannot_read_the_trainers_environment_or_files(reward, tmp_path, monkeypatch):
+    secret = f"s3cret-{secrets.token_hex(6)}"
+    monkeypatch.setenv("PRORL_TEST_SECRET", secret)
+    project_file = Path(__file__).resolve()
+    home_file = Path.home() / ".prorl_sandbox_probe"
+    home_file.write_text(secret)
+    try:
+        code = ("import os, glob\nout = [repr(dict(os.environ))]\n"
+                "for p in glob.glob('/proc/*/environ') + "
+                f"[{str(project_file)!r}, {str(home_file)!r}, {str(tmp_path)!r} + '/x']:\n"
+                "    try:\n        out.append(open(p, 'rb').read().decode('latin1'))\n"
+                "    except OSError as e:\n        out.append(type(e).__name__)\n"
+                "print(' '.join(out))\n")
+        run = reward.sandbox.run(code, [""])
+        out = run.tests[0].stdout
+        assert run.tests[0].status == "ok" and out
+        assert secret not in out and "PRORL_TEST_SECRET" not in out
+        assert "test_program_cannot_read" not in out  # this very file is not readable
+    finally:
+        home_file.unlink()
+
+
+@needs_ns
+def test_program_cannot_write_outside_its_temp_dir(reward):
+    target = Path(tempfile.gettempdir()) / f"prorl_escape_{secrets.token_hex(4)}"
+    code = (f"for p in [{str(target)!r}, '/var/tmp/prorl_escape', {str(Path.cwd() / 'escape.txt')!r}, 'ok.txt']:\n"
+            "    try:\n        open(p, 'w').write('x')\n        print('wrote', p)\n"
+            "    except OSError as e:\n        print('denied', p)\n")
+    out = reward.sandbox.run(code, [""]).tests[0].stdout
+    assert not target.exists() and not (Path.cwd() / "escape.txt").exists()
+    assert "wrote ok.txt" in out and out.count("wrote") == 1, out
+
+
+def test_many_programs_run_concurrently(reward):
+    rows = [RewardInput(response=fenced("import time\ntime.sleep(0.5)\n" + GOOD), ground_truth=TESTS)] * 4
+    t0 = time.monotonic()
+    results = reward.score_batch(rows)
+    elapsed = time.monotonic() - t0
+    assert [r.reward for r in results] == [1.0] * 4
+    assert elapsed < 4 * 3 * 0.5  # serial would take >= 6 s (4 programs x 3 tests x 0.5 s)
+
+
+def test_without_namespaces_rlimits_still_apply():
+    sb = LocalSandbox(SandboxConfig(total_timeout_s=2.0, per_test_timeout_s=1.0))
+    sb.namespaces = False
+    run = sb.run("print(input()[::-1])", ["abc\n", "xy\n"])
+    assert [t.stdout for t in run.tests] == ["cba\n", "yx\n"]
+    run = sb.run("while True: pass", [""])
+    assert run.tests[0].status == "timeout"
+
+
+@pytest.mark.parametrize("truth,code,expected", [
+    ({"fn_name": "add", "inputs": [[1, 2], [3, 4]], "outputs": [3, [7]]}, "def add(a, b):\n    return a + b", 1.0),
+    ({"fn_name": "add", "inputs": [[1, 2], [3, 4]], "outputs": [3, 8]}, "def add(a, b):\n    return a + b", 0.5),
+    ({"fn_name": "twoSum", "inputs": [[[2, 7], 9]], "outputs": [[0, 1]]},
+     "class Solution:\n    def twoSum(self, nums, t):\n        return [0, 1]", 1.0),
+    ({"test_list": ["assert sq(2) == 4", "assert sq(3) == 9", "assert sq(0) == 1"]}, "def sq(x):\n    return x * x", 2 / 3),
+    ({"test": "def check(candidate):\n    assert candidate(2) == 4", "entry_point": "sq"}, "def sq(x):\n    return x * x", 1.0),
+    ({"test": "def check(candidate):\n    assert candidate(2) == 5", "entry_point": "sq"}, "def sq(x):\n    return x * x", 0.0),
+    ({"inputs": [["1 2"]], "outputs": [["3"]]}, GOOD, 1.0),  # TACO stores line lists
+])
+def test_test_case_formats(reward, truth, code, expected):
+    assert _score(reward, code, json.dumps(truth)).reward == pytest.approx(expected)
+
+
+def test_exiting_early_does_not_pass_assert_tests(reward):
+    truth = json.dumps({"test_list": ["assert f() == 1"]})
+    assert _score(reward, "import sys\nsys.exit(0)\ndef f():\n    return 2", truth).reward == 0.0
+
+
+@pytest.mark.parametrize("got,exp,ok", [
+    ("3\n", "3", True), ("3  \n\n", "3\n", True), ("1 2\n3", "1 2 3", True), ("0.3333333", "0.33333333", True),
+    ("0.33", "0.34", False), ("3", "4", False), ("1 2", "1 2 3", False), ("YES", "yes", False),
+])
+def test_output_comparison(got, exp, ok):
+    assert outputs_match(got, exp) is ok
+
+
+def test_plan_tests_rejects_mismatched_lists():
+    with pytest.raises(ValueError, match="equal length"):
+        plan_tests("", {"inputs": ["1"], "outputs": []})
+
+
+def test_remote_sandbox_speaks_the_documented_protocol():
+    server = serve("127.0.0.1", 0, SandboxConfig(total_timeout_s=2.0, per_test_timeout_s=2.0))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = RewardConfig(sandbox=SandboxConfig(backend="remote", url=url))
+        r = CodeReward(cfg)
+        assert isinstance(r.sandbox, RemoteSandbox)
+        assert _score(r, GOOD).reward == 1.0
+        assert _score(r, "print(5)").reward == 0.0
+        import urllib.error
+        import urllib.request
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(url + "/run", data=b'{"code": 1}'))
+        assert e.value.code == 400
+        r.close()
+    finally:
+        server.shutdown()
+    dead = CodeReward(RewardConfig(sandbox=SandboxConfig(backend="remote", url=url)))
+    res = _score(dead, GOOD)
+    assert res.status == "error" and "sandbox server" in res.reason
