@@ -53,6 +53,9 @@ def test_wrong_type_fails_naming_the_key():
     ("algo.advantage_estimator=ppo", "allowed values: dr_grpo, grpo, reinforce_pp_baseline"),
     ("algo.loss_agg_mode=sum", "algo.loss_agg_mode='sum': allowed values: token-mean"),
     ("validation.pass_k=[1,64]", "validation.pass_k"),
+    ("reward.sandbox.backend=docker", "reward.sandbox.backend='docker': allowed values: local, remote"),
+    ("reward.sandbox.backend=remote", "reward.sandbox.url='': must be an http(s):// URL"),
+    ("reward.math.timeout_s=0", "reward.math.timeout_s=0.0: must be > 0"),
 ])
 def test_bad_values_fail_at_launch(override, message):
     with pytest.raises(ConfigError, match=None) as e:

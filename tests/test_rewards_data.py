@@ -112,3 +112,23 @@ def test_reward_suite_scores_mixed_rows_in_order_and_never_raises():
     assert "verifier bug" in out[2].reason and "allowed values" in out[4].reason
     assert _Batched.calls == 1  # a batch-capable reward gets all its rows in one call
     suite.close()
+
+
+def test_shaping_composes_stop_properly_then_overlong():
+    import torch
+
+    from nemo_prorl.config.schema import OverlongShapingConfig, RewardConfig, StopProperlyConfig
+    from nemo_prorl.trainer.scoring import Scores, reward_health, shaped_rewards
+
+    scores = Scores(rewards=torch.tensor([1.0, 1.0, 0.5, 1.0]), correct=torch.tensor([True, True, False, True]),
+                    lengths=torch.tensor([4, 9, 10, 10]), truncated=torch.tensor([False, False, False, True]),
+                    statuses=["ok", "ok", "timeout", "error"], domains=["math", "math", "code", "code"],
+                    info=[{"x": 1.0}, {"x": 0.0}, {}, {}])
+    off = shaped_rewards(scores, RewardConfig(), max_response_length=10)
+    assert off.tolist() == [1.0, 1.0, 0.5, 1.0]
+    cfg = RewardConfig(overlong=OverlongShapingConfig(enabled=True, buffer_length=4, penalty_factor=1.0),
+                       stop_properly=StopProperlyConfig(enabled=True, truncated_reward_scale=0.5))
+    # truncated row: 1.0 * 0.5, then the overlong ramp -1.0 at the limit; 9 tokens: -(9-6)/4
+    assert shaped_rewards(scores, cfg, max_response_length=10).tolist() == [1.0, 0.25, -0.5, -0.5]
+    health = reward_health(scores.statuses, scores.domains, scores.info)
+    assert health == {"reward/error_frac": 0.25, "reward/timeout_frac": 0.25, "reward/math/x": 0.5}

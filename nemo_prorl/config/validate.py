@@ -98,6 +98,22 @@ def validate_config(cfg: ProRLConfig) -> None:
     allowed_metrics = [f"pass@{k}" for k in v.pass_k] + ["reward"]
     check(v.metric in allowed_metrics, "validation.metric", f"allowed values: {', '.join(allowed_metrics)}")
 
+    rw = cfg.reward
+    from nemo_prorl.rewards.sandbox import SANDBOXES
+    from nemo_prorl.rewards import sandbox_remote  # noqa: F401  registers "remote"
+
+    check(rw.num_workers >= 1, "reward.num_workers", "must be >= 1")
+    check(rw.math.timeout_s > 0, "reward.math.timeout_s", "must be > 0")
+    check(rw.math.num_workers >= 1, "reward.math.num_workers", "must be >= 1")
+    check(rw.stem_rel_tol >= 0, "reward.stem_rel_tol", "must be >= 0")
+    sb = rw.sandbox
+    check(sb.backend in SANDBOXES, "reward.sandbox.backend", f"allowed values: {', '.join(SANDBOXES.names())}")
+    check(sb.backend != "remote" or sb.url.startswith(("http://", "https://")), "reward.sandbox.url",
+          "must be an http(s):// URL when reward.sandbox.backend=remote")
+    for key in ("total_timeout_s", "per_test_timeout_s", "cpu_time_s", "memory_mb", "max_processes",
+                "max_output_bytes", "max_file_bytes", "num_workers"):
+        check(getattr(sb, key) > 0, f"reward.sandbox.{key}", "must be > 0")
+
     s = cfg.reward.overlong
     check(not s.enabled or 0 < s.buffer_length <= ro.max_response_length, "reward.overlong.buffer_length",
           "must be in (0, rollout.max_response_length]")

@@ -94,7 +94,11 @@ class RewardSuite:
         by_name: dict[str, list[int]] = defaultdict(list)
         for i, n in enumerate(names):
             by_name[n].append(i)
-        singles: list[tuple[int, str]] = []
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self.num_workers, thread_name_prefix="reward")
+        # Batch-capable rewards (own pools: sandbox, math workers) get one call each, all running at once
+        # and alongside the rows of the other rewards.
+        batches, singles = [], []
         for name, rows in by_name.items():
             try:
                 fn = self.get(name)
@@ -102,23 +106,21 @@ class RewardSuite:
                 for i in rows:
                     out[i] = failed("error", f"{type(e).__name__}: {e}")
                 continue
-            batch = getattr(fn, "score_batch", None)
-            if batch is None:
-                singles += [(i, name) for i in rows]
-                continue
+            if hasattr(fn, "score_batch"):
+                batches.append((name, rows, self._threads.submit(fn.score_batch, [inputs[i] for i in rows])))
+            else:
+                singles += [(i, self._threads.submit(self.score, name, inputs[i])) for i in rows]
+        for name, rows, fut in batches:
             try:
-                results = list(batch([inputs[i] for i in rows]))
-                assert len(results) == len(rows), f"{name}.score_batch returned {len(results)} of {len(rows)}"
+                results = list(fut.result())
+                if len(results) != len(rows):
+                    raise RuntimeError(f"{name}.score_batch returned {len(results)} results for {len(rows)} rows")
             except Exception as e:  # noqa: BLE001
                 results = [failed("error", f"{type(e).__name__}: {e}")] * len(rows)
             for i, r in zip(rows, results):
-                out[i] = r
-        if singles:
-            if self._threads is None:
-                self._threads = ThreadPoolExecutor(self.num_workers, thread_name_prefix="reward")
-            futures = [(i, self._threads.submit(self.score, n, inputs[i])) for i, n in singles]
-            for i, f in futures:
-                out[i] = f.result()
+                out[i] = r if isinstance(r, RewardResult) else failed("error", f"{name} returned {type(r).__name__}")
+        for i, f in singles:
+            out[i] = f.result()
         return out  # type: ignore[return-value]
 
     def close(self) -> None:

@@ -46,7 +46,7 @@ class RemoteSandbox:
                 return SandboxRun.from_json(json.loads(r.read()))
         except urllib.error.HTTPError as e:
             return SandboxRun(error=f"sandbox server {self.url}: HTTP {e.code}: {e.read()[:300]!r}")
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, OSError, ValueError, TypeError, KeyError) as e:  # incl. a bad reply
             return SandboxRun(error=f"sandbox server {self.url}: {type(e).__name__}: {e}")
 
 
