@@ -10,5 +10,7 @@ from nemo_prorl.rewards import exact as _exact  # noqa: F401,E402  "arithmetic",
 from nemo_prorl.rewards import math_verifier as _math  # noqa: F401,E402  "math"
 from nemo_prorl.rewards import code as _code  # noqa: F401,E402  "code"
 from nemo_prorl.rewards import ifeval as _ifeval  # noqa: F401,E402  "ifeval"
+from nemo_prorl.rewards import stem as _stem  # noqa: F401,E402  "stem"
+from nemo_prorl.rewards import reasoning_gym as _rg  # noqa: F401,E402  "reasoning_gym"
 
 __all__ = ["REWARDS", "RewardFn", "RewardInput", "RewardResult", "RewardSuite", "get_reward", "safe_score"]
