@@ -224,6 +224,7 @@ def test_remote_sandbox_speaks_the_documented_protocol():
         r.close()
     finally:
         server.shutdown()
+        server.server_close()
     dead = CodeReward(RewardConfig(sandbox=SandboxConfig(backend="remote", url=url)))
     res = _score(dead, GOOD)
     assert res.status == "error" and "sandbox server" in res.reason
