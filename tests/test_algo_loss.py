@@ -101,7 +101,7 @@ def test_policy_loss_does_not_depend_on_micro_batching(mode):
     norms = dict(global_num_tokens=mask.sum(), global_num_seqs=6.0, horizon=5, loss_agg_mode=mode)
     full, m_full = policy_loss(lp, old, adv, mask, ref_logprobs=ref, entropy=ent, **norms, **KW)
     (g_full,) = torch.autograd.grad(full, lp)
-    parts, metric_sums, grads = [], {}, []
+    parts, metric_sums = [], {}
     for rows in (slice(0, 2), slice(2, 6)):
         loss, m = policy_loss(lp[rows], old[rows], adv[rows], mask[rows], ref_logprobs=ref[rows],
                               entropy=ent[rows], **norms, **KW)

@@ -103,3 +103,30 @@ def test_pathological_expression_times_out_and_the_pool_keeps_serving(reward):
     batch = reward.score_batch([RewardInput(response=r"\boxed{4}", ground_truth="4"),
                                 RewardInput(response=r"\boxed{5}", ground_truth="4")])
     assert [r.reward for r in batch] == [1.0, 0.0]
+
+
+def _square(x):
+    return x * x
+
+
+def _crash(x):
+    import os
+
+    os._exit(3)
+
+
+def test_worker_pool_reports_errors_and_replaces_dead_workers():
+    from nemo_prorl.rewards.workers import HardTimeoutPool
+
+    pool = HardTimeoutPool(1)
+    try:
+        assert [o.value for o in pool.map(_square, [1, 2, 3], timeout=30)] == [1, 4, 9]
+        died = pool.call(_crash, 0, timeout=30)
+        assert died.status == "error" and "worker died" in died.reason
+        unpicklable = pool.call(_square, lambda: 0, timeout=30)
+        assert unpicklable.status == "error" and "could not send" in unpicklable.reason
+        raised = pool.call(_square, "x", timeout=30)
+        assert raised.status == "error" and "TypeError" in raised.reason
+        assert pool.call(_square, 5, timeout=30).value == 25  # still serving
+    finally:
+        pool.close()

@@ -41,6 +41,13 @@ def _score(reward, code, tests=TESTS):
     return reward.score(RewardInput(response=fenced(code), ground_truth=tests))
 
 
+def _uid(p: Path) -> int:
+    try:
+        return p.stat().st_uid
+    except OSError:
+        return -1
+
+
 def _host_processes_with(token: str) -> list[int]:
     pids = []
     for p in Path("/proc").iterdir():
@@ -98,7 +105,10 @@ def test_hostile_program_is_contained_and_scored_zero(reward, name):
     assert res.reward == 0.0 and res.correct is False, res
     assert res.status == "ok" and res.reason, res  # the program's failure, with a reason; not a verifier error
     assert time.monotonic() - t0 < 3.0 + 5.0  # the total budget plus start-up
-    assert os.getpid() and _score(reward, GOOD).reward == 1.0  # we are alive and the pool keeps serving
+    if os.getuid() == 0:  # programs ran under uids from 200000 up: none of their processes may be left
+        time.sleep(0.1)
+        assert [p for p in Path("/proc").iterdir() if p.name.isdigit() and _uid(p) >= 200000] == []
+    assert _score(reward, GOOD).reward == 1.0  # we are alive and the pool keeps serving
 
 
 @needs_ns

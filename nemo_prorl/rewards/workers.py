@@ -48,6 +48,11 @@ class _Worker:
     def call(self, fn: Callable, arg: Any, timeout: float) -> Outcome:
         try:
             self.conn.send((fn, arg))
+        except (EOFError, OSError) as e:
+            return Outcome("error", reason=f"worker died (exit code {self.proc.exitcode}): {e}")
+        except Exception as e:  # noqa: BLE001  e.g. an argument that cannot be pickled; nothing was sent
+            return Outcome("error", reason=f"could not send the call: {type(e).__name__}: {e}")
+        try:
             if not self.conn.poll(timeout):
                 return Outcome("timeout", reason=f"no result within {timeout:g} s; worker killed")
             status, value = self.conn.recv()
