@@ -1,4 +1,4 @@
-"""`prorl` command line: `prorl train [OVERRIDE ...]`, `prorl config [OVERRIDE ...]`.
+"""`prorl` command line: `prorl train [OVERRIDE ...]`, `prorl config [OVERRIDE ...]`, `prorl data inspect PATH`.
 
 Overrides are Hydra's: `algo.clip_eps_high=0.28`, `experiment=prorl_1p5b`, `trainer.num_steps=10`."""
 
@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
                         ("config", "print the resolved configuration and exit")]:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.kl_coef=0 experiment=prorl_1p5b")
+    from nemo_prorl.data.inspect import add_parser
+
+    add_parser(sub)
     return p
 
 
@@ -38,6 +41,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
+    if args.command == "data":
+        from nemo_prorl.data import inspect
+
+        return inspect.run(args)
     try:
         cfg, resolved = load_config(args.overrides)
     except ConfigError as e:

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.data import DATA_SOURCES
+from nemo_prorl.data.templates import apply_chat_template_choice
 from nemo_prorl.policy import POLICY_BACKENDS
 from nemo_prorl.rollout import ROLLOUT_ENGINES
 from nemo_prorl.trainer.grpo import ProRLTrainer
@@ -45,7 +46,7 @@ def build_trainer(cfg: ProRLConfig, resolved: DictConfig) -> ProRLTrainer:
         torch.set_num_threads(cfg.cluster.num_threads)
     seed_everything(cfg.trainer.seed)
     model_dir = resolve_model_dir(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = apply_chat_template_choice(AutoTokenizer.from_pretrained(model_dir), cfg.data.prompt.chat_template)
     policy = POLICY_BACKENDS.get(cfg.policy.backend, "policy.backend")(cfg, model_dir)
     engine = ROLLOUT_ENGINES.get(cfg.rollout.engine, "rollout.engine")(cfg, model_dir)
     sync_weights(policy, engine, bucket_mb=cfg.rollout.weight_sync_bucket_mb)  # one source of truth from step 0

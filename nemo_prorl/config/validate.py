@@ -30,7 +30,7 @@ def _registry_names() -> dict[str, Iterable[str]]:
 
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
-        cfg = getattr(cfg, part)
+        cfg = cfg[part] if isinstance(cfg, dict) else getattr(cfg, part)
     return cfg
 
 
@@ -123,6 +123,7 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(not bad_tasks and bool(cfg.data.synthetic.tasks), "data.synthetic.tasks",
           f"allowed values: {', '.join(TASKS.names())}")
     check(cfg.data.num_validation_prompts >= 0, "data.num_validation_prompts", "must be >= 0")
+    _check_blend(cfg.data, check)
     check(cfg.trainer.num_steps >= 0, "trainer.num_steps", "must be >= 0")
     check(cfg.trainer.keep_last_checkpoints >= 1, "trainer.keep_last_checkpoints", "must be >= 1")
     if cfg.model.path is None:
@@ -130,3 +131,27 @@ def validate_config(cfg: ProRLConfig) -> None:
 
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def _check_blend(data, check) -> None:
+    from nemo_prorl.data.formats import DOMAIN_ALIASES, FORMATS
+    from nemo_prorl.data.templates import CHAT_TEMPLATES
+    from nemo_prorl.rewards import REWARDS
+
+    check(data.on_bad_row in ("error", "skip"), "data.on_bad_row", "allowed values: error, skip")
+    check(data.prompt.chat_template is None or data.prompt.chat_template in CHAT_TEMPLATES,
+          "data.prompt.chat_template", f"allowed values: null, {', '.join(CHAT_TEMPLATES)}")
+    check(data.source != "blend" or bool(data.blend), "data.blend", "data.source=blend needs at least one source")
+    formats = ["auto", "reasoning_gym", *FORMATS.names()]
+    for group in ("blend", "validation"):
+        for name, s in getattr(data, group).items():
+            key = f"data.{group}.{name}"
+            check(s.format in formats, f"{key}.format", f"allowed values: {', '.join(sorted(set(formats)))}")
+            check(s.format == "reasoning_gym" or bool(s.path), f"{key}.path", "is required (a .jsonl or .parquet file)")
+            check(s.format != "reasoning_gym" or bool(s.tasks), f"{key}.tasks", "list reasoning-gym tasks, or [all]")
+            check(s.domain is None or s.domain.lower() in DOMAIN_ALIASES, f"{key}.domain",
+                  f"allowed values: {', '.join(sorted(DOMAIN_ALIASES))}")
+            check(s.reward is None or s.reward in REWARDS, f"{key}.reward", f"allowed values: {', '.join(REWARDS.names())}")
+            check(s.weight is None or s.weight >= 0, f"{key}.weight", "must be >= 0")
+            check(s.max_samples is None or s.max_samples >= 1, f"{key}.max_samples", "must be >= 1")
+            check(s.size_per_task >= 1, f"{key}.size_per_task", "must be >= 1")

@@ -35,6 +35,10 @@ class PromptSource(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def skipped_rows(self) -> int:
+        """Bad rows skipped so far (data.on_bad_row=skip)."""
+        return 0
+
 
 # Entries are factories: (ProRLConfig) -> PromptSource.
 DATA_SOURCES: Registry[Callable[..., PromptSource]] = Registry("data source")

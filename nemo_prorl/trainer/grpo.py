@@ -130,6 +130,7 @@ class ProRLTrainer:
             "filter/kept_groups": float(len(kept)),
             "filter/generation_rounds": float(rounds),
             "data/dropped_long_prompts": float(dropped_prompts),
+            "data/skipped_rows": float(self.source.skipped_rows()),
             "throughput/generated_tokens": float(gen_tokens),
             **per_domain_means(rewards, all_domains, "reward"),
             **reward_health(all_status, all_domains, all_info),
