@@ -112,3 +112,29 @@ def test_missing_model_path_is_named(tmp_path):
     cfg, resolved = load_config([*TINY_OVERRIDES, f"model.path={tmp_path / 'nope'}"])
     with pytest.raises(FileNotFoundError, match="model.path="):
         run_training(cfg, resolved)
+
+
+def test_trains_on_a_blend_of_local_files_and_checkpoints_its_place(tiny_model_dir, tmp_path):
+    """data=blend end to end: a JSONL of records (the digit tasks) plus a generated reasoning-gym source;
+    every row scored by its own verifier, per-domain metrics, and the blend's state in the checkpoint."""
+    from nemo_prorl.config.schema import SyntheticTaskConfig
+    from nemo_prorl.data.synthetic import SyntheticSource
+
+    rows = [{"uid": r.uid, "messages": list(r.messages), "domain": r.domain, "reward": r.reward,
+             "ground_truth": r.ground_truth} for r in SyntheticSource(SyntheticTaskConfig(), 0, 0).next_prompts(64)]
+    path = tmp_path / "digits.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    blend = (f"+data.blend={{digits:{{path:'{path}',format:records,weight:3}},"
+             "puzzles:{format:reasoning_gym,tasks:[basic_arithmetic],size_per_task:20,weight:1}}")
+    val = f"+data.validation={{digits:{{path:'{path}',format:records,max_samples:6}}}}"
+    cfg, resolved = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "data=blend", blend, val,
+                                 "data.max_prompt_length=2048", "trainer.num_steps=2", "trainer.plot=false",
+                                 f"trainer.output_dir={tmp_path / 'run'}"])
+    result = run_training(cfg, resolved)
+    train = [r for r in read(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
+    assert len(train) == 2 and all(r["reward/error_frac"] == 0.0 for r in train)
+    assert any("reward/logic" in r for r in train) and any("reward/reverse" in r or "reward/sort" in r for r in train)
+    assert all(r["data/skipped_rows"] == 0.0 for r in train)
+    assert "val/pass@1" in result["validations"][2]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert state["data"]["draws"] >= 2 * 4 and set(state["data"]["sources"]) == {"digits", "puzzles"}

@@ -22,6 +22,7 @@ from nemo_prorl.data.readers import DataError, EpochOrder, RowReader, open_reade
 from nemo_prorl.data.records import DATA_SOURCES, PromptRecord, PromptSource
 
 log = logging.getLogger(__name__)
+DRAW_BLOCK = 4096
 
 
 class ReasoningGymReader(RowReader):
@@ -173,6 +174,8 @@ class BlendSource(PromptSource):
         if not self.streams:
             raise DataError("data.blend: every source is disabled")
         self.draws = 0
+        self._block_key: Any = None
+        self._block = np.zeros(0, dtype=np.int64)
         self._stashed: dict[str, Any] = {}  # state of sources absent from this config, kept for later runs
 
     def weights(self) -> tuple[list[str], np.ndarray]:
@@ -183,13 +186,22 @@ class BlendSource(PromptSource):
             raise DataError(f"data.blend weights must be >= 0 with a positive sum, got {dict(zip(names, w))}")
         return names, w / w.sum()
 
+    def _source_of_draw(self, k: int, names: list[str], p: np.ndarray) -> str:
+        """Draw k's source: block k // DRAW_BLOCK of choices is a function of (seed, block, names, weights)
+        only, so a resumed run makes the same choices (one RNG per block keeps drawing cheap)."""
+        key = (k // DRAW_BLOCK, tuple(names), tuple(p.tolist()))
+        if self._block_key != key:
+            rng = np.random.default_rng([self.data.seed, 7, key[0]])
+            self._block, self._block_key = rng.choice(len(names), size=DRAW_BLOCK, p=p), key
+        return names[int(self._block[k % DRAW_BLOCK])]
+
     def next_prompts(self, num: int) -> list[PromptRecord]:
         names, p = self.weights()
         out = []
         for _ in range(num):
-            rng = np.random.default_rng([self.data.seed, 7, self.draws])
+            name = self._source_of_draw(self.draws, names, p)
             self.draws += 1
-            out.append(self.streams[names[int(rng.choice(len(names), p=p))]].next_record())
+            out.append(self.streams[name].next_record())
         return out
 
     def validation_set(self) -> list[PromptRecord]:

@@ -67,21 +67,20 @@ class JsonlReader(RowReader):
             return
         if self._partial:  # the last line had no newline yet: it is indexed again below
             self._offsets = self._offsets[:-1]
-        starts, pos = [], self._complete
+        parts, pos = [], self._complete
+        line_start = pos
         with open(self.path, "rb") as f:
             f.seek(pos)
-            line_start = pos
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                nl = chunk.find(b"\n")
-                while nl >= 0:
-                    starts.append(line_start)
-                    line_start = pos + nl + 1
-                    nl = chunk.find(b"\n", nl + 1)
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                ends = pos + np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)  # "\n" positions
+                if len(ends):
+                    parts.append(np.concatenate([[line_start], ends[:-1] + 1]).astype(np.int64))
+                    line_start = int(ends[-1]) + 1
                 pos += len(chunk)
         self._complete, self._partial = line_start, line_start < pos
         if self._partial:
-            starts.append(line_start)  # a last line without a newline is a row too
-        self._offsets = np.concatenate([self._offsets, np.asarray(starts, dtype=np.int64)])
+            parts.append(np.array([line_start], dtype=np.int64))  # a last line without a newline is a row too
+        self._offsets = np.concatenate([self._offsets, *parts])
         self._size = pos
 
     @property

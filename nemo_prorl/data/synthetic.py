@@ -15,6 +15,7 @@ import random
 from typing import Any, Callable, Iterator, NamedTuple
 
 from nemo_prorl.config.schema import ProRLConfig, SyntheticTaskConfig
+from nemo_prorl.data.formats import register_domain
 from nemo_prorl.data.records import DATA_SOURCES, PromptRecord, PromptSource
 from nemo_prorl.registry import Registry
 
@@ -30,6 +31,8 @@ class Problem(NamedTuple):
 
 TASKS: Registry[Callable[[random.Random, SyntheticTaskConfig], Problem]] = Registry("synthetic task")
 TASK_REWARDS = {"reverse": "exact_match", "sort": "exact_match", "arithmetic": "arithmetic"}
+for _task, _reward in TASK_REWARDS.items():  # so rows of these tasks can also come from files (format: records)
+    register_domain(_task, _reward)
 
 
 def _digits(rng: random.Random, task: SyntheticTaskConfig) -> str:
