@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -37,8 +38,19 @@ def _quiet_libraries() -> None:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
+def ensure_hash_seed(command: str) -> None:
+    """Re-run `prorl train` under a fixed PYTHONHASHSEED: reasoning-gym builds some puzzles
+    (word_ladder, knight_swap, isomorphic_strings, ...) by iterating sets of strings, so a resumed run
+    regenerates the same puzzles, and scorers agree with the trainer, only under the same hash seed."""
+    if command == "train" and os.environ.get("PYTHONHASHSEED") is None:
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, "-m", "nemo_prorl.cli", *sys.argv[1:]])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if argv is None:  # the real command line, not a call from Python
+        ensure_hash_seed(args.command)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     if args.command == "data":

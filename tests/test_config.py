@@ -81,3 +81,21 @@ def test_cli_config_prints_resolved_yaml():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "kl_coef: 0.5" in proc.stdout
+
+
+def test_prorl_train_reexecs_under_a_fixed_hash_seed(monkeypatch):
+    import sys
+
+    from nemo_prorl import cli
+
+    calls = []
+    monkeypatch.setattr(cli.os, "execv", lambda exe, argv: calls.append(argv))
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    monkeypatch.setattr(sys, "argv", ["prorl", "train", "trainer.num_steps=1"])
+    cli.ensure_hash_seed("config")
+    assert calls == []
+    cli.ensure_hash_seed("train")
+    assert calls == [[sys.executable, "-m", "nemo_prorl.cli", "train", "trainer.num_steps=1"]]
+    assert cli.os.environ["PYTHONHASHSEED"] == "0"
+    cli.ensure_hash_seed("train")  # already set: no second exec
+    assert len(calls) == 1

@@ -22,7 +22,9 @@ TASKS = sorted(set(DATASETS) - {"composite"})  # composite mixes other tasks; te
 
 @pytest.fixture(scope="module")
 def reward():
-    return ReasoningGymReward()
+    r = ReasoningGymReward()
+    yield r
+    r.close()
 
 
 def row(entry, task, answer_text, *, config=None, json_metadata=False):
@@ -100,14 +102,30 @@ def test_missing_answer_tag_is_a_wrong_answer(reward):
     assert res.status == "ok" and res.reward == 0.0 and res.reason == "no <answer> tag"
 
 
-def test_scorer_exception_is_a_wrong_answer_with_the_reason(reward, monkeypatch):
-    from nemo_prorl.rewards import reasoning_gym as rg_mod
-
-    def boom(answer, entry):
-        raise ZeroDivisionError("bad puzzle")
-
-    monkeypatch.setitem(rg_mod.OVERRIDES, "basic_arithmetic", boom)
-    entry = reasoning_gym.create_dataset("basic_arithmetic", size=1, seed=0)[0]
-    res = reward.score(row(entry, "basic_arithmetic", "1"))
+def test_scorer_exception_is_a_wrong_answer_with_the_reason(reward):
+    entry = reasoning_gym.create_dataset("prime_factorization", size=1, seed=0)[0]
+    res = reward.score(row(entry, "prime_factorization", "zzz"))  # its scorer calls int() on the answer
     assert (res.status, res.reward, res.info["scorer_exception"]) == ("ok", 0.0, 1.0)
-    assert "ZeroDivisionError: bad puzzle" in res.reason
+    assert "prime_factorization.score_answer raised ValueError" in res.reason
+
+
+def test_hostile_answers_time_out_and_run_confined(reward, monkeypatch, tmp_path):
+    """Some scorers eval the answer; they run in a worker without the trainer's environment or network,
+    and one that spins is killed."""
+    from nemo_prorl.config.schema import ReasoningGymRewardConfig, RewardConfig
+
+    r = ReasoningGymReward(RewardConfig(reasoning_gym=ReasoningGymRewardConfig(timeout_s=3.0, num_workers=1)))
+    try:
+        entry = reasoning_gym.create_dataset("intermediate_integration", size=1, seed=0)[0]
+        res = r.score(row(entry, "intermediate_integration", "x**99999999"))
+        assert res.status == "timeout" and res.reward == 0.0
+        monkeypatch.setenv("PRORL_TEST_SECRET", "s3cret")  # set before the replacement worker starts
+        marker = tmp_path / "ran"
+        probe = ("__import__('pathlib').Path(%r).write_text(repr(__import__('os').environ.get('PRORL_TEST_SECRET'))"
+                 " + ' ' + repr(__import__('socket').socket().connect_ex(('1.1.1.1', 53))))") % str(marker)
+        entry = reasoning_gym.create_dataset("countdown", size=1, seed=0)[0]
+        r.score(row(entry, "countdown", probe))  # countdown's scorer (0.1.25) evaluates the expression it is given
+        secret, connect = marker.read_text().split()  # so the probe ran: it saw no secret and no network
+        assert secret == "None" and connect != "0"
+    finally:
+        r.close()

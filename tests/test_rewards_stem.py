@@ -43,6 +43,7 @@ def test_extract_choice(text, letter):
     ("4.5", 4.5), ("-2", -2.0), ("3.2e-5", 3.2e-5), (r"3.2 \times 10^{-5}", 3.2e-5), ("3.2×10^-5", 3.2e-5),
     ("3.2*10**-5", 3.2e-5), ("4.5 m/s", 4.5), (r"4.5\text{ J}", 4.5), ("1,200", 1200.0), (r"\frac{3}{4}", 0.75),
     ("6.02E23", 6.02e23), ("x + 1", None), ("3 + 4", None), ("", None),
+    (r"-\frac{3}{2}", -1.5), ("- 4.5", -4.5), (r"10^{-5}", 1e-5), (r"$-\frac{1}{2}$", -0.5), ("−2.5", -2.5),
 ])
 def test_parse_number(s, v):
     got = parse_number(s)
@@ -62,6 +63,12 @@ def test_parse_number(s, v):
     ("The answer is -9.81", "-9.81", True),
     ("The answer is 9.81", "-9.81", False),
     (r"\boxed{0}", "0", True),
+    (r"\boxed{-\frac{3}{2}}", "-1.5", True),
+    (r"Answer: $-\frac{1}{2}$", "-0.5", True),
+    (r"\boxed{10^{-5}}", "1e-5", True),
+    ("The answer is 1.0101", "1", False),  # 1.01 % of the reference value: outside 1 %
+    ("The answer is 1.0099", "1", True),
+    (r"\boxed{\sqrt{2}/2}", "0.70710678", True),  # not a plain number: the math checkers decide
     (r"\boxed{0.001}", "0", False),
     ("The answer is 12.", "12", True),
     ("no numbers here", "12", False),

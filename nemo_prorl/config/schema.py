@@ -194,6 +194,13 @@ class MathRewardConfig:
 
 
 @dataclass
+class ReasoningGymRewardConfig:
+    # Scorers run in confined worker processes (some eval the answer); one past the limit is killed.
+    timeout_s: float = 10.0
+    num_workers: int = 2
+
+
+@dataclass
 class SandboxConfig:
     """Limits for running generated code (rewards/sandbox.py). ProRL §3.1 (code): reward = fraction of
     tests passed, 0 on syntax error or more than 5 s in total."""
@@ -215,6 +222,7 @@ class SandboxConfig:
 class RewardConfig:
     num_workers: int = 4  # threads scoring rows of rewards without their own pool
     math: MathRewardConfig = field(default_factory=MathRewardConfig)
+    reasoning_gym: ReasoningGymRewardConfig = field(default_factory=ReasoningGymRewardConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     # STEM numeric answers: accepted within this relative tolerance (answers are often rounded).
     stem_rel_tol: float = 0.01

@@ -105,6 +105,8 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(rw.num_workers >= 1, "reward.num_workers", "must be >= 1")
     check(rw.math.timeout_s > 0, "reward.math.timeout_s", "must be > 0")
     check(rw.math.num_workers >= 1, "reward.math.num_workers", "must be >= 1")
+    check(rw.reasoning_gym.timeout_s > 0, "reward.reasoning_gym.timeout_s", "must be > 0")
+    check(rw.reasoning_gym.num_workers >= 1, "reward.reasoning_gym.num_workers", "must be >= 1")
     check(rw.stem_rel_tol >= 0, "reward.stem_rel_tol", "must be >= 0")
     sb = rw.sandbox
     check(sb.backend in SANDBOXES, "reward.sandbox.backend", f"allowed values: {', '.join(SANDBOXES.names())}")

@@ -13,6 +13,13 @@ and rearc then score a right answer 0.05). Otherwise the row's entry_metadata is
 ProRL's prompts ask for the final answer in `<answer></answer>` tags: the last such tag after `</think>` is
 scored. The reward is continuous in [0, 1] (many tasks give partial credit); `correct` means 1.
 
+Scoring runs in `HardTimeoutPool` workers (confined: no environment secrets, no network): several scorers
+hand the answer to sympy's parse_expr or eval (countdown, puzzle24, n_queens, ...), and some spin on an
+adversarial answer (`x**99999999` to intermediate_integration); such a call is killed at
+`reward.reasoning_gym.timeout_s` and recorded as a time out. Five tasks generate differently under another
+PYTHONHASHSEED (isomorphic_strings, knight_swap, polynomial_multiplication, ransom_note, word_ladder), so a
+regenerated entry is used only if its question matches the prompt; otherwise the row's metadata is.
+
 One scorer of reasoning-gym 0.1.25 is overridden because it can be gamed: game_of_life_halting compares
 `bool(answer) == bool(oracle)`, so any non-empty answer scores 1 when the oracle is "True".
 """
@@ -21,13 +28,11 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
 from nemo_prorl.rewards.extract import last_tag, strip_thinking
-
-_lock = threading.Lock()
+from nemo_prorl.rewards.workers import HardTimeoutPool
 
 
 @functools.lru_cache(maxsize=512)
@@ -45,6 +50,11 @@ def _dataset(task: str, config_json: str) -> Any:
     return reasoning_gym.create_dataset(task, **config)
 
 
+@functools.lru_cache(maxsize=4096)  # the n samples of a prompt share one regenerated entry
+def _entry(task: str, config_json: str, index: int) -> dict:
+    return _dataset(task, config_json)[index]
+
+
 def _strict_bool(answer: Optional[str], entry: dict) -> float:
     return float(isinstance(answer, str) and answer.strip().lower() == str(entry["answer"]).strip().lower())
 
@@ -53,45 +63,79 @@ def _strict_bool(answer: Optional[str], entry: dict) -> float:
 OVERRIDES: dict[str, Callable[[Optional[str], dict], float]] = {"game_of_life_halting": _strict_bool}
 
 
+def score_in_worker(arg: tuple[str, str, dict, str, Any, str]) -> tuple[str, float, str]:
+    """Worker entry point: (task, config json, entry metadata, prompt, oracle answer, model answer) ->
+    ("ok", score, "") or ("exception", 0, what the scorer raised)."""
+    task, config_json, entry_meta, prompt, oracle, answer = arg
+    ds = _dataset(task, config_json)
+    entry = {"question": prompt, "answer": oracle, "metadata": entry_meta}
+    config = json.loads(config_json)
+    if {"seed", "size"} <= set(config) and "source_index" in entry_meta:
+        regen = _entry(task, config_json, int(entry_meta["source_index"]))
+        if prompt.startswith(regen["question"].rstrip()):
+            entry = regen  # the exact types the scorer produced (JSON turned its tuples into lists)
+    try:
+        return "ok", float(OVERRIDES.get(task, ds.score_answer)(answer, entry)), ""
+    except Exception as e:  # noqa: BLE001
+        return "exception", 0.0, f"{type(e).__name__}: {e}"
+
+
 class ReasoningGymReward:
     def __init__(self, cfg: Any = None) -> None:
-        pass
+        rg = getattr(cfg, "reasoning_gym", None)
+        self.timeout_s = float(getattr(rg, "timeout_s", 10.0))
+        self.pool = HardTimeoutPool(int(getattr(rg, "num_workers", 2)))
 
     def score(self, inp: RewardInput) -> RewardResult:
+        return self.score_batch([inp])[0]
+
+    def _job(self, inp: RewardInput) -> tuple[Optional[tuple], Optional[RewardResult]]:
         meta = inp.metadata.get("reasoning_gym")
         if not isinstance(meta, dict):
-            return failed("error", "metadata['reasoning_gym'] is missing (needs 'task' and 'entry_metadata')")
+            return None, failed("error", "metadata['reasoning_gym'] is missing (needs 'task' and 'entry_metadata')")
         entry_meta = meta.get("entry_metadata")
         if not isinstance(entry_meta, dict):
-            return failed("error", "metadata['reasoning_gym']['entry_metadata'] is missing")
+            return None, failed("error", "metadata['reasoning_gym']['entry_metadata'] is missing")
         task = meta.get("task") or entry_meta.get("source_dataset")
         if not task:
-            return failed("error", "metadata['reasoning_gym']['task'] is missing")
-        config = meta.get("config") or {}
-        try:
-            with _lock:  # building a dataset is not thread-safe in every task; scoring is quick
-                ds = _dataset(task, json.dumps(config, sort_keys=True))
-                if {"seed", "size"} <= set(config) and "source_index" in entry_meta:
-                    entry = ds[int(entry_meta["source_index"])]
-                else:
-                    answer_ = meta["answer"] if "answer" in meta else (inp.ground_truth or None)
-                    entry = {"question": inp.prompt, "answer": answer_, "metadata": entry_meta}
-        except Exception as e:  # noqa: BLE001
-            return failed("error", f"{type(e).__name__}: {e}")
+            return None, failed("error", "metadata['reasoning_gym']['task'] is missing")
         answer = last_tag(strip_thinking(inp.response), "answer")
         if answer is None:
-            return RewardResult(0.0, correct=False, reason="no <answer> tag")
-        try:
-            value = float(OVERRIDES.get(task, ds.score_answer)(answer, entry))
-        except Exception as e:  # noqa: BLE001
+            return None, RewardResult(0.0, correct=False, reason="no <answer> tag")
+        oracle = meta["answer"] if "answer" in meta else (inp.ground_truth or None)
+        config_json = json.dumps(meta.get("config") or {}, sort_keys=True)
+        return (task, config_json, entry_meta, inp.prompt, oracle, answer), None
+
+    def score_batch(self, inputs: Sequence[RewardInput]) -> list[RewardResult]:
+        out: list[Optional[RewardResult]] = []
+        jobs, rows = [], []
+        for i, inp in enumerate(inputs):
+            job, res = self._job(inp)
+            out.append(res)
+            if job is not None:
+                jobs.append(job)
+                rows.append(i)
+        for i, job, o in zip(rows, jobs, self.pool.map(score_in_worker, jobs, timeout=self.timeout_s)):
+            out[i] = self._result(job[0], o)
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _result(task: str, o: Any) -> RewardResult:
+        if o.status != "ok":  # unknown task, a worker that died, or a time out
+            return failed(o.status, o.reason)
+        kind, value, why = o.value
+        if kind == "exception":
             # Several scorers raise on an answer they cannot parse (prime_factorization: int("abc")).
             # That is the model's malformed answer, so it scores 0 as a wrong answer; the exception is kept
             # in the reason and counted in `reward/<domain>/scorer_exception` in case it is a scorer bug.
-            return RewardResult(0.0, correct=False, reason=f"{task}.score_answer raised {type(e).__name__}: {e}",
+            return RewardResult(0.0, correct=False, reason=f"{task}.score_answer raised {why}",
                                 info={"scorer_exception": 1.0})
         if not 0.0 <= value <= 1.0:
             return failed("error", f"{task}.score_answer returned {value}, outside [0, 1]")
         return RewardResult(value, correct=value >= 1.0 - 1e-9, info={"scorer_exception": 0.0})
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 REWARDS.register("reasoning_gym")(ReasoningGymReward)

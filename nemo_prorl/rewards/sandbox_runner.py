@@ -53,6 +53,16 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
+def unshare_network() -> None:
+    """Enter an empty network namespace (inside a new user namespace unless root); OSError if refused."""
+    uid, gid = os.getuid(), os.getgid()
+    _check(_libc.unshare(CLONE_NEWNET | (CLONE_NEWUSER if uid != 0 else 0)), "unshare")
+    if uid != 0:
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1")  # keep our own uid: files stay ours
+        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+
+
 def enter_namespaces(spec: dict, notes: list[str]) -> None:
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC

@@ -11,7 +11,6 @@ Only the text after `</think>` is read. Binary reward.
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 from typing import Any, Optional
@@ -63,14 +62,18 @@ _NUMBER = re.compile(
 def parse_number(s: str) -> Optional[float]:
     """A number in plain, scientific (`3.2e-5`, `3.2 \\times 10^{-5}`, `3.2×10^-5`, `3.2*10**-5`) or
     \\frac{a}{b} notation, optionally followed by units; None if `s` does not start with one."""
-    t = s.strip().strip("$").strip()
+    t = s.strip().strip("$").strip().replace("−", "-")
+    t = re.sub(r"^([-+])\s+", r"\1", t)  # "- 4.5"
     t = re.sub(r"\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}", r"(\1)/(\2)", t)
-    frac = re.fullmatch(r"\(?\s*(-?[\d.]+)\s*\)?\s*/\s*\(?\s*(-?[\d.]+)\s*\)?(?:\s*\\?\w.*)?", t)
+    frac = re.fullmatch(r"([-+]?)\(?\s*(-?[\d.]+)\s*\)?\s*/\s*\(?\s*(-?[\d.]+)\s*\)?(?:\s*\\?\w.*)?", t)
     if frac:
         try:
-            return float(frac.group(1)) / float(frac.group(2))
+            return float(frac.group(2)) / float(frac.group(3)) * (-1.0 if frac.group(1) == "-" else 1.0)
         except (ValueError, ZeroDivisionError):
             return None
+    power = re.fullmatch(r"([-+]?)10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", t)  # a bare power of ten
+    if power:
+        return (-1.0 if power.group(1) == "-" else 1.0) * 10.0 ** int(power.group(2))
     for pat, rep in _SCI:
         t = pat.sub(rep, t)
     t = t.replace("−", "-").replace("\\,", "").replace("{,}", ",")
@@ -144,8 +147,12 @@ class StemReward:
         if target is not None:
             got_num = extract_number(text)
             if got_num is None:
-                return RewardResult(0.0, correct=False, reason="no number found", info={"multiple_choice": 0.0})
-            ok = (abs(got_num) <= 1e-9) if target == 0 else math.isclose(got_num, target, rel_tol=self.rel_tol)
+                pred = last_boxed(text) or (_ANSWER_IS.findall(text) or [None])[-1]
+                if pred is None:
+                    return RewardResult(0.0, correct=False, reason="no number found", info={"multiple_choice": 0.0})
+                return self._expression(pred.strip().rstrip("."), truth)  # e.g. \sqrt{2}/2 against 0.7071
+            # relative to the reference value, not to the larger of the two (math.isclose's rule)
+            ok = abs(got_num - target) <= (1e-9 if target == 0 else self.rel_tol * abs(target))
             return RewardResult(float(ok), correct=ok, info={"multiple_choice": 0.0})
         pred = last_boxed(text) or (_ANSWER_IS.findall(text) or [None])[-1]
         if pred is None:

@@ -10,7 +10,10 @@ live as long as the pool. `fn` must be importable by name (a module-level functi
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
+import resource
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -23,7 +26,31 @@ class Outcome:
     reason: str = ""
 
 
-def _serve(conn) -> None:  # runs in the worker process
+def confine() -> None:
+    """Runs in each worker before its first call. Verifiers parse model output with sympy's parse_expr (an
+    eval), and some reasoning-gym scorers eval it outright, so what runs here may be the model's code: give
+    it no secrets (environment scrubbed), no network (an empty network namespace where the kernel allows)
+    and a memory cap. The file system stays visible; programs that are meant to run go to the sandbox."""
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONHASHSEED", "TMPDIR") if k in os.environ}
+    os.environ.clear()
+    os.environ.update(keep)
+    for res, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_AS, 8 << 30)):
+        try:
+            resource.setrlimit(res, (value, value))
+        except (ValueError, OSError):
+            pass
+    if sys.platform.startswith("linux"):
+        from nemo_prorl.rewards.sandbox_runner import unshare_network
+
+        try:
+            unshare_network()
+        except OSError:
+            pass  # containers may forbid namespaces; the rest still applies
+
+
+def _serve(conn, initializer: Optional[Callable[[], None]]) -> None:  # runs in the worker process
+    if initializer is not None:
+        initializer()
     while True:
         try:
             job = conn.recv()
@@ -39,9 +66,9 @@ def _serve(conn) -> None:  # runs in the worker process
 
 
 class _Worker:
-    def __init__(self, ctx) -> None:
+    def __init__(self, ctx, initializer: Optional[Callable[[], None]]) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, initializer), daemon=True)
         self.proc.start()
         child.close()
 
@@ -71,10 +98,11 @@ class _Worker:
 
 
 class HardTimeoutPool:
-    def __init__(self, num_workers: int) -> None:
+    def __init__(self, num_workers: int, initializer: Optional[Callable[[], None]] = confine) -> None:
         if num_workers < 1:
             raise ValueError("num_workers must be >= 1")
         self.num_workers = num_workers
+        self.initializer = initializer
         self._ctx = mp.get_context("spawn")
         self._idle: "queue.Queue[_Worker]" = queue.Queue()
         self._started = 0
@@ -84,13 +112,13 @@ class HardTimeoutPool:
         with self._lock:
             if self._idle.empty() and self._started < self.num_workers:
                 self._started += 1
-                return _Worker(self._ctx)
+                return _Worker(self._ctx, self.initializer)
         return self._idle.get()
 
     def _release(self, w: _Worker, outcome: Outcome) -> None:
         if outcome.status == "timeout" or not w.alive:
             w.kill()
-            w = _Worker(self._ctx)
+            w = _Worker(self._ctx, self.initializer)
         self._idle.put(w)
 
     def call(self, fn: Callable, arg: Any, timeout: float) -> Outcome:
