@@ -77,7 +77,7 @@ def test_unknown_task_names_the_key():
 
 
 def test_data_source_registry():
-    assert DATA_SOURCES.names() == ["synthetic"]
+    assert DATA_SOURCES.names() == ["blend", "synthetic"]
 
 
 class _Batched:
