@@ -266,3 +266,13 @@ def test_inspect_reports_domains_lengths_and_rejects(tmp_path, capsys):
     assert "none.parquet: no such file" in capsys.readouterr().out
     good = write_jsonl(tmp_path / "g.jsonl", math_rows(3))
     assert cli_main(["data", "inspect", str(good)]) == 0
+
+
+def test_sources_of_equal_size_are_shuffled_differently(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", math_rows(50))
+    b = write_jsonl(tmp_path / "b.jsonl", math_rows(50))
+    src = BlendSource(blend_cfg(tmp_path, a={"path": str(a)}, b={"path": str(b)}))
+    got = src.next_prompts(100)
+    order = {name: [r.uid.split(":")[1] for r in got if r.uid.startswith(name + ":")] for name in ("a", "b")}
+    n = min(len(order["a"]), len(order["b"]))
+    assert n > 10 and order["a"][:n] != order["b"][:n]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import zlib
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -112,7 +113,8 @@ class SourceStream:
             self.reader.refresh()
             self.epoch, self.pos, self.segments, self._it = self.epoch + 1, 0, [[0, self.reader.num_rows]], None
         if self._it is None:
-            self._it = EpochOrder(self.seed, self.epoch, self.segments).iter_from(self.pos)
+            # the source's name is part of the seed: two sources of equal size are not shuffled alike
+            self._it = EpochOrder([self.seed, zlib.crc32(self.name.encode())], self.epoch, self.segments).iter_from(self.pos)
         i = next(self._it)
         self.pos += 1
         return i

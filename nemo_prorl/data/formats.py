@@ -82,7 +82,7 @@ def _record(ctx: RowContext, domain: str, question: str, truth: str, metadata: d
     if not truth.strip():
         raise RowError("empty ground truth")
     if messages is None:
-        suffix = getattr(ctx.prompt, domain)
+        suffix = getattr(ctx.prompt, domain, "")  # domains registered by plugins have no instruction
         messages = ({"role": "user", "content": f"{question.rstrip()}\n\n{suffix}" if suffix else question},)
     return PromptRecord(uid=ctx.uid, messages=messages, domain=domain, reward=ctx.reward or DOMAIN_REWARDS[domain],
                         ground_truth=truth, metadata=metadata)

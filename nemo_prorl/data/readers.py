@@ -152,15 +152,17 @@ class EpochOrder:
     """The rows of one epoch, in order: segments (row ranges) one after another, each shuffled in two
     levels. Position p is the p-th row served in the epoch."""
 
-    def __init__(self, seed: int, epoch: int, segments: Sequence[tuple[int, int]], chunk_rows: int = CHUNK_ROWS) -> None:
-        self.seed, self.epoch, self.chunk_rows = seed, epoch, chunk_rows
+    def __init__(self, seed: int | Sequence[int], epoch: int, segments: Sequence[tuple[int, int]],
+                 chunk_rows: int = CHUNK_ROWS) -> None:
+        self.seed = [seed] if isinstance(seed, int) else list(seed)
+        self.epoch, self.chunk_rows = epoch, chunk_rows
         self.segments = [(int(a), int(b)) for a, b in segments]
         self.length = sum(b - a for a, b in self.segments)
 
     def _chunks(self, s: int) -> list[tuple[int, int]]:
         a, b = self.segments[s]
         bounds = [(c, min(c + self.chunk_rows, b)) for c in range(a, b, self.chunk_rows)]
-        rng = np.random.default_rng([self.seed, self.epoch, s])
+        rng = np.random.default_rng([*self.seed, self.epoch, s])
         return [bounds[k] for k in rng.permutation(len(bounds))]
 
     def iter_from(self, pos: int) -> Iterator[int]:
@@ -172,7 +174,7 @@ class EpochOrder:
                 if skip >= n:
                     skip -= n
                     continue
-                rng = np.random.default_rng([self.seed, self.epoch, s, ci])
+                rng = np.random.default_rng([*self.seed, self.epoch, s, ci])
                 perm = rng.permutation(n)
                 for k in perm[skip:]:
                     yield a + int(k)
