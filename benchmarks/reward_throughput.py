@@ -137,7 +137,7 @@ def main() -> None:
     for w in (1, 2):
         print(f"math, {w} worker process(es) {bench_math(a.math_rows, w):8.1f} checks/s")
     for name, rows in sample_rows().items():
-        print(f"{name:<26}{bench_inline(name, rows):9.1f} checks/s (one thread)")
+        print(f"{name:<26}{bench_inline(name, rows):9.1f} checks/s (one call at a time)")
 
 
 if __name__ == "__main__":  # the math pool spawns workers, which re-import this module
