@@ -1,0 +1,163 @@
+"""Hugging Face <-> Megatron-core weight layout for Qwen2 and Llama (pure tensor reshuffling; no
+distributed imports, so it is testable anywhere and shared by `prorl convert` and the weight sync).
+
+Megatron's GPTModel (local or Transformer Engine layer spec) differs from HF in four ways:
+  * q, k, v are one `linear_qkv` whose rows are grouped by query group: for each KV group g, the
+    (heads / groups) query heads of g, then g's key head, then g's value head. Tensor parallelism splits
+    whole groups, so each rank's shard is the same layout over its groups.
+  * gate and up projections are one `linear_fc1`; under TP each rank holds [gate_r; up_r].
+  * row-parallel layers (`linear_proj`, `linear_fc2`) split the input dimension, column-parallel ones
+    (`linear_qkv`, `linear_fc1`, embeddings, output layer) the output dimension; the vocabulary is padded
+    to a multiple of TP.
+  * pipeline stage p holds layers [p*L/PP, (p+1)*L/PP), numbered from 0 within the stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    vocab_size: int
+    qkv_bias: bool  # Qwen2: True, Llama: False
+    tied_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @staticmethod
+    def from_hf_config(c) -> "ModelShape":
+        return ModelShape(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
+                          num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                          ffn_hidden_size=c.intermediate_size, vocab_size=c.vocab_size,
+                          qkv_bias=c.model_type == "qwen2" or bool(getattr(c, "attention_bias", False)),
+                          tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
+
+
+def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
+    """Megatron pads the vocabulary to a multiple of `multiple * tp` (make_vocab_size_divisible_by)."""
+    step = multiple * tp
+    return -(-vocab // step) * step
+
+
+def _stage_layers(shape: ModelShape, pp_rank: int, pp: int) -> range:
+    if shape.num_layers % pp:
+        raise ValueError(f"{shape.num_layers} layers do not split evenly over {pp} pipeline stages")
+    per = shape.num_layers // pp
+    return range(pp_rank * per, (pp_rank + 1) * per)
+
+
+def _qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: ModelShape) -> torch.Tensor:
+    """Interleave by query group: [g0: q heads, k, v][g1: ...] (works for weights and biases)."""
+    g, d = s.num_kv_heads, s.head_dim
+    per = s.num_heads // g
+    rest = q.shape[1:]
+    q = q.reshape(g, per * d, *rest)
+    k = k.reshape(g, d, *rest)
+    v = v.reshape(g, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(g * (per + 2) * d, *rest)
+
+
+def _split_qkv(qkv: torch.Tensor, s: ModelShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g, d = s.num_kv_heads, s.head_dim
+    per = s.num_heads // g
+    rest = qkv.shape[1:]
+    x = qkv.reshape(g, (per + 2) * d, *rest)
+    q, k, v = x.split([per * d, d, d], dim=1)
+    return q.reshape(g * per * d, *rest), k.reshape(g * d, *rest), v.reshape(g * d, *rest)
+
+
+def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    return w if w.shape[0] == rows else torch.cat([w, w.new_zeros(rows - w.shape[0], *w.shape[1:])])
+
+
+def hf_to_megatron(hf: Mapping[str, torch.Tensor], s: ModelShape, *, tp_rank: int = 0, tp: int = 1,
+                   pp_rank: int = 0, pp: int = 1, vocab_multiple: int = 128) -> dict[str, torch.Tensor]:
+    """The Megatron state dict of one (tp_rank, pp_rank) shard."""
+    if s.num_kv_heads % tp or s.ffn_hidden_size % tp:
+        raise ValueError(f"TP={tp} must divide the {s.num_kv_heads} KV heads and ffn size {s.ffn_hidden_size}")
+
+    def col(w: torch.Tensor) -> torch.Tensor:  # split the output dimension
+        return w.chunk(tp, dim=0)[tp_rank].clone()
+
+    def row(w: torch.Tensor) -> torch.Tensor:  # split the input dimension
+        return w.chunk(tp, dim=1)[tp_rank].clone()
+
+    out: dict[str, torch.Tensor] = {}
+    vocab = padded_vocab(s.vocab_size, tp, vocab_multiple)
+    if pp_rank == 0:
+        out["embedding.word_embeddings.weight"] = col(_pad_rows(hf["model.embed_tokens.weight"], vocab))
+    for local, layer in enumerate(_stage_layers(s, pp_rank, pp)):
+        h, m = f"model.layers.{layer}.", f"decoder.layers.{local}."
+        a = h + "self_attn."
+        out[m + "input_layernorm.weight"] = hf[h + "input_layernorm.weight"].clone()
+        out[m + "self_attention.linear_qkv.weight"] = col(_qkv(hf[a + "q_proj.weight"], hf[a + "k_proj.weight"],
+                                                               hf[a + "v_proj.weight"], s))
+        if s.qkv_bias:
+            out[m + "self_attention.linear_qkv.bias"] = col(_qkv(hf[a + "q_proj.bias"], hf[a + "k_proj.bias"],
+                                                                 hf[a + "v_proj.bias"], s))
+        out[m + "self_attention.linear_proj.weight"] = row(hf[a + "o_proj.weight"])
+        out[m + "pre_mlp_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"].clone()
+        gate, up = col(hf[h + "mlp.gate_proj.weight"]), col(hf[h + "mlp.up_proj.weight"])
+        out[m + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
+        out[m + "mlp.linear_fc2.weight"] = row(hf[h + "mlp.down_proj.weight"])
+    if pp_rank == pp - 1:
+        out["decoder.final_layernorm.weight"] = hf["model.norm.weight"].clone()
+        head = hf["model.embed_tokens.weight"] if s.tied_embeddings else hf["lm_head.weight"]
+        out["output_layer.weight"] = col(_pad_rows(head, vocab))
+    return out
+
+
+def megatron_to_hf(shards: list[list[Mapping[str, torch.Tensor]]], s: ModelShape) -> dict[str, torch.Tensor]:
+    """The HF state dict from all shards, `shards[pp_rank][tp_rank]`."""
+    pp, tp = len(shards), len(shards[0])
+
+    def col(name: str, stage: int) -> torch.Tensor:
+        return torch.cat([shards[stage][r][name] for r in range(tp)], dim=0)
+
+    def row(name: str, stage: int) -> torch.Tensor:
+        return torch.cat([shards[stage][r][name] for r in range(tp)], dim=1)
+
+    hf: dict[str, torch.Tensor] = {"model.embed_tokens.weight": col("embedding.word_embeddings.weight", 0)[: s.vocab_size]}
+    for stage in range(pp):
+        for local, layer in enumerate(_stage_layers(s, stage, pp)):
+            h, m = f"model.layers.{layer}.", f"decoder.layers.{local}."
+            a = h + "self_attn."
+            first = shards[stage][0]
+            hf[h + "input_layernorm.weight"] = first[m + "input_layernorm.weight"].clone()
+            # each TP shard is the interleaved layout of its own groups
+            parts = [_split_qkv(shards[stage][r][m + "self_attention.linear_qkv.weight"],
+                                _shard_shape(s, tp)) for r in range(tp)]
+            for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                hf[a + name + ".weight"] = torch.cat([p[i] for p in parts])
+            if s.qkv_bias:
+                parts = [_split_qkv(shards[stage][r][m + "self_attention.linear_qkv.bias"], _shard_shape(s, tp))
+                         for r in range(tp)]
+                for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                    hf[a + name + ".bias"] = torch.cat([p[i] for p in parts])
+            hf[a + "o_proj.weight"] = row(m + "self_attention.linear_proj.weight", stage)
+            hf[h + "post_attention_layernorm.weight"] = first[m + "pre_mlp_layernorm.weight"].clone()
+            fc1 = [shards[stage][r][m + "mlp.linear_fc1.weight"].chunk(2, dim=0) for r in range(tp)]
+            hf[h + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1])
+            hf[h + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1])
+            hf[h + "mlp.down_proj.weight"] = row(m + "mlp.linear_fc2.weight", stage)
+    hf["model.norm.weight"] = shards[pp - 1][0]["decoder.final_layernorm.weight"].clone()
+    if not s.tied_embeddings:
+        hf["lm_head.weight"] = col("output_layer.weight", pp - 1)[: s.vocab_size]
+    return hf
+
+
+def _shard_shape(s: ModelShape, tp: int) -> ModelShape:
+    """The head counts one TP rank holds (its qkv shard is laid out like a model with these)."""
+    return ModelShape(s.num_layers, s.hidden_size // tp, s.num_heads // tp, s.num_kv_heads // tp,
+                      s.ffn_hidden_size // tp, s.vocab_size, s.qkv_bias, s.tied_embeddings)
