@@ -4,14 +4,12 @@ transformers for TP=1, TP=2 and PP=2 (real megatron-core, 1-2 processes each).""
 import os
 import socket
 
+import megatron.core  # noqa: F401  a project dependency: fail, never skip, if it is missing
 import pytest
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
-pytest.importorskip("megatron.core")
-
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-
-from nemo_prorl.policy.megatron_convert import ModelShape, hf_to_megatron, megatron_to_hf  # noqa: E402
+from nemo_prorl.policy.megatron_convert import ModelShape, hf_to_megatron, megatron_to_hf
 
 VOCAB, SEQ = 100, 12
 
