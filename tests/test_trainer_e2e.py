@@ -138,3 +138,26 @@ def test_trains_on_a_blend_of_local_files_and_checkpoints_its_place(tiny_model_d
     assert "val/pass@1" in result["validations"][2]
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
     assert state["data"]["draws"] >= 2 * 4 and set(state["data"]["sources"]) == {"digits", "puzzles"}
+
+
+class FailsOnOddLength:
+    """A verifier that crashes on half the responses: the run goes on, counts and reports the failures."""
+
+    def score(self, inp):
+        if len(inp.response) % 2:
+            raise RuntimeError("verifier crashed")
+        return RewardResult(1.0, correct=True)
+
+
+def test_verifier_failures_are_counted_and_reported_not_raised(tiny_model_dir, tmp_path, monkeypatch):
+    if "test_fails_on_odd" not in REWARDS:
+        REWARDS.register("test_fails_on_odd")(lambda cfg=None: FailsOnOddLength())
+    for task in ("reverse", "sort"):
+        monkeypatch.setitem(synthetic.TASK_REWARDS, task, "test_fails_on_odd")
+    cfg, resolved = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "trainer.num_steps=1",
+                                 "validation.every_n_steps=0", "trainer.plot=false", f"trainer.output_dir={tmp_path}"])
+    run_training(cfg, resolved)
+    (row,) = read(tmp_path / "metrics.jsonl")
+    assert 0.0 < row["reward/error_frac"] < 1.0 and row["reward/timeout_frac"] == 0.0
+    (event,) = [e for e in read(tmp_path / "events.jsonl") if e["event"] == "reward_failures"]
+    assert event["count"] > 0 and "RuntimeError: verifier crashed" in event["examples"][0]

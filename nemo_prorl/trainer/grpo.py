@@ -21,12 +21,12 @@ from nemo_prorl.algo.sampling import groups_with_signal, take_groups
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.data.records import PromptRecord, PromptSource
 from nemo_prorl.policy.base import Batch, LossFn, PolicyBackend
+from nemo_prorl.rewards import RewardSuite
 from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams
 from nemo_prorl.trainer.batching import build_batch, select_rows
 from nemo_prorl.trainer.checkpoint import save_checkpoint
 from nemo_prorl.trainer.logger import MetricsLogger
 from nemo_prorl.trainer.phases import PhaseTimer
-from nemo_prorl.rewards import RewardSuite
 from nemo_prorl.trainer.scoring import per_domain_means, reward_health, score_completions, shaped_rewards
 from nemo_prorl.trainer.validate import validate
 from nemo_prorl.weight_sync import sync_weights
