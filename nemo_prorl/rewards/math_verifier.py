@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
 from nemo_prorl.rewards.extract import last_boxed, strip_thinking
-from nemo_prorl.rewards.workers import HardTimeoutPool
+from nemo_prorl.rewards.workers import HardTimeoutPool, Outcome
 
 # ----------------------------------------------------------------------------------- normalisation
 _REMOVE = [r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\quad", r"\qquad", r"\displaystyle", "$",
@@ -192,6 +192,16 @@ def check(arg: tuple[str, str]) -> dict[str, Any]:
     return {"math_verify": mv, "fallback_only": fb, "error": mv_error}
 
 
+def verdict(o: Outcome) -> RewardResult:
+    """The reward for one `check` call run in a worker: 1 if either checker accepts (ProRL §3.1); the pool's
+    error or time out as the row's status."""
+    if o.status != "ok":
+        return failed(o.status, o.reason)  # type: ignore[arg-type]
+    ok = bool(o.value["math_verify"] or o.value["fallback_only"])
+    return RewardResult(float(ok), correct=ok, reason=o.value["error"],
+                        info={"math_verify": float(o.value["math_verify"]), "fallback_only": float(o.value["fallback_only"])})
+
+
 class MathReward:
     def __init__(self, cfg: Any = None) -> None:
         mcfg = getattr(cfg, "math", None)
@@ -214,13 +224,7 @@ class MathReward:
                 jobs.append((pred, inp.ground_truth))
                 rows.append(i)
         for i, o in zip(rows, self.pool.map(check, jobs, timeout=self.timeout_s)):
-            if o.status != "ok":
-                out[i] = failed(o.status, o.reason)  # type: ignore[arg-type]
-                continue
-            ok = bool(o.value["math_verify"] or o.value["fallback_only"])
-            out[i] = RewardResult(float(ok), correct=ok, reason=o.value["error"],
-                                  info={"math_verify": float(o.value["math_verify"]),
-                                        "fallback_only": float(o.value["fallback_only"])})
+            out[i] = verdict(o)
         return out  # type: ignore[return-value]
 
     def close(self) -> None:

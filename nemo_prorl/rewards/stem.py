@@ -11,13 +11,14 @@ Only the text after `</think>` is read. Binary reward.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from typing import Any, Optional
 
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
 from nemo_prorl.rewards.extract import last_boxed, last_tag, strip_thinking
-from nemo_prorl.rewards.math_verifier import check as math_check
+from nemo_prorl.rewards.math_verifier import check as math_check, verdict
 from nemo_prorl.rewards.workers import HardTimeoutPool
 
 _LETTER_TRUTH = re.compile(r"\(?([A-Ja-j])\)?\.?")
@@ -122,11 +123,8 @@ class StemReward:
         with self._lock:
             if self._pool is None:
                 self._pool = HardTimeoutPool(1)
-        o = self._pool.call(math_check, (pred, truth), self.timeout_s)
-        if o.status != "ok":
-            return failed(o.status, o.reason)  # type: ignore[arg-type]
-        ok = bool(o.value["math_verify"] or o.value["fallback_only"])
-        return RewardResult(float(ok), correct=ok, info={"multiple_choice": 0.0})
+        res = verdict(self._pool.call(math_check, (pred, truth), self.timeout_s))
+        return dataclasses.replace(res, info={**res.info, "multiple_choice": 0.0})
 
     def close(self) -> None:
         if self._pool is not None:
