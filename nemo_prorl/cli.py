@@ -1,4 +1,5 @@
-"""`prorl` command line: `prorl train [OVERRIDE ...]`, `prorl config [OVERRIDE ...]`, `prorl data inspect PATH`.
+"""`prorl` command line: `prorl train [OVERRIDE ...]`, `prorl config [OVERRIDE ...]`, `prorl data inspect PATH`,
+`prorl convert hf-to-megatron|megatron-to-hf SRC DST`.
 
 Overrides are Hydra's: `algo.clip_eps_high=0.28`, `experiment=prorl_1p5b`, `trainer.num_steps=10`."""
 
@@ -22,9 +23,11 @@ def _parser() -> argparse.ArgumentParser:
                         ("config", "print the resolved configuration and exit")]:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.kl_coef=0 experiment=prorl_1p5b")
-    from nemo_prorl.data.inspect import add_parser
+    from nemo_prorl.data import inspect
+    from nemo_prorl.policy import convert
 
-    add_parser(sub)
+    inspect.add_parser(sub)
+    convert.add_parser(sub)
     return p
 
 
@@ -57,6 +60,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from nemo_prorl.data import inspect
 
         return inspect.run(args)
+    if args.command == "convert":
+        from nemo_prorl.policy import convert
+
+        return convert.run(args)
     try:
         cfg, resolved = load_config(args.overrides)
     except ConfigError as e:

@@ -78,6 +78,9 @@ def summarize(cfg: ProRLConfig, result: dict[str, Any]) -> str:
 
 def run_training(cfg: ProRLConfig, resolved: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, resolved)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.policy.close()
     print(summarize(cfg, result), flush=True)
     return result

@@ -57,11 +57,37 @@ class OptimConfig:
 
 
 @dataclass
+class MegatronConfig:
+    """policy.backend=megatron: megatron-core GPTModel with TP x PP x DP (policy/parallel.py). The world
+    size is tensor * pipeline * data parallel; one worker process per rank."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    sequence_parallel: bool = False  # shard layernorm/dropout activations along the sequence (needs TP > 1)
+    use_distributed_optimizer: bool = True  # ZeRO-1: optimizer state sharded over data-parallel ranks
+    # Micro-batches are filled with whole sequences up to this many (padded) tokens, longest first, and
+    # each is cut to its own longest sequence: short rollouts do not pay for the longest one of the step.
+    micro_batch_tokens: int = 16384
+    logprob_micro_batch_tokens: int = 32768
+    recompute_granularity: Optional[str] = None  # null | selective (attention core) | full (whole layers)
+    recompute_method: str = "uniform"  # full recompute: uniform | block
+    recompute_num_layers: int = 1
+    transformer_impl: str = "auto"  # auto (Transformer Engine when importable) | local | transformer_engine
+    fp8: Optional[str] = None  # null | hybrid | e4m3 (needs Transformer Engine)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling) | mxfp8 | blockwise
+    dist_backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    make_vocab_size_divisible_by: int = 128
+    worker_timeout_s: float = 3600.0  # a command no worker answers in this time is an error, not a hang
+
+
+@dataclass
 class PolicyConfig:
     backend: str = "hf"  # registry: nemo_prorl.policy.POLICY_BACKENDS
-    micro_batch_size: int = 8  # sequences per forward/backward pass
-    logprob_micro_batch_size: int = 16  # sequences per no-grad logprob pass
+    micro_batch_size: int = 8  # sequences per forward/backward pass (hf backend)
+    logprob_micro_batch_size: int = 16  # sequences per no-grad logprob pass (hf backend)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
 
 @dataclass

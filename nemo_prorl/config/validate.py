@@ -87,6 +87,9 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(p.optim.lr > 0, "policy.optim.lr", "must be > 0")
     check(p.optim.grad_clip > 0, "policy.optim.grad_clip", "must be > 0")
 
+    if p.backend == "megatron":
+        _check_megatron(cfg, check)
+
     v = cfg.validation
     check(v.every_n_steps >= 0, "validation.every_n_steps", "must be >= 0 (0 disables validation)")
     check(v.num_samples_per_prompt >= 1, "validation.num_samples_per_prompt", "must be >= 1")
@@ -157,3 +160,37 @@ def _check_blend(data, check) -> None:
             check(s.weight is None or s.weight >= 0, f"{key}.weight", "must be >= 0")
             check(s.max_samples is None or s.max_samples >= 1, f"{key}.max_samples", "must be >= 1")
             check(s.size_per_task >= 1, f"{key}.size_per_task", "must be >= 1")
+
+
+def _check_megatron(cfg: ProRLConfig, check) -> None:
+    from nemo_prorl.policy.parallel import transformer_engine_available
+
+    m, k = cfg.policy.megatron, "policy.megatron"
+    for size in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "micro_batch_tokens",
+                 "logprob_micro_batch_tokens", "make_vocab_size_divisible_by", "recompute_num_layers"):
+        check(getattr(m, size) >= 1, f"{k}.{size}", "must be >= 1")
+    rows = cfg.algo.num_prompts_per_minibatch * cfg.algo.num_generations_per_prompt
+    check(m.data_parallel_size <= rows, f"{k}.data_parallel_size",
+          f"must not exceed the {rows} rows of a mini-batch (algo.num_prompts_per_minibatch x num_generations)")
+    check(m.recompute_granularity in (None, "selective", "full"), f"{k}.recompute_granularity",
+          "allowed values: null, selective, full")
+    check(m.recompute_method in ("uniform", "block"), f"{k}.recompute_method", "allowed values: uniform, block")
+    check(m.transformer_impl in ("auto", "local", "transformer_engine"), f"{k}.transformer_impl",
+          "allowed values: auto, local, transformer_engine")
+    check(m.dist_backend in ("auto", "gloo", "nccl"), f"{k}.dist_backend", "allowed values: auto, gloo, nccl")
+    check(m.fp8 in (None, "hybrid", "e4m3"), f"{k}.fp8", "allowed values: null, hybrid, e4m3")
+    check(m.fp8_recipe in ("delayed", "tensorwise", "mxfp8", "blockwise"), f"{k}.fp8_recipe",
+          "allowed values: delayed, tensorwise (current scaling), mxfp8, blockwise")
+    te = transformer_engine_available()
+    # FP8 GEMMs and sequence-parallel norms exist only in Transformer Engine (megatron's torch fallback
+    # norm refuses sequence parallelism): say so at launch, not after the workers have started.
+    check(m.fp8 is None or (te and m.transformer_impl != "local"), f"{k}.fp8",
+          "needs Transformer Engine (pip install transformer_engine[pytorch] on a Hopper/Blackwell GPU) and "
+          "policy.megatron.transformer_impl auto or transformer_engine; transformer_engine does not import here"
+          if not te else "needs policy.megatron.transformer_impl auto or transformer_engine")
+    check(not m.sequence_parallel or m.tensor_parallel_size > 1, f"{k}.sequence_parallel", "needs tensor_parallel_size > 1")
+    check(not m.sequence_parallel or (te and m.transformer_impl != "local"), f"{k}.sequence_parallel",
+          "needs Transformer Engine's layer spec (megatron's torch norm does not support sequence parallelism)")
+    check(m.transformer_impl != "transformer_engine" or te, f"{k}.transformer_impl",
+          "transformer_engine does not import here; use auto or local")
+    check(cfg.cluster.device == "cuda" or m.dist_backend != "nccl", f"{k}.dist_backend", "nccl needs cluster.device=cuda")

@@ -19,7 +19,8 @@ from nemo_prorl.registry import Registry
 
 Batch = Mapping[str, torch.Tensor]
 # (logprobs [b, R], entropy [b, R], micro-batch) -> (loss, metrics). Metrics must already be normalised by
-# the mini-batch totals so that summing them over micro-batches gives the mini-batch value.
+# the mini-batch totals so that summing them over micro-batches gives the mini-batch value. It must pickle
+# (a module-level function or a functools.partial of one): multi-process backends send it to their workers.
 LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -54,6 +55,9 @@ class PolicyBackend(ABC):
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None:
+        """Release worker processes and devices (a no-op for in-process backends)."""
 
 
 # Entries are factories: (cfg: ProRLConfig, model_dir: Path) -> PolicyBackend.

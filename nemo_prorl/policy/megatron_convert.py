@@ -14,8 +14,10 @@ Megatron's GPTModel (local or Transformer Engine layer spec) differs from HF in 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Mapping
+from pathlib import Path
+from typing import Iterator, Mapping
 
 import torch
 
@@ -113,8 +115,9 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], s: ModelShape, *, tp_rank: in
         out[m + "mlp.linear_fc2.weight"] = row(hf[h + "mlp.down_proj.weight"])
     if pp_rank == pp - 1:
         out["decoder.final_layernorm.weight"] = hf["model.norm.weight"].clone()
-        head = hf["model.embed_tokens.weight"] if s.tied_embeddings else hf["lm_head.weight"]
-        out["output_layer.weight"] = col(_pad_rows(head, vocab))
+        if not (s.tied_embeddings and pp == 1):  # a single stage uses the embedding itself as the output layer
+            head = hf["model.embed_tokens.weight"] if s.tied_embeddings else hf["lm_head.weight"]
+            out["output_layer.weight"] = col(_pad_rows(head, vocab))
     return out
 
 
@@ -161,3 +164,39 @@ def _shard_shape(s: ModelShape, tp: int) -> ModelShape:
     """The head counts one TP rank holds (its qkv shard is laid out like a model with these)."""
     return ModelShape(s.num_layers, s.hidden_size // tp, s.num_heads // tp, s.num_kv_heads // tp,
                       s.ffn_hidden_size // tp, s.vocab_size, s.qkv_bias, s.tied_embeddings)
+
+
+class LazyHFWeights(Mapping[str, torch.Tensor]):
+    """The tensors of a Hugging Face folder (model.safetensors, or shards with an index), read one at a
+    time on access: each Megatron rank reads only what its shard needs, never the whole model."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        d = Path(model_dir)
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            self._files = {k: d / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        elif (d / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(d / "model.safetensors", "pt") as f:
+                self._files = {k: d / "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self._files:
+            raise KeyError(f"{name} is not in the checkpoint")
+        with safe_open(self._files[name], "pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def lazy_hf_weights(model_dir: str | Path) -> LazyHFWeights:
+    return LazyHFWeights(model_dir)

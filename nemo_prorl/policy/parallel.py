@@ -1,16 +1,21 @@
 """All model parallelism lives here: process groups, the Megatron-core GPTModel built for a Hugging Face
 Qwen2/Llama config with tensor and pipeline parallelism, and what megatron-core needs to run on CPU.
 
-megatron-core 0.16 runs on CPU over gloo with three shims (`enable_cpu_megatron`), found by running it:
-  1. `torch.cuda.current_device()` is asked for the device of new tensors (rotary embedding, p2p shapes):
-     on a machine without CUDA it returns the CPU device.
-  2. Its RNG tracker forks CUDA generator states around dropout/initialisation: a CPU tracker forks the
-     CPU generator instead (same API, seeded per TP rank as Megatron seeds it).
-  3. The pipeline schedules and p2p module create tensors with device="cuda" and call
-     torch.cuda.synchronize(): in those two modules `torch` is replaced by a proxy that places such
+megatron-core 0.16 runs on CPU over gloo with these shims (`enable_cpu_megatron`, `cuda_type_names`),
+found by running it:
+  1. `torch.cuda.current_device()` is asked for the device of new tensors (rotary embedding, p2p shapes,
+     DDP buffers): on a machine without CUDA it returns the CPU device.
+  2. Its RNG tracker forks CUDA generator states around dropout/initialisation/recomputation: a CPU
+     tracker forks the CPU generator instead (same API, seeded per TP rank as Megatron seeds it).
+  3. The pipeline schedules, p2p, DDP buffer and optimizer modules create tensors with device="cuda" and
+     call torch.cuda.synchronize(): in those modules `torch` is replaced by a proxy that places such
      tensors on the CPU, and synchronize is a no-op.
-Everything else (vocab-parallel cross entropy, TP/PP communication) is megatron-core's own code over gloo.
-Transformer Engine and apex are optional and not used on CPU.
+  4. The optimizers dispatch on `param.type() == "torch.cuda.FloatTensor"`: around their construction and
+     step, CPU tensors report CUDA type names.
+Everything else (DDP with reduce-scatter, the distributed optimizer, vocab-parallel cross entropy, TP/PP
+communication, recomputation) is megatron-core's own code over gloo. What does not run on CPU: sequence
+parallelism (megatron's torch-norm fallback refuses it; it needs Transformer Engine's or apex's norms) and
+FP8 (Transformer Engine on Hopper/Blackwell GPUs). Transformer Engine and apex are optional.
 """
 
 from __future__ import annotations
@@ -42,20 +47,60 @@ class _CpuTorch(types.ModuleType):
         return make
 
 
+# megatron-core modules that create tensors with device="cuda" on the CPU path we use
+_CUDA_FACTORY_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",  # the unfused multi-tensor l2 norm used for gradient clipping
+)
+
+
 def enable_cpu_megatron() -> None:
     """Install the CPU shims (idempotent; does nothing where CUDA is available)."""
     global _CPU_SHIMS
     if _CPU_SHIMS or torch.cuda.is_available():
         return
-    import megatron.core.pipeline_parallel.p2p_communication as p2p
-    import megatron.core.pipeline_parallel.schedules as schedules
+    import importlib
 
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     proxy = _CpuTorch("torch")
-    schedules.torch = proxy
-    p2p.torch = proxy
+    for name in _CUDA_FACTORY_MODULES:
+        importlib.import_module(name).torch = proxy
+    # activation recomputation saves and restores "the CUDA RNG" around each recomputed block: on CPU the
+    # generator that dropout draws from is the CPU one (see the tracker below)
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     _CPU_SHIMS = True
+
+
+@contextlib.contextmanager
+def cuda_type_names() -> Any:
+    """Within this block CPU tensors answer `.type()` with CUDA type names. megatron's optimizers dispatch on
+    `param.type() == "torch.cuda.FloatTensor"` (building main params, clipping gradients); around their
+    construction and `step()` this lets them take the same path on CPU. Does nothing where CUDA is present."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.type
+
+    def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+        if dtype is None and not kwargs:
+            name = original(self)
+            return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]
 
 
 def _cpu_rng_tracker() -> Any:
@@ -112,8 +157,83 @@ def init_model_parallel(tp: int, pp: int, seed: int = 0) -> None:
     seed_model_parallel(seed)
 
 
-def transformer_config(hf_config: Any, *, tp: int, pp: int, dtype: torch.dtype = torch.float32) -> Any:
-    """Megatron's TransformerConfig for a Qwen2/Llama HF config: GQA, SwiGLU, RMSNorm, RoPE, QKV bias for Qwen2."""
+def init_distributed(rank: int, world_size: int, *, master_port: int, backend: str = "auto") -> torch.device:
+    """torch.distributed for one worker of a single-node group: NCCL and one GPU per rank on CUDA machines,
+    gloo on the CPU. Returns the rank's device."""
+    import os
+
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(master_port)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    return device
+
+
+def _sum_finalize(finalize: Any) -> Any:
+    """Megatron's finalize_model_grads (DP reduction, tied/layernorm gradients) without its division by the
+    token count: our loss is normalised before backward."""
+
+    def fn(models: list[Any], num_tokens: Any = None, **kwargs: Any) -> None:
+        finalize(models, None, **kwargs)
+
+    return fn
+
+
+def wrap_for_training(chunks: list[Any], *, use_distributed_optimizer: bool, lr: float, weight_decay: float,
+                      betas: tuple[float, float], eps: float, grad_clip: float) -> tuple[list[Any], Any]:
+    """Megatron's DistributedDataParallel around each model chunk (contiguous fp32 gradient buffers,
+    reduce-scatter or all-reduce over DP) and its optimizer (Adam with decoupled weight decay; the
+    distributed one shards its state over DP ranks, ZeRO-1).
+
+    Gradients are *summed* over micro-batches and DP ranks (calculate_per_token_loss): the ProRL loss is
+    already divided by the global token count of the mini-batch, so no further averaging is wanted."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer)
+    wrapped = []
+    for chunk in chunks:
+        chunk.config.calculate_per_token_loss = True
+        chunk.config.finalize_model_grads_func = _sum_finalize(finalize_model_grads)
+        wrapped.append(DistributedDataParallel(chunk.config, ddp_cfg, chunk))
+    cfg = chunks[0].config
+    opt_cfg = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=betas[0],
+                              adam_beta2=betas[1], adam_eps=eps, clip_grad=grad_clip, bf16=cfg.bf16, fp16=cfg.fp16,
+                              params_dtype=cfg.params_dtype, use_distributed_optimizer=use_distributed_optimizer)
+    with cuda_type_names():
+        optimizer = get_megatron_optimizer(opt_cfg, wrapped)
+    return wrapped, optimizer
+
+
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy at each position from this TP rank's vocabulary shard (-inf marks masked entries), with
+    three all-reduces of [b, s] tensors instead of gathering the vocabulary. No gradient."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    with torch.no_grad():
+        m = logits.max(dim=-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        e = (logits - m.unsqueeze(-1)).exp_()
+        total = e.sum(dim=-1)
+        weighted = (e * torch.where(torch.isfinite(logits), logits, 0.0)).sum(dim=-1)
+        dist.all_reduce(total, group=group)
+        dist.all_reduce(weighted, group=group)
+        return total.log() + m - weighted / total
+
+
+def transformer_config(hf_config: Any, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
+                       **options: Any) -> Any:
+    """Megatron's TransformerConfig for a Qwen2/Llama HF config: GQA, SwiGLU, RMSNorm, RoPE, QKV bias for
+    Qwen2. `options` are further TransformerConfig fields (parallelism, recompute, FP8)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from nemo_prorl.policy.megatron_convert import ModelShape
@@ -130,7 +250,24 @@ def transformer_config(hf_config: Any, *, tp: int, pp: int, dtype: torch.dtype =
         # fused kernels are CUDA-only; megatron falls back to these unfused paths
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, **options,
     )
+
+
+def megatron_options(m: Any) -> dict[str, Any]:
+    """TransformerConfig fields for `policy.megatron` (a MegatronConfig): parallelism, recompute, FP8."""
+    opts: dict[str, Any] = dict(sequence_parallel=m.sequence_parallel,
+                                # micro-batches differ in length: pipeline stages exchange shapes first
+                                variable_seq_lengths=m.pipeline_parallel_size > 1)
+    if m.pipeline_parallel_size > 1:  # a dense model has no MoE dispatcher, but the config check wants this one
+        opts.update(moe_token_dispatcher_type="alltoall")
+    if m.recompute_granularity:
+        opts.update(recompute_granularity=m.recompute_granularity)
+        if m.recompute_granularity == "full":
+            opts.update(recompute_method=m.recompute_method, recompute_num_layers=m.recompute_num_layers)
+    if m.fp8:
+        opts.update(fp8=m.fp8, fp8_recipe=m.fp8_recipe)
+    return opts
 
 
 def rope_theta(hf_config: Any) -> float:
@@ -139,32 +276,48 @@ def rope_theta(hf_config: Any) -> float:
     return float(params.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0)
 
 
-def build_gpt(hf_config: Any, *, tp: int, pp: int, vocab_multiple: int = 128, dtype: torch.dtype = torch.float32) -> Any:
-    """This rank's stage of a GPTModel with the local layer spec (Transformer Engine's is issue 5's next step)."""
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a TE build that does not match this torch/CUDA
+        return False
+    return True
+
+
+def use_transformer_engine(impl: str) -> bool:
+    """`auto` takes Transformer Engine's layer spec when TE imports, the local spec otherwise."""
+    if impl == "transformer_engine" and not transformer_engine_available():
+        raise RuntimeError("policy.megatron.transformer_impl=transformer_engine, but transformer_engine does not import")
+    return impl == "transformer_engine" or (impl == "auto" and transformer_engine_available())
+
+
+def build_gpt(hf_config: Any, *, tp: int, pp: int, vocab_multiple: int = 128, dtype: torch.dtype = torch.float32,
+              te: bool = False, **options: Any) -> Any:
+    """This rank's pipeline stage of a GPTModel, with Transformer Engine's layer spec
+    (fused kernels, FP8) or the local one (plain torch: runs on CPU)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt import gpt_layer_specs as specs
 
     from nemo_prorl.policy.megatron_convert import ModelShape, padded_vocab
 
     s = ModelShape.from_hf_config(hf_config)
-    cfg = transformer_config(hf_config, tp=tp, pp=pp, dtype=dtype)
+    cfg = transformer_config(hf_config, tp=tp, pp=pp, dtype=dtype, **options)
+    spec = (specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False) if te
+            else specs.get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm"))
     return GPTModel(
-        cfg, get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm"),
-        vocab_size=padded_vocab(s.vocab_size, tp, vocab_multiple), max_sequence_length=hf_config.max_position_embeddings,
-        share_embeddings_and_output_weights=s.tied_embeddings, position_embedding_type="rope",
-        rotary_base=int(rope_theta(hf_config)),
+        cfg, spec, vocab_size=padded_vocab(s.vocab_size, tp, vocab_multiple),
+        max_sequence_length=hf_config.max_position_embeddings, share_embeddings_and_output_weights=s.tied_embeddings,
+        position_embedding_type="rope", rotary_base=int(rope_theta(hf_config)),
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
     )
 
 
-def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                            temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probabilities of `labels` from this TP rank's vocabulary shard of the logits, without
-    gathering the full vocabulary (megatron's vocab-parallel cross entropy: one all-reduce of the max, one
-    of the sum). Rows added to pad the vocabulary to a multiple of TP are masked out, or their zero logits
-    would take probability mass. Works in place on `logits` (a float32 copy if they are not float32)."""
-    from megatron.core import parallel_state, tensor_parallel
+def masked_vocab_logits_(logits: torch.Tensor, vocab_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """This TP rank's float32 vocabulary shard of the logits divided by the temperature, with the rows
+    added to pad the vocabulary to a multiple of TP set to -inf (their zero logits would take
+    probability mass). In place when the logits are float32 already."""
+    from megatron.core import parallel_state
 
     x = logits.float() if logits.dtype != torch.float32 else logits
     if temperature != 1.0:
@@ -173,4 +326,30 @@ def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_si
     start = parallel_state.get_tensor_model_parallel_rank() * shard
     if start + shard > vocab_size:
         x[..., max(vocab_size - start, 0):] = float("-inf")
-    return -tensor_parallel.vocab_parallel_cross_entropy(x, labels)
+    return x
+
+
+def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                            temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probabilities of `labels` from this TP rank's vocabulary shard of the logits, without
+    gathering the full vocabulary (megatron's vocab-parallel cross entropy: one all-reduce of the max, one
+    of the sum). Differentiable; works in place on float32 `logits`."""
+    from megatron.core import tensor_parallel
+
+    return -tensor_parallel.vocab_parallel_cross_entropy(masked_vocab_logits_(logits, vocab_size, temperature), labels)
+
+
+def chunked_vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                                    *, temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
+    """No-grad log-probabilities [b, s] from the last hidden states [s, b, h] and this rank's output-layer
+    shard [V/tp, h], computing the logits a few positions at a time: the peak is one chunk of float32
+    logits over V/tp, not [s, b, V] (for ProRL's 16k-token rollouts and a 152k vocabulary, gigabytes)."""
+    s, b = hidden.shape[:2]
+    step = max(1, chunk_tokens // max(b, 1))
+    out = torch.empty(s, b, dtype=torch.float32, device=hidden.device)
+    lab = labels.t().contiguous()
+    with torch.no_grad():
+        for i in range(0, s, step):
+            logits = torch.nn.functional.linear(hidden[i : i + step], weight)
+            out[i : i + step] = vocab_parallel_logprobs(logits, lab[i : i + step].contiguous(), vocab_size, temperature)
+    return out.t()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -42,6 +43,15 @@ class StepGroups:
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
+
+
+def microbatch_loss(logp: torch.Tensor, entropy: Optional[torch.Tensor], micro: Batch,
+                    **loss_args: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`policy_loss` on one micro-batch's rows. With one update per step the sampling policy is the
+    current one: old logprobs are the current ones, detached, and their forward pass is skipped."""
+    old = micro["old_logprobs"] if "old_logprobs" in micro else logp.detach()
+    return policy_loss(logp, old, micro["advantages"], micro["response_mask"],
+                       ref_logprobs=micro.get("ref_logprobs"), entropy=entropy, **loss_args)
 
 
 def _seed(*parts: int) -> int:
@@ -153,25 +163,13 @@ class ProRLTrainer:
 
     def loss_fn(self, mb: Batch) -> LossFn:
         """The ProRL loss for one mini-batch; its normalisers are the mini-batch totals, so micro-batching
-        does not change the result."""
+        does not change the result. A partial of a module-level function, so it pickles to workers."""
         a = self.cfg.algo
-        num_tokens = mb["response_mask"].sum()
-        num_seqs = float(mb["response_mask"].shape[0])
-
-        def fn(logp: torch.Tensor, entropy: Optional[torch.Tensor], micro: Batch):
-            # With one update per step the sampling policy is the current one: old logprobs are the
-            # current ones, detached, and their forward pass is skipped.
-            old = micro["old_logprobs"] if "old_logprobs" in micro else logp.detach()
-            return policy_loss(
-                logp, old, micro["advantages"], micro["response_mask"],
-                clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high, clip_ratio_c=a.clip_ratio_c,
-                global_num_tokens=num_tokens, global_num_seqs=num_seqs,
-                horizon=self.cfg.rollout.max_response_length, loss_agg_mode=a.loss_agg_mode,
-                ref_logprobs=micro.get("ref_logprobs"), kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
-                entropy=entropy, entropy_coef=a.entropy_coef,
-            )
-
-        return fn
+        return functools.partial(
+            microbatch_loss, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high, clip_ratio_c=a.clip_ratio_c,
+            global_num_tokens=mb["response_mask"].sum(), global_num_seqs=float(mb["response_mask"].shape[0]),
+            horizon=self.cfg.rollout.max_response_length, loss_agg_mode=a.loss_agg_mode, kl_coef=a.kl_coef,
+            kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef)
 
     def update(self, batch: dict[str, torch.Tensor], num_groups: int, step: int) -> dict[str, float]:
         a, n = self.cfg.algo, self.cfg.algo.num_generations_per_prompt

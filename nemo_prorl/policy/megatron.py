@@ -1,0 +1,189 @@
+"""`policy.backend=megatron`: the policy update on megatron-core, behind the same interface as the
+transformers backend.
+
+The trainer stays one process (a single controller, as in verl): this class starts one worker process
+per rank (tensor x pipeline x data parallel, see policy/megatron_worker.py), sends every command to all
+of them and gathers the answers. Data parallelism splits a mini-batch's rows; the loss normalisers are
+the mini-batch totals and gradients are summed over ranks, so the update does not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from nemo_prorl.config.schema import ProRLConfig
+from nemo_prorl.policy.base import POLICY_BACKENDS, Batch, LossFn, PolicyBackend
+from nemo_prorl.policy.megatron_convert import ModelShape, megatron_to_hf
+from nemo_prorl.policy.megatron_worker import WorkerSpec, worker_main
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MegatronWorkerError(RuntimeError):
+    pass
+
+
+class MegatronPolicy(PolicyBackend):
+    def __init__(self, cfg: ProRLConfig, model_dir: Path, *, use_reference: bool) -> None:
+        from transformers import AutoConfig
+
+        self.cfg = cfg
+        self.model_dir = Path(model_dir)
+        m = self.m = cfg.policy.megatron
+        self.hf_config = AutoConfig.from_pretrained(model_dir)
+        self.shape = ModelShape.from_hf_config(self.hf_config)
+        self.world = m.tensor_parallel_size * m.pipeline_parallel_size * m.data_parallel_size
+        self.step = 0  # optimizer steps taken, for the warmup
+        threads = cfg.cluster.num_threads or max(1, (torch.get_num_threads()) // self.world)
+        ctx = torch.multiprocessing.get_context("spawn")
+        self._results = ctx.Queue()
+        self._commands = [ctx.Queue() for _ in range(self.world)]
+        port = _free_port()
+        self._procs = []
+        for rank in range(self.world):
+            spec = WorkerSpec(rank=rank, world_size=self.world, master_port=port, model_dir=str(model_dir),
+                              megatron=m, optim=cfg.policy.optim, dtype=cfg.model.dtype, seed=cfg.trainer.seed,
+                              use_reference=use_reference, num_threads=threads)
+            proc = ctx.Process(target=worker_main, args=(spec, self._commands[rank], self._results), daemon=True,
+                               name=f"megatron-rank{rank}")
+            proc.start()
+            self._procs.append(proc)
+        # (tp, pp, dp) of each rank, as megatron laid out the process groups
+        self.layout: list[tuple[int, int, int]] = self._gather("startup")
+
+    # ------------------------------------------------------------------ talking to the workers
+    def _gather(self, what: str) -> list[Any]:
+        answers: dict[int, Any] = {}
+        deadline = time.monotonic() + self.m.worker_timeout_s
+        while len(answers) < self.world:
+            try:
+                rank, status, value = self._results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.name for p in self._procs if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.close()
+                    why = f"{', '.join(dead)} exited (exit codes {[p.exitcode for p in self._procs]})" if dead \
+                        else f"no answer within policy.megatron.worker_timeout_s={self.m.worker_timeout_s}"
+                    raise MegatronWorkerError(f"megatron workers failed during {what}: {why}") from None
+                continue
+            if status == "error":
+                self.close()
+                raise MegatronWorkerError(f"megatron worker rank {rank} failed during {what}:\n{value}")
+            answers[rank] = value
+        return [answers[r] for r in range(self.world)]
+
+    def _call(self, name: str, per_rank_args: list[tuple]) -> list[Any]:
+        if not self._procs:
+            raise MegatronWorkerError("the megatron workers have been shut down")
+        for rank, args in enumerate(per_rank_args):
+            self._commands[rank].put((name, args))
+        return self._gather(name)
+
+    def _call_all(self, name: str, *args: Any) -> list[Any]:
+        return self._call(name, [args] * self.world)
+
+    def _dp_rows(self, n: int) -> list[torch.Tensor]:
+        return list(torch.arange(n).tensor_split(self.m.data_parallel_size))
+
+    def _per_rank_batches(self, batch: Batch) -> list[dict[str, torch.Tensor]]:
+        """Each rank gets the rows of its data-parallel replica (all of its TP/PP peers the same rows)."""
+        n = batch["input_ids"].shape[0]
+        parts = [{k: v[rows] for k, v in batch.items()} for rows in self._dp_rows(n)]
+        return [parts[dp] for _, _, dp in self.layout]
+
+    def _output_ranks(self) -> list[int]:
+        """Per DP replica, in DP order, the rank that holds the loss: last pipeline stage, TP rank 0."""
+        last = self.m.pipeline_parallel_size - 1
+        by_dp = {dp: r for r, (tp, pp, dp) in enumerate(self.layout) if tp == 0 and pp == last}
+        return [by_dp[d] for d in range(self.m.data_parallel_size)]
+
+    # ------------------------------------------------------------------ PolicyBackend
+    def logprobs(self, batch: Batch, *, temperature: float, reference: bool = False) -> torch.Tensor:
+        out = self._call("logprobs", [(b, temperature, reference) for b in self._per_rank_batches(batch)])
+        return torch.cat([out[r] for r in self._output_ranks()])
+
+    def _lr(self) -> float:
+        o = self.cfg.policy.optim
+        # ProRL §3.2: constant learning rate, after an optional linear warmup (as the hf backend)
+        return o.lr * (min(1.0, (self.step + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
+
+    def train_minibatch(self, batch: Batch, loss_fn: LossFn, *, temperature: float) -> dict[str, float]:
+        lr = self._lr()
+        out = self._call("train_minibatch", [(b, loss_fn, temperature, lr) for b in self._per_rank_batches(batch)])
+        metrics: dict[str, float] = {}
+        for r in self._output_ranks():  # loss metrics are already normalised by mini-batch totals: sum them
+            for k, v in out[r].items():
+                if k not in ("grad_norm", "update_skipped"):
+                    metrics[k] = metrics.get(k, 0.0) + v
+        grad_norm = out[0]["grad_norm"]
+        skipped = out[0]["update_skipped"]
+        if not skipped:
+            self.step += 1
+        return dict(metrics, grad_norm=grad_norm, lr=lr, update_skipped=skipped)
+
+    def reset_reference(self) -> None:
+        self._call_all("reset_reference")
+
+    def reset_optimizer(self) -> None:
+        self._call_all("reset_optimizer")
+        self.step = 0
+
+    def _shards(self) -> list[list[dict[str, torch.Tensor]]]:
+        """shards[pipeline rank][tp rank]."""
+        tp, pp = self.m.tensor_parallel_size, self.m.pipeline_parallel_size
+        stages: list[list[Optional[dict]]] = [[None] * tp for _ in range(pp)]
+        for (t, p, d), chunks in zip(self.layout, self._call_all("export_shards")):
+            if d == 0:
+                stages[p][t] = chunks[0]
+        return stages  # type: ignore[return-value]
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from megatron_to_hf(self._shards(), self.shape).items()
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        self.hf_config.save_pretrained(path)
+        save_file({k: v.contiguous() for k, v in self.named_weights()}, str(path / "model.safetensors"),
+                  metadata={"format": "pt"})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "layout": self.layout, "ranks": self._call_all("state_dict")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if [tuple(x) for x in state["layout"]] != self.layout:
+            raise ValueError(f"policy state was saved with rank layout {state['layout']}, this run has {self.layout}: "
+                             "resume with the same policy.megatron parallel sizes")
+        self._call("load_state_dict", [(s,) for s in state["ranks"]])
+        self.step = state["step"]
+
+    def close(self) -> None:
+        procs, self._procs = self._procs, []
+        for proc, commands in zip(procs, self._commands):
+            if proc.is_alive():
+                commands.put(("stop", ()))
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+    def __del__(self) -> None:
+        if getattr(self, "_procs", None):
+            self.close()
+
+
+@POLICY_BACKENDS.register("megatron")
+def build_megatron_policy(cfg: ProRLConfig, model_dir: Path) -> PolicyBackend:
+    return MegatronPolicy(cfg, model_dir, use_reference=cfg.algo.kl_coef > 0)

@@ -1,0 +1,281 @@
+"""One rank of the Megatron-core policy: its model chunks, frozen reference, DDP and optimizer, driven by
+commands from `MegatronPolicy` (policy/megatron.py) over a queue. Each command runs on every rank of the
+group at once (all of them take part in the collectives); the last pipeline stage computes the
+log-probabilities and the loss with vocab-parallel cross entropy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import traceback
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Optional
+
+import torch
+
+from nemo_prorl.config.schema import MegatronConfig, OptimConfig
+from nemo_prorl.policy.base import Batch, LossFn
+from nemo_prorl.policy.megatron_convert import ModelShape, hf_to_megatron, lazy_hf_weights
+from nemo_prorl.policy.microbatch import MicroBatch, response_values, split_micro_batches
+from nemo_prorl.torch_utils import DTYPES
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    rank: int
+    world_size: int
+    master_port: int
+    model_dir: str
+    megatron: MegatronConfig
+    optim: OptimConfig
+    dtype: str
+    seed: int
+    use_reference: bool
+    num_threads: int
+
+
+def _quiet_optional_dependency_warnings() -> None:
+    # megatron-core says on import, per module, that apex/TE are absent and it uses the torch paths.
+    for msg in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
+                ".*CUDA_DEVICE_MAX_CONNECTIONS.*", ".*is not a leaf Tensor is being accessed.*"):
+        warnings.filterwarnings("ignore", message=msg)
+
+
+class MegatronWorker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        from megatron.core import parallel_state as ps
+        from transformers import AutoConfig
+
+        from nemo_prorl.policy import parallel
+
+        m = self.m = spec.megatron
+        self.spec = spec
+        if spec.num_threads:
+            torch.set_num_threads(spec.num_threads)
+        self.device = parallel.init_distributed(spec.rank, spec.world_size, master_port=spec.master_port,
+                                                backend=m.dist_backend)
+        parallel.init_model_parallel(m.tensor_parallel_size, m.pipeline_parallel_size, spec.seed)
+        self.hf_config = AutoConfig.from_pretrained(spec.model_dir)
+        self.shape = ModelShape.from_hf_config(self.hf_config)
+        self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.is_last = ps.is_pipeline_last_stage()
+        self.te = parallel.use_transformer_engine(m.transformer_impl)
+        self.pad_multiple = m.tensor_parallel_size if m.sequence_parallel else 1
+        hf = lazy_hf_weights(spec.model_dir)
+        chunks = self._build_chunks(hf)
+        o = spec.optim
+        self.model, self.optimizer = parallel.wrap_for_training(
+            chunks, use_distributed_optimizer=m.use_distributed_optimizer, lr=o.lr, weight_decay=o.weight_decay,
+            betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip)
+        self.reference = None
+        if spec.use_reference:
+            self.reference = self._build_chunks(hf)
+            for c in self.reference:
+                c.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ building and weights
+    def _build_chunks(self, hf: Any) -> list[torch.nn.Module]:
+        from nemo_prorl.policy.parallel import build_gpt, megatron_options
+
+        m = self.m
+        chunk = build_gpt(self.hf_config, tp=m.tensor_parallel_size, pp=m.pipeline_parallel_size,
+                          vocab_multiple=m.make_vocab_size_divisible_by, dtype=DTYPES[self.spec.dtype], te=self.te,
+                          **megatron_options(m))
+        chunk.to(self.device)
+        shard = hf_to_megatron(hf, self.shape, tp_rank=self.tp_rank, tp=m.tensor_parallel_size, pp_rank=self.pp_rank,
+                               pp=m.pipeline_parallel_size, vocab_multiple=m.make_vocab_size_divisible_by)
+        self._load_shard(chunk, shard)
+        # a list: megatron's schedules and optimizer take model chunks (interleaved pipelines have several)
+        return [chunk]
+
+    @staticmethod
+    def _load_shard(chunk: torch.nn.Module, shard: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = chunk.load_state_dict(shard, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"Megatron shard does not fit the model: missing {missing}, unexpected {unexpected}")
+
+    @staticmethod
+    def _module(chunk: torch.nn.Module) -> torch.nn.Module:
+        return getattr(chunk, "module", chunk)
+
+    def _chunk_state(self, chunks: list[torch.nn.Module]) -> list[dict[str, torch.Tensor]]:
+        return [{k: v.detach().cpu().clone() for k, v in self._module(c).state_dict().items()
+                 if not k.endswith("_extra_state")} for c in chunks]
+
+    # ------------------------------------------------------------------ the pipeline schedule
+    def _run_schedule(self, chunks: list[torch.nn.Module], mbs: list[MicroBatch],
+                      loss_for: Callable[[MicroBatch, torch.Tensor], Any], *, forward_only: bool) -> None:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+            mb = next(data_iterator)
+            tokens = mb.tokens.to(self.device)
+            S = tokens.shape[1]
+            pos = torch.arange(S, device=self.device).unsqueeze(0).expand_as(tokens)
+            # right-padded rows: the causal mask is all the masking needed (True = masked out); TE's
+            # attention applies it itself (causal mask type) on its fused path
+            causal = None if self.te else torch.ones(S, S, dtype=torch.bool, device=self.device).triu(1).view(1, 1, S, S)
+            return model(tokens, pos, attention_mask=causal), partial(loss_for, mb)
+
+        data = [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=data, model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(mbs), seq_length=max(mb.tokens.shape[1] for mb in mbs),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in mbs), forward_only=forward_only)
+
+    def _split(self, batch: Batch, max_tokens: int) -> list[MicroBatch]:
+        mbs = split_micro_batches(batch, max_tokens, pad_token_id=0, pad_multiple=self.pad_multiple)
+        if not mbs:
+            raise RuntimeError("this data-parallel rank got no rows: the mini-batch has fewer rows than "
+                               "policy.megatron.data_parallel_size")
+        return mbs
+
+    # ------------------------------------------------------------------ commands
+    def layout(self) -> tuple[int, int, int]:
+        return self.tp_rank, self.pp_rank, self.dp_rank
+
+    def logprobs(self, batch: Batch, temperature: float, reference: bool) -> Optional[torch.Tensor]:
+        from nemo_prorl.policy.parallel import chunked_vocab_parallel_logprobs
+
+        chunks = self.reference if reference else self.model
+        if chunks is None:
+            raise RuntimeError("this policy was built without a reference model (algo.kl_coef is 0)")
+        out = torch.zeros(batch["response_mask"].shape, dtype=torch.float32)
+        last = self._module(chunks[-1])
+
+        def loss_for(mb: MicroBatch, hidden: torch.Tensor) -> Any:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            if self.m.sequence_parallel:
+                hidden = gather_from_sequence_parallel_region(hidden)
+            weight = last.shared_embedding_or_output_weight() if last.share_embeddings_and_output_weights \
+                else last.output_layer.weight
+            per_pos = chunked_vocab_parallel_logprobs(hidden, weight, mb.labels.to(hidden.device), self.shape.vocab_size,
+                                                      temperature=temperature)
+            if len(mb.rows):
+                out[mb.rows] = response_values(per_pos.cpu(), mb)[: len(mb.rows)]
+            return hidden.sum() * 0, torch.tensor(1, dtype=torch.int), {}
+
+        for c in chunks:
+            c.eval()
+        # the last stage returns its final hidden states: the logits are made a chunk at a time
+        post_process, last.post_process = last.post_process, False
+        try:
+            with torch.no_grad():
+                self._run_schedule(chunks, self._split(batch, self.m.logprob_micro_batch_tokens), loss_for,
+                                   forward_only=True)
+        finally:
+            last.post_process = post_process
+        return out if self.is_last and self.tp_rank == 0 else None
+
+    def train_minibatch(self, batch: Batch, loss_fn: LossFn, temperature: float, lr: float) -> dict[str, float]:
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        from nemo_prorl.policy.parallel import cuda_type_names, masked_vocab_logits_, vocab_parallel_entropy
+
+        sums: dict[str, float] = defaultdict(float)
+
+        def loss_for(mb: MicroBatch, logits: torch.Tensor) -> Any:
+            x = masked_vocab_logits_(logits, self.shape.vocab_size, temperature)
+            # entropy first: megatron's cross entropy works in place on its input
+            ent = response_values(vocab_parallel_entropy(x.detach()), mb)
+            logp_pos = -vocab_parallel_cross_entropy(x, mb.labels.to(x.device))
+            logp = response_values(logp_pos, mb)
+            extras = {k: v.to(logp.device) for k, v in mb.extras.items()}
+            loss, metrics = loss_fn(logp, ent, extras)
+            for k, v in metrics.items():
+                sums[k] += float(v)
+            return loss, torch.tensor(1, dtype=torch.int), {}
+
+        for c in self.model:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._run_schedule(self.model, self._split(batch, self.m.micro_batch_tokens), loss_for, forward_only=False)
+        with cuda_type_names():
+            # megatron clips by a NaN norm as if it were small: look first, and drop a NaN/inf update
+            # (it would poison the weights) instead of taking it. step() repeats these two cheap calls.
+            found_inf = self.optimizer.prepare_grads()
+            grad_norm = float("nan") if found_inf else float(self.optimizer.get_grad_norm())
+            skipped = not math.isfinite(grad_norm)
+            if not skipped:
+                _, grad_norm, _ = self.optimizer.step()
+        out = dict(sums) if self.is_last and self.tp_rank == 0 else {}
+        out.update(grad_norm=grad_norm, update_skipped=float(skipped))
+        return out
+
+    def reset_reference(self) -> None:
+        if self.reference is not None:
+            for ref, c in zip(self.reference, self.model):
+                ref.load_state_dict(self._module(c).state_dict())
+
+    def _inner_optimizers(self) -> list[torch.optim.Optimizer]:
+        opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        return [o.optimizer for o in opts]
+
+    def reset_optimizer(self) -> None:
+        for opt in self._inner_optimizers():
+            opt.state.clear()  # Adam moments and step counts start again, as in a fresh optimizer
+
+    def export_shards(self) -> Optional[list[dict[str, torch.Tensor]]]:
+        """This rank's Megatron state dicts (one per model chunk); DP replicas stay silent."""
+        return self._chunk_state(self.model) if self.dp_rank == 0 else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything for an exact resume on the same layout: weights, reference, optimizer state and the
+        optimizer's own (main) copies of its parameters."""
+        inner = self._inner_optimizers()
+        return {"layout": (self.tp_rank, self.pp_rank, self.dp_rank), "model": self._chunk_state(self.model),
+                "reference": self._chunk_state(self.reference) if self.reference is not None else None,
+                # copies: tensors sent to the controller move into shared memory, and a live Adam moment
+                # shared with another process would be updated under it
+                "optimizer": [copy.deepcopy(o.state_dict()) for o in inner],
+                "main_params": [[p.detach().cpu().clone() for g in o.param_groups for p in g["params"]] for o in inner]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["layout"]) != (self.tp_rank, self.pp_rank, self.dp_rank):
+            raise RuntimeError(f"state for rank layout {state['layout']} given to rank "
+                               f"{(self.tp_rank, self.pp_rank, self.dp_rank)}")
+        for c, sd in zip(self.model, state["model"]):
+            self._load_shard(self._module(c), sd)
+        if self.reference is not None and state["reference"] is not None:
+            for c, sd in zip(self.reference, state["reference"]):
+                self._load_shard(c, sd)
+        with torch.no_grad():
+            for o, sd, mains in zip(self._inner_optimizers(), state["optimizer"], state["main_params"]):
+                o.load_state_dict(copy.deepcopy(sd))
+                for p, saved in zip((p for g in o.param_groups for p in g["params"]), mains):
+                    p.copy_(saved)
+
+
+def worker_main(spec: WorkerSpec, commands: Any, results: Any) -> None:
+    """The worker process: build, answer "ready", then run commands until "stop". Errors go back to the
+    controller with their traceback instead of killing the process silently."""
+    _quiet_optional_dependency_warnings()
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    try:
+        worker = MegatronWorker(spec)
+        results.put((spec.rank, "ok", worker.layout()))
+    except BaseException:
+        results.put((spec.rank, "error", traceback.format_exc()))
+        return
+    while True:
+        name, args = commands.get()
+        if name == "stop":
+            break
+        try:
+            results.put((spec.rank, "ok", getattr(worker, name)(*args)))
+        except BaseException:
+            results.put((spec.rank, "error", traceback.format_exc()))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()

@@ -1,0 +1,97 @@
+"""Dynamic micro-batching of variable-length rollouts for the Megatron backend (pure tensor code).
+
+A mini-batch arrives in the trainer layout of policy/base.py (prompt left-padded to the longest prompt,
+response right-padded to the longest response). Here each row is re-laid out tight, prompt then response
+then padding on the right, and rows are grouped, longest first, into micro-batches of at most
+`max_tokens` padded tokens, each cut to its own longest row. Right padding means the causal mask alone
+keeps real tokens from seeing padding, so every micro-batch uses the plain causal mask (the fast path of
+flash/TE attention) and positions are 0..S-1 for every row, as in the rollout engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+# The model inputs of a trainer batch; every other per-row tensor travels with its rows into the loss.
+INPUT_KEYS = ("input_ids", "attention_mask")
+
+
+@dataclass
+class MicroBatch:
+    rows: torch.Tensor  # [b] indices into the mini-batch
+    tokens: torch.Tensor  # [b, S] prompt + response, right-padded
+    labels: torch.Tensor  # [b, S] tokens shifted left by one (the token each position predicts)
+    response_start: torch.Tensor  # [b] prompt length: position of the first response token
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the rows' loss inputs ([b, R] or [b])
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.numel()
+
+
+def row_lengths(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt lengths, response lengths) of each row."""
+    R = batch["response_mask"].shape[1]
+    P = batch["input_ids"].shape[1] - R
+    return batch["attention_mask"][:, :P].sum(dim=1), batch["response_mask"].sum(dim=1).long()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def plan_micro_batches(lengths: Sequence[int], max_tokens: int, *, pad_multiple: int = 1) -> list[list[int]]:
+    """Group rows, longest first, so that rows x (longest row, rounded up to `pad_multiple`) stays within
+    `max_tokens`. A row longer than the budget travels alone. Deterministic (ties keep row order)."""
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
+    plans: list[list[int]] = []
+    width = 0
+    for i in order:
+        if plans and (len(plans[-1]) + 1) * width <= max_tokens:
+            plans[-1].append(i)
+        else:
+            width = _round_up(max(int(lengths[i]), 1), pad_multiple)
+            plans.append([i])
+    return plans
+
+
+def make_micro_batch(batch: Mapping[str, torch.Tensor], rows: Sequence[int], *, pad_token_id: int,
+                     pad_multiple: int = 1) -> MicroBatch:
+    """The rows of `batch` re-laid out tight (see module doc), with their loss inputs."""
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    ids = batch["input_ids"][idx]
+    R = batch["response_mask"].shape[1]
+    P = ids.shape[1] - R
+    plen, rlen = row_lengths({k: batch[k][idx] for k in ("input_ids", "attention_mask", "response_mask")})
+    S = _round_up(max(int((plen + rlen).max()), 2), pad_multiple)
+    tokens = torch.full((len(rows), S), pad_token_id, dtype=ids.dtype)
+    for j in range(len(rows)):
+        p, r = int(plen[j]), int(rlen[j])
+        tokens[j, :p] = ids[j, P - p : P]
+        tokens[j, p : p + r] = ids[j, P : P + r]
+    labels = torch.roll(tokens, -1, dims=1)
+    labels[:, -1] = pad_token_id
+    extras = {k: v[idx] for k, v in batch.items() if k not in INPUT_KEYS}
+    return MicroBatch(rows=idx, tokens=tokens, labels=labels, response_start=plen, extras=extras)
+
+
+def response_values(per_position: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """[b, R] values of the response tokens from a [b, S] per-position tensor whose position t scores
+    token t+1 (log-probabilities, entropies), 0 where response_mask is 0. Differentiable."""
+    mask = mb.extras["response_mask"].to(per_position.device, per_position.dtype)
+    R = mask.shape[1]
+    S = per_position.shape[1]
+    # response token j of row i sits at response_start_i + j and is predicted by the position before it
+    index = (mb.response_start.unsqueeze(1) - 1 + torch.arange(R)).clamp(max=S - 1)
+    return per_position.gather(1, index.to(per_position.device)) * mask
+
+
+def split_micro_batches(batch: Mapping[str, torch.Tensor], max_tokens: int, *, pad_token_id: int,
+                        pad_multiple: int = 1) -> list[MicroBatch]:
+    plen, rlen = row_lengths(batch)
+    plans = plan_micro_batches((plen + rlen).tolist(), max_tokens, pad_multiple=pad_multiple)
+    return [make_micro_batch(batch, rows, pad_token_id=pad_token_id, pad_multiple=pad_multiple) for rows in plans]
+
