@@ -120,6 +120,31 @@ def test_megatron_logprobs_and_update_match_transformers(step_setup, layout):
     assert step > 1e-3 and moved < 2e-6, (step, moved)  # the update is ~1e-3 and the same to ~1e-6
 
 
+def test_interleaved_pipeline_matches_transformers(step_setup, tmp_path):
+    """PP=2 x 2 model chunks per rank (interleaved 1F1B) on a 4-layer Qwen2, vs the transformers backend."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg, _, batch, loss, *_ = step_setup
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=cfg.model.tiny.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=64)).save_pretrained(tmp_path)
+    hf = POLICY_BACKENDS.get("hf")(cfg, tmp_path)
+    batch = dict(batch, old_logprobs=hf.logprobs(batch, temperature=1.0))
+    hf_metrics = hf.train_minibatch(batch, loss, temperature=1.0)
+    policy = _megatron(cfg, tmp_path, pipeline_parallel_size=2, virtual_pipeline_parallel_size=2)
+    try:
+        torch.testing.assert_close(policy.logprobs(batch, temperature=1.0), batch["old_logprobs"], atol=1e-5, rtol=0)
+        m = policy.train_minibatch(batch, loss, temperature=1.0)
+        weights = dict(policy.named_weights())
+    finally:
+        policy.close()
+    assert m["loss"] == pytest.approx(hf_metrics["loss"], abs=1e-6)
+    assert m["grad_norm"] == pytest.approx(hf_metrics["grad_norm"], rel=1e-5)
+    ref = hf.model.state_dict()
+    assert max((ref[k] - weights[k]).abs().max().item() for k in ref) < 2e-6
+
+
 def test_megatron_state_restores_exactly_and_checks_layout(step_setup):
     cfg, model_dir, batch, loss, *_ = step_setup
     a = _megatron(cfg, model_dir, tensor_parallel_size=2)
@@ -173,6 +198,8 @@ def test_megatron_launch_checks():
             load_config(["policy=megatron", "policy.megatron.fp8=hybrid"])
     with pytest.raises(ConfigError, match="sequence_parallel=True: needs tensor_parallel_size > 1"):
         load_config(["policy=megatron", "policy.megatron.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match="virtual_pipeline_parallel_size=2: must be null, or >= 2 with pipeline"):
+        load_config(["policy=megatron", "policy.megatron.virtual_pipeline_parallel_size=2"])
     with pytest.raises(ConfigError, match="did you mean 'tensor_parallel_size'"):
         load_config(["policy=megatron", "policy.megatron.tensor_paralel_size=2"])
 

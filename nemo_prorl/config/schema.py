@@ -63,6 +63,7 @@ class MegatronConfig:
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    virtual_pipeline_parallel_size: Optional[int] = None  # interleaved 1F1B: model chunks per pipeline rank
     data_parallel_size: int = 1
     sequence_parallel: bool = False  # shard layernorm/dropout activations along the sequence (needs TP > 1)
     use_distributed_optimizer: bool = True  # ZeRO-1: optimizer state sharded over data-parallel ranks

@@ -169,6 +169,9 @@ def _check_megatron(cfg: ProRLConfig, check) -> None:
     for size in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "micro_batch_tokens",
                  "logprob_micro_batch_tokens", "make_vocab_size_divisible_by", "recompute_num_layers"):
         check(getattr(m, size) >= 1, f"{k}.{size}", "must be >= 1")
+    vp = m.virtual_pipeline_parallel_size
+    check(vp is None or (vp >= 2 and m.pipeline_parallel_size >= 2), f"{k}.virtual_pipeline_parallel_size",
+          "must be null, or >= 2 with pipeline_parallel_size >= 2 (interleaved schedule)")
     rows = cfg.algo.num_prompts_per_minibatch * cfg.algo.num_generations_per_prompt
     check(m.data_parallel_size <= rows, f"{k}.data_parallel_size",
           f"must not exceed the {rows} rows of a mini-batch (algo.num_prompts_per_minibatch x num_generations)")

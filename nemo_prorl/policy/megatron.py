@@ -139,12 +139,14 @@ class MegatronPolicy(PolicyBackend):
         self.step = 0
 
     def _shards(self) -> list[list[dict[str, torch.Tensor]]]:
-        """shards[pipeline rank][tp rank]."""
+        """shards[stage][tp rank]; with an interleaved pipeline, stage = chunk * PP + pipeline rank."""
         tp, pp = self.m.tensor_parallel_size, self.m.pipeline_parallel_size
-        stages: list[list[Optional[dict]]] = [[None] * tp for _ in range(pp)]
+        vp = self.m.virtual_pipeline_parallel_size or 1
+        stages: list[list[Optional[dict]]] = [[None] * tp for _ in range(pp * vp)]
         for (t, p, d), chunks in zip(self.layout, self._call_all("export_shards")):
             if d == 0:
-                stages[p][t] = chunks[0]
+                for i, sd in enumerate(chunks):
+                    stages[i * pp + p][t] = sd
         return stages  # type: ignore[return-value]
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:

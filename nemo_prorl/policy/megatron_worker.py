@@ -21,7 +21,8 @@ import torch
 from nemo_prorl.config.schema import MegatronConfig, OptimConfig
 from nemo_prorl.policy.base import Batch, LossFn
 from nemo_prorl.policy.megatron_convert import ModelShape, hf_to_megatron, lazy_hf_weights
-from nemo_prorl.policy.microbatch import MicroBatch, response_values, split_micro_batches
+from nemo_prorl.policy.microbatch import (MicroBatch, make_micro_batch, pad_micro_batch, response_values,
+                                          split_micro_batches)
 from nemo_prorl.torch_utils import DTYPES
 
 
@@ -59,7 +60,8 @@ class MegatronWorker:
             torch.set_num_threads(spec.num_threads)
         self.device = parallel.init_distributed(spec.rank, spec.world_size, master_port=spec.master_port,
                                                 backend=m.dist_backend)
-        parallel.init_model_parallel(m.tensor_parallel_size, m.pipeline_parallel_size, spec.seed)
+        parallel.init_model_parallel(m.tensor_parallel_size, m.pipeline_parallel_size, spec.seed,
+                                     vp=m.virtual_pipeline_parallel_size)
         self.hf_config = AutoConfig.from_pretrained(spec.model_dir)
         self.shape = ModelShape.from_hf_config(self.hf_config)
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -81,18 +83,24 @@ class MegatronWorker:
 
     # ------------------------------------------------------------------ building and weights
     def _build_chunks(self, hf: Any) -> list[torch.nn.Module]:
+        """This rank's model chunks: one, or with an interleaved pipeline, chunk i holding the layers of
+        virtual stage i * PP + pipeline rank (of PP x VP stages)."""
         from nemo_prorl.policy.parallel import build_gpt, megatron_options
 
         m = self.m
-        chunk = build_gpt(self.hf_config, tp=m.tensor_parallel_size, pp=m.pipeline_parallel_size,
-                          vocab_multiple=m.make_vocab_size_divisible_by, dtype=DTYPES[self.spec.dtype], te=self.te,
-                          **megatron_options(m))
-        chunk.to(self.device)
-        shard = hf_to_megatron(hf, self.shape, tp_rank=self.tp_rank, tp=m.tensor_parallel_size, pp_rank=self.pp_rank,
-                               pp=m.pipeline_parallel_size, vocab_multiple=m.make_vocab_size_divisible_by)
-        self._load_shard(chunk, shard)
-        # a list: megatron's schedules and optimizer take model chunks (interleaved pipelines have several)
-        return [chunk]
+        vp = m.virtual_pipeline_parallel_size
+        chunks = []
+        for i in range(vp or 1):
+            chunk = build_gpt(self.hf_config, tp=m.tensor_parallel_size, pp=m.pipeline_parallel_size,
+                              vocab_multiple=m.make_vocab_size_divisible_by, dtype=DTYPES[self.spec.dtype], te=self.te,
+                              vp_stage=i if vp else None, **megatron_options(m))
+            chunk.to(self.device)
+            shard = hf_to_megatron(hf, self.shape, tp_rank=self.tp_rank, tp=m.tensor_parallel_size,
+                                   pp_rank=i * m.pipeline_parallel_size + self.pp_rank,
+                                   pp=m.pipeline_parallel_size * (vp or 1), vocab_multiple=m.make_vocab_size_divisible_by)
+            self._load_shard(chunk, shard)
+            chunks.append(chunk)
+        return chunks
 
     @staticmethod
     def _load_shard(chunk: torch.nn.Module, shard: dict[str, torch.Tensor]) -> None:
@@ -135,6 +143,20 @@ class MegatronWorker:
         if not mbs:
             raise RuntimeError("this data-parallel rank got no rows: the mini-batch has fewer rows than "
                                "policy.megatron.data_parallel_size")
+        if self.m.virtual_pipeline_parallel_size:
+            # the interleaved schedule wants at least PP micro-batches: split the largest until there are
+            while len(mbs) < self.m.pipeline_parallel_size and max(len(mb.rows) for mb in mbs) > 1:
+                big = max(mbs, key=lambda mb: len(mb.rows))
+                mbs.remove(big)
+                half = len(big.rows) // 2
+                mbs += [make_micro_batch(batch, rows, pad_token_id=0, pad_multiple=self.pad_multiple)
+                        for rows in (big.rows[:half].tolist(), big.rows[half:].tolist())]
+            if len(mbs) < self.m.pipeline_parallel_size:
+                raise RuntimeError(f"{len(batch['input_ids'])} rows cannot fill the {self.m.pipeline_parallel_size} "
+                                   "micro-batches the interleaved pipeline schedule needs")
+            # ... and exchanges fixed-shape tensors between stages: one shape for all micro-batches
+            rows, width = max(mb.tokens.shape[0] for mb in mbs), max(mb.tokens.shape[1] for mb in mbs)
+            mbs = [pad_micro_batch(mb, rows, width) for mb in mbs]
         return mbs
 
     # ------------------------------------------------------------------ commands
@@ -159,8 +181,8 @@ class MegatronWorker:
                 else last.output_layer.weight
             per_pos = chunked_vocab_parallel_logprobs(hidden, weight, mb.labels.to(hidden.device), self.shape.vocab_size,
                                                       temperature=temperature)
-            if len(mb.rows):
-                out[mb.rows] = response_values(per_pos.cpu(), mb)[: len(mb.rows)]
+            if len(mb.rows):  # (padding rows of a fixed-shape micro-batch come last)
+                out[mb.rows] = response_values(per_pos.cpu(), mb)[: len(mb.rows)][: len(mb.rows)]
             return hidden.sum() * 0, torch.tensor(1, dtype=torch.int), {}
 
         for c in chunks:

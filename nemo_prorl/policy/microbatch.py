@@ -95,3 +95,15 @@ def split_micro_batches(batch: Mapping[str, torch.Tensor], max_tokens: int, *, p
     plans = plan_micro_batches((plen + rlen).tolist(), max_tokens, pad_multiple=pad_multiple)
     return [make_micro_batch(batch, rows, pad_token_id=pad_token_id, pad_multiple=pad_multiple) for rows in plans]
 
+
+
+def pad_micro_batch(mb: MicroBatch, rows: int, width: int) -> MicroBatch:
+    """`mb` grown to [rows, width] with padding rows whose loss inputs are zero (an empty response mask),
+    for schedules that exchange fixed-shape tensors. `mb.rows` still names only the real rows, which
+    come first."""
+    b, S = mb.tokens.shape
+    grow = (0, width - S, 0, rows - b)
+    extras = {k: torch.nn.functional.pad(v, (0, 0) * (v.dim() - 1) + (0, rows - b)) for k, v in mb.extras.items()}
+    return MicroBatch(rows=mb.rows, tokens=torch.nn.functional.pad(mb.tokens, grow),
+                      labels=torch.nn.functional.pad(mb.labels, grow),
+                      response_start=torch.nn.functional.pad(mb.response_start, (0, rows - b), value=1), extras=extras)

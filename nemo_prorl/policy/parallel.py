@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -147,13 +147,14 @@ def seed_model_parallel(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_model_parallel(tp: int, pp: int, seed: int = 0) -> None:
+def init_model_parallel(tp: int, pp: int, seed: int = 0, vp: Optional[int] = None) -> None:
     """Process groups for TP x PP (x DP, the rest of the world), on an initialised torch.distributed."""
     from megatron.core import parallel_state
 
     enable_cpu_megatron()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 virtual_pipeline_model_parallel_size=vp)
     seed_model_parallel(seed)
 
 
@@ -257,8 +258,14 @@ def transformer_config(hf_config: Any, *, tp: int, pp: int, dtype: torch.dtype =
 def megatron_options(m: Any) -> dict[str, Any]:
     """TransformerConfig fields for `policy.megatron` (a MegatronConfig): parallelism, recompute, FP8."""
     opts: dict[str, Any] = dict(sequence_parallel=m.sequence_parallel,
+                                virtual_pipeline_model_parallel_size=m.virtual_pipeline_parallel_size,
                                 # micro-batches differ in length: pipeline stages exchange shapes first
-                                variable_seq_lengths=m.pipeline_parallel_size > 1)
+                                # (not with the interleaved schedule, whose micro-batches share one shape)
+                                variable_seq_lengths=m.pipeline_parallel_size > 1 and not m.virtual_pipeline_parallel_size,
+                                # gloo matches a batch of isend/irecv to the same peer in posting order, and
+                                # with PP=2 the previous and next stage are the same rank: the interleaved
+                                # schedule then receives the wrong tensors. Separate ops are ordered safely.
+                                batch_p2p_comm=torch.cuda.is_available())
     if m.pipeline_parallel_size > 1:  # a dense model has no MoE dispatcher, but the config check wants this one
         opts.update(moe_token_dispatcher_type="alltoall")
     if m.recompute_granularity:
@@ -292,8 +299,8 @@ def use_transformer_engine(impl: str) -> bool:
 
 
 def build_gpt(hf_config: Any, *, tp: int, pp: int, vocab_multiple: int = 128, dtype: torch.dtype = torch.float32,
-              te: bool = False, **options: Any) -> Any:
-    """This rank's pipeline stage of a GPTModel, with Transformer Engine's layer spec
+              te: bool = False, vp_stage: Optional[int] = None, **options: Any) -> Any:
+    """This rank's pipeline stage (model chunk `vp_stage` of an interleaved pipeline) of a GPTModel, with Transformer Engine's layer spec
     (fused kernels, FP8) or the local one (plain torch: runs on CPU)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -309,7 +316,8 @@ def build_gpt(hf_config: Any, *, tp: int, pp: int, vocab_multiple: int = 128, dt
         cfg, spec, vocab_size=padded_vocab(s.vocab_size, tp, vocab_multiple),
         max_sequence_length=hf_config.max_position_embeddings, share_embeddings_and_output_weights=s.tied_embeddings,
         position_embedding_type="rope", rotary_base=int(rope_theta(hf_config)),
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage), vp_stage=vp_stage,
     )
 
 
