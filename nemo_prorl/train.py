@@ -48,12 +48,18 @@ def build_trainer(cfg: ProRLConfig, resolved: DictConfig) -> ProRLTrainer:
     model_dir = resolve_model_dir(cfg)
     tokenizer = apply_chat_template_choice(AutoTokenizer.from_pretrained(model_dir), cfg.data.prompt.chat_template)
     policy = POLICY_BACKENDS.get(cfg.policy.backend, "policy.backend")(cfg, model_dir)
-    engine = ROLLOUT_ENGINES.get(cfg.rollout.engine, "rollout.engine")(cfg, model_dir)
-    sync_weights(policy, engine, bucket_mb=cfg.rollout.weight_sync_bucket_mb)  # one source of truth from step 0
-    source = DATA_SOURCES.get(cfg.data.source, "data.source")(cfg)
-    out_dir = Path(cfg.trainer.output_dir)
-    return ProRLTrainer(cfg, resolved, policy=policy, engine=engine, tokenizer=tokenizer, source=source,
-                        out_dir=out_dir)
+    engine = None
+    try:  # worker and engine processes must not outlive a failed start
+        engine = ROLLOUT_ENGINES.get(cfg.rollout.engine, "rollout.engine")(cfg, model_dir)
+        sync_weights(policy, engine, bucket_mb=cfg.rollout.weight_sync_bucket_mb)  # one source of truth from step 0
+        source = DATA_SOURCES.get(cfg.data.source, "data.source")(cfg)
+        return ProRLTrainer(cfg, resolved, policy=policy, engine=engine, tokenizer=tokenizer, source=source,
+                            out_dir=Path(cfg.trainer.output_dir))
+    except BaseException:
+        if engine is not None:
+            engine.close()
+        policy.close()
+        raise
 
 
 def summarize(cfg: ProRLConfig, result: dict[str, Any]) -> str:
@@ -81,6 +87,7 @@ def run_training(cfg: ProRLConfig, resolved: DictConfig) -> dict[str, Any]:
     try:
         result = trainer.fit()
     finally:
+        trainer.engine.close()
         trainer.policy.close()
     print(summarize(cfg, result), flush=True)
     return result

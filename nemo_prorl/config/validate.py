@@ -80,6 +80,17 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(ro.max_response_length >= 1, "rollout.max_response_length", "must be >= 1")
     check(ro.max_num_seqs >= 1, "rollout.max_num_seqs", "must be >= 1")
     check(ro.weight_sync_bucket_mb > 0, "rollout.weight_sync_bucket_mb", "must be > 0")
+    check(ro.mismatch_check_every_n_steps >= 0, "rollout.mismatch_check_every_n_steps", "must be >= 0 (0: never)")
+    check(all(isinstance(x, str) and x for x in ro.stop), "rollout.stop", "stop strings must be non-empty")
+    if ro.engine == "vllm":
+        _check_vllm(cfg, check)
+    from nemo_prorl.algo.offpolicy import ROLLOUT_CORRECTIONS
+
+    rc = a.rollout_correction
+    check(rc.mode in ROLLOUT_CORRECTIONS, "algo.rollout_correction.mode", f"allowed values: {', '.join(ROLLOUT_CORRECTIONS)}")
+    check(rc.tis_cap >= 1, "algo.rollout_correction.tis_cap", "must be >= 1")
+    check(0 <= rc.icepop_low <= 1 <= rc.icepop_high, "algo.rollout_correction.icepop_low",
+          f"need icepop_low <= 1 <= icepop_high (icepop_high={rc.icepop_high})")
 
     p = cfg.policy
     check(p.micro_batch_size >= 1, "policy.micro_batch_size", "must be >= 1")
@@ -197,3 +208,16 @@ def _check_megatron(cfg: ProRLConfig, check) -> None:
     check(m.transformer_impl != "transformer_engine" or te, f"{k}.transformer_impl",
           "transformer_engine does not import here; use auto or local")
     check(cfg.cluster.device == "cuda" or m.dist_backend != "nccl", f"{k}.dist_backend", "nccl needs cluster.device=cuda")
+
+
+def _check_vllm(cfg: ProRLConfig, check) -> None:
+    v = cfg.rollout.vllm
+    check(cfg.rollout.temperature <= 2, "rollout.temperature", "vLLM samples at temperatures up to 2")
+    check(v.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size", "must be >= 1")
+    check(0 < v.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "must be in (0, 1]")
+    check(v.kv_cache_gb is None or v.kv_cache_gb > 0, "rollout.vllm.kv_cache_gb", "must be > 0 or null")
+    need = cfg.data.max_prompt_length + cfg.rollout.max_response_length
+    check(v.max_model_len is None or v.max_model_len >= need, "rollout.vllm.max_model_len",
+          f"must be >= data.max_prompt_length + rollout.max_response_length = {need}, or null")
+    check(v.startup_timeout_s > 0 and v.request_timeout_s > 0, "rollout.vllm.startup_timeout_s",
+          "timeouts must be > 0")

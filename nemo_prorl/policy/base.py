@@ -10,6 +10,7 @@ plus whatever the loss needs (old_logprobs, ref_logprobs, advantages). P is impl
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -22,6 +23,46 @@ Batch = Mapping[str, torch.Tensor]
 # the mini-batch totals so that summing them over micro-batches gives the mini-batch value. It must pickle
 # (a module-level function or a functools.partial of one): multi-process backends send it to their workers.
 LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class LazyWeight:
+    """A full Hugging Face-named tensor held as views of its pieces (tensor-parallel shards, or the one
+    tensor itself), concatenated along `dim` only when needed. The weight sync builds each one straight
+    into the rollout engine's transfer buffer, so every byte is copied once on the trainer side."""
+
+    name: str
+    parts: tuple[torch.Tensor, ...]
+    dim: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.parts[0].shape)
+        shape[self.dim] = sum(p.shape[self.dim] for p in self.parts)
+        return tuple(shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    def nbytes(self, dtype: Optional[torch.dtype] = None) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * (dtype or self.dtype).itemsize
+
+    def materialize(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The full tensor: written into `out` (converting dtype) when given, else a view of the single
+        piece or a new tensor."""
+        if out is None:
+            return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=self.dim)
+        if tuple(out.shape) != self.shape:
+            raise ValueError(f"{self.name}: buffer shape {tuple(out.shape)} != weight shape {self.shape}")
+        start = 0
+        for p in self.parts:
+            out.narrow(self.dim, start, p.shape[self.dim]).copy_(p)
+            start += p.shape[self.dim]
+        return out
 
 
 class PolicyBackend(ABC):
@@ -43,7 +84,13 @@ class PolicyBackend(ABC):
 
     @abstractmethod
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full (unsharded) tensors under Hugging Face names: the input of weight sync and export."""
+        """Full (unsharded) tensors under Hugging Face names: the input of export."""
+
+    def lazy_weights(self) -> Iterator[LazyWeight]:
+        """The same stream as `named_weights`, unmaterialised: the input of the weight sync. Sharded
+        backends override it so that no full tensor exists before it reaches the engine's buffer."""
+        for name, tensor in self.named_weights():
+            yield LazyWeight(name, (tensor,))
 
     @abstractmethod
     def save(self, path: Path) -> None:

@@ -18,8 +18,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from nemo_prorl.config.schema import ProRLConfig
-from nemo_prorl.policy.base import POLICY_BACKENDS, Batch, LossFn, PolicyBackend
-from nemo_prorl.policy.megatron_convert import ModelShape, megatron_to_hf
+from nemo_prorl.policy.base import POLICY_BACKENDS, Batch, LazyWeight, LossFn, PolicyBackend
+from nemo_prorl.policy.megatron_convert import ModelShape, megatron_to_hf_lazy
 from nemo_prorl.policy.megatron_worker import WorkerSpec, worker_main
 
 
@@ -149,8 +149,14 @@ class MegatronPolicy(PolicyBackend):
                     stages[i * pp + p][t] = sd
         return stages  # type: ignore[return-value]
 
+    def lazy_weights(self) -> Iterator[LazyWeight]:
+        # The shards are the workers' live parameters, mapped through shared memory (no copy after the
+        # first sync), so each full tensor is built exactly once, in the rollout engine's buffer.
+        yield from megatron_to_hf_lazy(self._shards(), self.shape)
+
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from megatron_to_hf(self._shards(), self.shape).items()
+        for w in self.lazy_weights():
+            yield w.name, w.materialize(torch.empty(w.shape, dtype=w.dtype))
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file

@@ -21,6 +21,8 @@ from typing import Iterator, Mapping
 
 import torch
 
+from nemo_prorl.policy.base import LazyWeight
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -70,13 +72,14 @@ def _qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: ModelShape) -> to
     return torch.cat([q, k, v], dim=1).reshape(g * (per + 2) * d, *rest)
 
 
-def _split_qkv(qkv: torch.Tensor, s: ModelShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _split_qkv(qkv: torch.Tensor, s: ModelShape) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The q, k and v rows of an interleaved qkv, one view per query group (concatenated, they are the
+    HF q_proj, k_proj and v_proj of these groups). Views, not copies: see LazyWeight."""
     g, d = s.num_kv_heads, s.head_dim
     per = s.num_heads // g
-    rest = qkv.shape[1:]
-    x = qkv.reshape(g, (per + 2) * d, *rest)
-    q, k, v = x.split([per * d, d, d], dim=1)
-    return q.reshape(g * per * d, *rest), k.reshape(g * d, *rest), v.reshape(g * d, *rest)
+    x = qkv.view(g, (per + 2) * d, *qkv.shape[1:])
+    return ([x[i, : per * d] for i in range(g)], [x[i, per * d : (per + 1) * d] for i in range(g)],
+            [x[i, (per + 1) * d :] for i in range(g)])
 
 
 def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
@@ -121,43 +124,54 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], s: ModelShape, *, tp_rank: in
     return out
 
 
-def megatron_to_hf(shards: list[list[Mapping[str, torch.Tensor]]], s: ModelShape) -> dict[str, torch.Tensor]:
-    """The HF state dict from all shards, `shards[pp_rank][tp_rank]`."""
+def _first_rows(parts: list[torch.Tensor], n: int) -> tuple[torch.Tensor, ...]:
+    """The pieces cut to their first n rows in total (drops the vocabulary padding of the last ranks)."""
+    out = []
+    for p in parts:
+        if n <= 0:
+            break
+        out.append(p[: min(n, p.shape[0])])
+        n -= p.shape[0]
+    return tuple(out)
+
+
+def megatron_to_hf_lazy(shards: list[list[Mapping[str, torch.Tensor]]], s: ModelShape) -> Iterator[LazyWeight]:
+    """The HF weights of all shards, `shards[pp_rank][tp_rank]`, in HF order, as views of the shards:
+    nothing is gathered until a weight is materialised (see LazyWeight)."""
     pp, tp = len(shards), len(shards[0])
 
-    def col(name: str, stage: int) -> torch.Tensor:
-        return torch.cat([shards[stage][r][name] for r in range(tp)], dim=0)
+    def col(name: str, stage: int) -> list[torch.Tensor]:  # column-parallel: output dim split
+        return [shards[stage][r][name] for r in range(tp)]
 
-    def row(name: str, stage: int) -> torch.Tensor:
-        return torch.cat([shards[stage][r][name] for r in range(tp)], dim=1)
+    def row(hf_name: str, name: str, stage: int) -> LazyWeight:  # row-parallel: input dim split
+        return LazyWeight(hf_name, tuple(shards[stage][r][name] for r in range(tp)), dim=1)
 
-    hf: dict[str, torch.Tensor] = {"model.embed_tokens.weight": col("embedding.word_embeddings.weight", 0)[: s.vocab_size]}
+    yield LazyWeight("model.embed_tokens.weight", _first_rows(col("embedding.word_embeddings.weight", 0), s.vocab_size))
     for stage in range(pp):
         for local, layer in enumerate(_stage_layers(s, stage, pp)):
             h, m = f"model.layers.{layer}.", f"decoder.layers.{local}."
             a = h + "self_attn."
             first = shards[stage][0]
-            hf[h + "input_layernorm.weight"] = first[m + "input_layernorm.weight"].clone()
-            # each TP shard is the interleaved layout of its own groups
-            parts = [_split_qkv(shards[stage][r][m + "self_attention.linear_qkv.weight"],
-                                _shard_shape(s, tp)) for r in range(tp)]
-            for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                hf[a + name + ".weight"] = torch.cat([p[i] for p in parts])
-            if s.qkv_bias:
-                parts = [_split_qkv(shards[stage][r][m + "self_attention.linear_qkv.bias"], _shard_shape(s, tp))
-                         for r in range(tp)]
+            yield LazyWeight(h + "input_layernorm.weight", (first[m + "input_layernorm.weight"],))
+            for kind in ("weight", "bias") if s.qkv_bias else ("weight",):
+                # each TP shard is the interleaved layout of its own query groups
+                parts = [_split_qkv(x, _shard_shape(s, tp)) for x in col(m + "self_attention.linear_qkv." + kind, stage)]
                 for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                    hf[a + name + ".bias"] = torch.cat([p[i] for p in parts])
-            hf[a + "o_proj.weight"] = row(m + "self_attention.linear_proj.weight", stage)
-            hf[h + "post_attention_layernorm.weight"] = first[m + "pre_mlp_layernorm.weight"].clone()
-            fc1 = [shards[stage][r][m + "mlp.linear_fc1.weight"].chunk(2, dim=0) for r in range(tp)]
-            hf[h + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1])
-            hf[h + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1])
-            hf[h + "mlp.down_proj.weight"] = row(m + "mlp.linear_fc2.weight", stage)
-    hf["model.norm.weight"] = shards[pp - 1][0]["decoder.final_layernorm.weight"].clone()
+                    yield LazyWeight(f"{a}{name}.{kind}", tuple(v for p in parts for v in p[i]))
+            yield row(a + "o_proj.weight", m + "self_attention.linear_proj.weight", stage)
+            yield LazyWeight(h + "post_attention_layernorm.weight", (first[m + "pre_mlp_layernorm.weight"],))
+            fc1 = [x.chunk(2, dim=0) for x in col(m + "mlp.linear_fc1.weight", stage)]  # [gate_r; up_r] per rank
+            yield LazyWeight(h + "mlp.gate_proj.weight", tuple(g for g, _ in fc1))
+            yield LazyWeight(h + "mlp.up_proj.weight", tuple(u for _, u in fc1))
+            yield row(h + "mlp.down_proj.weight", m + "mlp.linear_fc2.weight", stage)
+    yield LazyWeight("model.norm.weight", (shards[pp - 1][0]["decoder.final_layernorm.weight"],))
     if not s.tied_embeddings:
-        hf["lm_head.weight"] = col("output_layer.weight", pp - 1)[: s.vocab_size]
-    return hf
+        yield LazyWeight("lm_head.weight", _first_rows(col("output_layer.weight", pp - 1), s.vocab_size))
+
+
+def megatron_to_hf(shards: list[list[Mapping[str, torch.Tensor]]], s: ModelShape) -> dict[str, torch.Tensor]:
+    """The HF state dict from all shards, `shards[pp_rank][tp_rank]` (new tensors, sharing nothing)."""
+    return {w.name: w.materialize(torch.empty(w.shape, dtype=w.dtype)) for w in megatron_to_hf_lazy(shards, s)}
 
 
 def _shard_shape(s: ModelShape, tp: int) -> ModelShape:

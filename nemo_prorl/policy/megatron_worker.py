@@ -249,8 +249,14 @@ class MegatronWorker:
             opt.state.clear()  # Adam moments and step counts start again, as in a fresh optimizer
 
     def export_shards(self) -> Optional[list[dict[str, torch.Tensor]]]:
-        """This rank's Megatron state dicts (one per model chunk); DP replicas stay silent."""
-        return self._chunk_state(self.model) if self.dp_rank == 0 else None
+        """This rank's Megatron weights (one dict per model chunk) for the weight sync; DP replicas stay
+        silent. Views, not copies: sending them moves the parameter storage into shared memory once, and
+        from then on the controller maps the live weights without copying (it reads them only between
+        updates)."""
+        if self.dp_rank:
+            return None
+        return [{k: v.detach().cpu() for k, v in self._module(c).state_dict().items() if not k.endswith("_extra_state")}
+                for c in self.model]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything for an exact resume on the same layout: weights, reference, optimizer state and the

@@ -1,10 +1,10 @@
-"""The interface every rollout engine implements (the embedded PyTorch sampler here, vLLM later)."""
+"""The interface every rollout engine implements: the embedded PyTorch sampler and vLLM."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -19,17 +19,24 @@ class SamplingParams:
     max_tokens: int
     stop_token_ids: tuple[int, ...]
     seed: int
+    stop: tuple[str, ...] = ()  # stop strings: the response ends with the token that completes one
 
 
 @dataclass
 class Completion:
     prompt_index: int  # index into the prompts passed to generate()
     token_ids: list[int]  # response tokens, including the stop token if one was produced
-    logprobs: list[float]  # sampling log-probability of each token (temperature applied, before top-p)
-    finish_reason: str  # "stop" or "length"
+    # Log-probability of each token under the distribution it was drawn from: temperature applied, then
+    # renormalised over the top-p set (vLLM's "processed_logprobs"). With top_p=1 (ProRL's setting) this
+    # is exactly what the policy computes for the same tokens, which the mismatch check relies on.
+    logprobs: list[float]
+    finish_reason: str  # "stop" (stop token or string) or "length"
 
 
 class RolloutEngine(ABC):
+    # dtype the engine holds its weights in; the weight sync converts to it while packing (None: as sent)
+    weight_dtype: Optional[torch.dtype] = None
+
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         """params.n completions per prompt, ordered prompt-major (prompt 0's n samples first)."""
@@ -38,10 +45,24 @@ class RolloutEngine(ABC):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take (Hugging Face name, full tensor) pairs; called by nemo_prorl.weight_sync only."""
 
+    def staging_buffer(self, nbytes: int) -> Optional[torch.Tensor]:
+        """A flat uint8 buffer of at least `nbytes` that the weight sync builds a bucket in, for engines in
+        another process (shared memory or CUDA IPC); None for in-process engines."""
+        return None
+
+    def begin_weight_update(self) -> None:
+        """Called by the weight sync before the first bucket."""
+
+    def finish_weight_update(self) -> None:
+        """Called by the weight sync after the last bucket (engines drop caches of the old weights)."""
+
     def sleep(self) -> None:
         """Release memory while the policy trains (colocated engines); a no-op by default."""
 
     def wake_up(self) -> None: ...
+
+    def close(self) -> None:
+        """Stop engine processes; a no-op for in-process engines."""
 
 
 # Entries are factories: (cfg: ProRLConfig, model_dir: Path) -> RolloutEngine.

@@ -6,7 +6,7 @@ update; that keeps the embedded path faithful to the distributed one."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -28,12 +28,15 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 class TorchRolloutEngine(RolloutEngine):
-    def __init__(self, model_dir: Path, *, device: str, dtype: str, max_num_seqs: int, pad_token_id: int) -> None:
+    def __init__(self, model_dir: Path, *, device: str, dtype: str, max_num_seqs: int, pad_token_id: int,
+                 tokenizer: Optional[Any] = None) -> None:
         self.device = torch.device(device)
+        self.weight_dtype = DTYPES[dtype]
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(self.device).eval()
         self.model.requires_grad_(False)
         self.max_num_seqs = max_num_seqs
         self.pad_token_id = pad_token_id
+        self.tokenizer = tokenizer  # only needed for stop strings
         # keep_vars: the live tensors under every state-dict name (tied weights appear under both names).
         self._params = self.model.state_dict(keep_vars=True)
 
@@ -63,18 +66,21 @@ class TorchRolloutEngine(RolloutEngine):
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                             use_cache=True).logits[:, -1]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        ends = torch.zeros(B, dtype=torch.long)  # response length of rows that stopped (0: still going)
         tokens, logps = [], []
         last_pos = pos[:, -1]
-        for _ in range(params.max_tokens):
-            scaled = logits.float() / params.temperature
-            logp_all = torch.log_softmax(scaled, dim=-1)
-            probs = torch.softmax(top_p_filter(scaled, params.top_p), dim=-1)
+        for t in range(params.max_tokens):
+            filtered = top_p_filter(logits.float() / params.temperature, params.top_p)
+            logp_all = torch.log_softmax(filtered, dim=-1)
+            probs = torch.softmax(filtered, dim=-1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(self.device)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_token_id), nxt)
             tokens.append(nxt)
             logps.append(logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
             live = ~done
-            done = done | torch.isin(nxt, stop)
+            stopped = live & (torch.isin(nxt, stop) | self._stop_string_hit(tokens, live, params.stop))
+            ends[stopped.cpu()] = t + 1
+            done = done | stopped
             if bool(done.all()):
                 break
             # Finished rows keep decoding padding that nothing attends to; it is cut out below.
@@ -82,19 +88,32 @@ class TorchRolloutEngine(RolloutEngine):
             last_pos = last_pos + live.long()
             logits = self.model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=last_pos.unsqueeze(-1),
                                 past_key_values=cache, use_cache=True).logits[:, -1]
-        return self._collect(jobs, torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), stop.cpu())
+        return self._collect(jobs, torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), ends)
 
-    def _collect(self, jobs, tokens: torch.Tensor, logps: torch.Tensor, stop: torch.Tensor) -> list[Completion]:
+    def _stop_string_hit(self, tokens: list[torch.Tensor], live: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
+        """Rows whose newest token completes a stop string. Only a window of recent tokens is decoded: a
+        string that fit entirely in the previous window would have stopped the row a step earlier."""
+        hit = torch.zeros_like(live)
+        if not stop:
+            return hit
+        if self.tokenizer is None:
+            raise ValueError("stop strings need the engine to be built with a tokenizer")
+        window = torch.stack(tokens[-(max(len(s) for s in stop) + 2):], 1).cpu()
+        for row in torch.nonzero(live.cpu()).flatten().tolist():
+            text = self.tokenizer.decode(window[row].tolist())
+            hit[row] = any(s in text for s in stop)
+        return hit
+
+    @staticmethod
+    def _collect(jobs, tokens: torch.Tensor, logps: torch.Tensor, ends: torch.Tensor) -> list[Completion]:
         out = []
-        is_stop = torch.isin(tokens, stop)
         for row, (prompt_index, _) in enumerate(jobs):
-            hits = torch.nonzero(is_stop[row]).flatten()
-            end = int(hits[0]) + 1 if len(hits) else tokens.shape[1]
+            end = int(ends[row]) or tokens.shape[1]
             out.append(Completion(
                 prompt_index=prompt_index,
                 token_ids=tokens[row, :end].tolist(),
                 logprobs=logps[row, :end].tolist(),
-                finish_reason="stop" if len(hits) else "length",
+                finish_reason="stop" if int(ends[row]) else "length",
             ))
         return out
 
@@ -115,4 +134,4 @@ def build_torch_engine(cfg: ProRLConfig, model_dir: Path) -> RolloutEngine:
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return TorchRolloutEngine(model_dir, device=cfg.cluster.device, dtype=cfg.model.dtype,
-                              max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad)
+                              max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad, tokenizer=tok)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from nemo_prorl.algo.advantages import ADVANTAGE_ESTIMATORS
 from nemo_prorl.algo.loss import policy_loss
+from nemo_prorl.algo.offpolicy import mismatch_metrics
 from nemo_prorl.algo.reset import reference_reset_decision
 from nemo_prorl.algo.sampling import groups_with_signal, take_groups
 from nemo_prorl.config.schema import ProRLConfig
@@ -50,8 +51,8 @@ def microbatch_loss(logp: torch.Tensor, entropy: Optional[torch.Tensor], micro: 
     """`policy_loss` on one micro-batch's rows. With one update per step the sampling policy is the
     current one: old logprobs are the current ones, detached, and their forward pass is skipped."""
     old = micro["old_logprobs"] if "old_logprobs" in micro else logp.detach()
-    return policy_loss(logp, old, micro["advantages"], micro["response_mask"],
-                       ref_logprobs=micro.get("ref_logprobs"), entropy=entropy, **loss_args)
+    return policy_loss(logp, old, micro["advantages"], micro["response_mask"], ref_logprobs=micro.get("ref_logprobs"),
+                       rollout_logprobs=micro.get("rollout_logprobs"), entropy=entropy, **loss_args)
 
 
 def _seed(*parts: int) -> int:
@@ -103,7 +104,7 @@ class ProRLTrainer:
                 dropped_prompts += dropped
                 params = SamplingParams(n=n, temperature=ro.temperature, top_p=ro.top_p,
                                         max_tokens=ro.max_response_length, stop_token_ids=self.stop_ids,
-                                        seed=_seed(self.cfg.trainer.seed, step, rnd))
+                                        seed=_seed(self.cfg.trainer.seed, step, rnd), stop=tuple(ro.stop))
                 completions = self.engine.generate(prompt_ids, params)
             with timer("score"):
                 scores = score_completions(records, completions, self.tokenizer, self.rewards)
@@ -164,12 +165,13 @@ class ProRLTrainer:
     def loss_fn(self, mb: Batch) -> LossFn:
         """The ProRL loss for one mini-batch; its normalisers are the mini-batch totals, so micro-batching
         does not change the result. A partial of a module-level function, so it pickles to workers."""
-        a = self.cfg.algo
+        a, rc = self.cfg.algo, self.cfg.algo.rollout_correction
         return functools.partial(
             microbatch_loss, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high, clip_ratio_c=a.clip_ratio_c,
             global_num_tokens=mb["response_mask"].sum(), global_num_seqs=float(mb["response_mask"].shape[0]),
             horizon=self.cfg.rollout.max_response_length, loss_agg_mode=a.loss_agg_mode, kl_coef=a.kl_coef,
-            kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef)
+            kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef, rollout_correction=rc.mode,
+            tis_cap=rc.tis_cap, icepop_low=rc.icepop_low, icepop_high=rc.icepop_high)
 
     def update(self, batch: dict[str, torch.Tensor], num_groups: int, step: int) -> dict[str, float]:
         a, n = self.cfg.algo, self.cfg.algo.num_generations_per_prompt
@@ -189,19 +191,34 @@ class ProRLTrainer:
                 count += 1
         return {f"actor/{k}": v / count for k, v in totals.items()}
 
+    def logprobs_phase(self, batch: dict[str, torch.Tensor], num_groups: int, step: int) -> dict[str, float]:
+        """Old logprobs (needed with several updates per step), reference logprobs (KL), and the check of
+        the rollout engine against the policy on the sampled tokens."""
+        T, every = self.cfg.rollout.temperature, self.cfg.rollout.mismatch_check_every_n_steps
+        check = every > 0 and step % every == 0
+        policy_lp = None
+        if self.num_updates(num_groups) > 1:
+            policy_lp = batch["old_logprobs"] = self.policy.logprobs(batch, temperature=T)
+        elif check:  # the loss then uses the update's own (identical) forward pass, as without the check
+            policy_lp = self.policy.logprobs(batch, temperature=T)
+        if self.use_reference:
+            batch["ref_logprobs"] = self.policy.logprobs(batch, temperature=T, reference=True)
+        if not check:
+            return {}
+        mask = batch["response_mask"]
+        m = mismatch_metrics(policy_lp, batch["rollout_logprobs"], mask, mask.sum().clamp(min=1))
+        return {f"mismatch/{k}": float(v) for k, v in m.items()}
+
     def train_step(self, step: int, timer: PhaseTimer) -> dict[str, float]:
         groups, metrics = self.collect_groups(step, timer)
+        self.engine.sleep()  # colocated engines give the memory to the update; the sync wakes them
         if len(groups) == 0:  # every group was uniform for max_generation_rounds: nothing to learn from
             metrics["actor/update_skipped"] = 1.0
             return metrics
         with timer("advantages"):
             batch = self.make_batch(groups)
-        T = self.cfg.rollout.temperature
         with timer("logprobs"):
-            if self.num_updates(len(groups)) > 1:
-                batch["old_logprobs"] = self.policy.logprobs(batch, temperature=T)
-            if self.use_reference:
-                batch["ref_logprobs"] = self.policy.logprobs(batch, temperature=T, reference=True)
+            metrics.update(self.logprobs_phase(batch, len(groups), step))
         with timer("update"):
             metrics.update(self.update(batch, len(groups), step))
         with timer("sync_weights"):

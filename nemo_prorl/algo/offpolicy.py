@@ -1,0 +1,56 @@
+"""Training-inference mismatch: the rollout engine (vLLM, other kernels, other precision) samples from a
+distribution slightly different from the policy the trainer computes. These functions measure that gap
+and provide the token-level importance-sampling corrections for it.
+
+Per-token tensors are [batch, response_len] with `mask` (1 on response tokens)."""
+
+from __future__ import annotations
+
+import torch
+
+ROLLOUT_CORRECTIONS = ("none", "tis", "icepop")
+
+# A log-ratio beyond this is numerically meaningless in float32 exp() (the same bound as the PPO ratio).
+_MAX_LOG_RATIO = 20.0
+
+
+def mismatch_metrics(policy_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                     num_tokens: torch.Tensor | float) -> dict[str, torch.Tensor]:
+    """How far the engine's sampling logprobs are from the policy's on the same tokens.
+
+    mean_abs_logprob_diff  mean |log p_policy - log p_rollout| over response tokens
+    max_abs_logprob_diff   the worst token
+    mult_prob_error        mean exp(|log p_policy - log p_rollout|): the multiplicative error of a token's
+                           probability (1.0 when they agree; NeMo-RL's token_mult_prob_error)
+    """
+    mask = mask.to(policy_logprobs.dtype)
+    diff = (policy_logprobs - rollout_logprobs).abs().clamp(max=_MAX_LOG_RATIO) * mask
+    return {
+        "mean_abs_logprob_diff": diff.sum() / num_tokens,
+        "max_abs_logprob_diff": diff.max() if diff.numel() else diff.sum(),
+        "mult_prob_error": (torch.exp(diff) * mask).sum() / num_tokens,
+    }
+
+
+def rollout_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mode: str, *,
+                       tis_cap: float = 2.0, icepop_low: float = 0.5,
+                       icepop_high: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token weights w for the policy-gradient term, from r = pi_old / pi_rollout on each token
+    (no gradient flows through them), and a 0/1 indicator of the tokens whose r was cut.
+
+    tis     w = min(r, tis_cap): truncated importance sampling (Yao et al. 2025), unbiased up to the cap
+    icepop  w = r where low <= r <= high, else 0: tokens with a large mismatch are dropped from the
+            gradient instead of reweighted (IcePop, Ling team 2025)
+    none    w = 1
+    """
+    log_r = (old_logprobs - rollout_logprobs).detach().clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    r = torch.exp(log_r)
+    if mode == "none":
+        return torch.ones_like(r), torch.zeros_like(r)
+    if mode == "tis":
+        cut = r > tis_cap
+        return r.clamp(max=tis_cap), cut.to(r.dtype)
+    if mode == "icepop":
+        cut = (r < icepop_low) | (r > icepop_high)
+        return torch.where(cut, torch.zeros_like(r), r), cut.to(r.dtype)
+    raise ValueError(f"unknown rollout correction {mode!r}; allowed values: {', '.join(ROLLOUT_CORRECTIONS)}")

@@ -1,0 +1,177 @@
+"""The vLLM engine process. It owns one offline `vllm.LLM` and answers the trainer's `VLLMRolloutEngine`
+over a local socket.
+
+It may run in another Python environment (vLLM's CPU build pins its own transformers), so this file is
+self-contained: it needs only torch and vllm, imports nothing from nemo_prorl, and the trainer runs it
+as the top-level module `prorl_vllm_server` (a copy in a private folder on PYTHONPATH, which vLLM's
+worker processes inherit, so that they can import `ProRLWorkerExtension` too).
+
+Weights arrive in the trainer's transfer buffer (shared memory, or CUDA IPC on GPU) as HF-named full
+tensors; `ProRLWorkerExtension` hands them to the model's own `load_weights` (which applies vLLM's TP
+sharding and QKV / gate-up fusion) inside vLLM's layerwise reload, so kernels that repack weights after
+loading (the CPU build's oneDNN / SGL packing) are redone for the new values.
+
+Protocol: the trainer sends (command, args) and gets ("ok", result) or ("error", traceback)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from multiprocessing.connection import Listener
+from typing import Any, Optional
+
+import torch
+
+MODULE = "prorl_vllm_server"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _open_buffer(handle: tuple) -> torch.Tensor:
+    """The trainer's transfer buffer, mapped into this process: ("shm", path, nbytes) or ("cuda", ipc)."""
+    if handle[0] == "shm":
+        _, path, nbytes = handle
+        return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+    rebuild, args = handle[1]  # torch.multiprocessing.reductions.reduce_tensor of a CUDA uint8 tensor
+    return rebuild(*args)
+
+
+def _detach_pending(buf: torch.Tensor) -> None:
+    """Layerwise reload holds on to the tensors of a layer until all of its weights have arrived; those
+    that still point into the transfer buffer are copied out before the trainer refills it. The trainer
+    keeps each attention and MLP block in one bucket, so this is rare (a safety net)."""
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    ptr = buf.untyped_storage().data_ptr()
+    for info in list(LAYERWISE_INFO.values()):
+        for _, bound in info.loaded_weights:
+            for key, value in bound.arguments.items():
+                if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == ptr:
+                    bound.arguments[key] = value.clone()
+
+
+class ProRLWorkerExtension:
+    """Mixed into every vLLM worker (`worker_extension_cls`); called through `LLM.collective_rpc`."""
+
+    def prorl_begin_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model_runner.get_model())
+
+    def prorl_load_bucket(self, handle: tuple, metas: list[tuple[str, int, list[int], str]]) -> int:
+        cache = self.__dict__.setdefault("_prorl_buffers", {})
+        if handle not in cache:
+            cache.clear()  # the trainer grew its buffer: the old mapping is dead
+            cache[handle] = _open_buffer(handle)
+        buf = cache[handle]
+        weights = []
+        for name, offset, shape, dtype in metas:
+            dt = _DTYPES[dtype]
+            n = dt.itemsize
+            for d in shape:
+                n *= d
+            weights.append((name, buf[offset : offset + n].view(dt).view(shape)))
+        self.model_runner.get_model().load_weights(weights=weights)
+        _detach_pending(buf)
+        return len(weights)
+
+    def prorl_finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
+
+
+def _prompt_seed(seed: int, index: int) -> int:
+    # vLLM seeds the n samples of a request seed, seed + 1, ...; spread prompts far apart so no two
+    # samples of a step share a random stream.
+    return (seed * 1_000_003 + index * 65_537) % (2**31)
+
+
+class EngineServer:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from vllm import LLM
+
+        self.sleep_mode = bool(spec["sleep_mode"])
+        kwargs = dict(
+            model=spec["model_dir"], dtype=spec["dtype"], seed=spec["seed"], max_model_len=spec["max_model_len"],
+            tensor_parallel_size=spec["tensor_parallel_size"], enforce_eager=spec["enforce_eager"],
+            enable_prefix_caching=spec["enable_prefix_caching"], max_num_seqs=spec["max_num_seqs"],
+            gpu_memory_utilization=spec["gpu_memory_utilization"], enable_sleep_mode=self.sleep_mode,
+            # sampling logprobs after temperature and top-p: the distribution each token was drawn from
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=f"{MODULE}.ProRLWorkerExtension",
+        )
+        if spec.get("kv_cache_bytes"):
+            kwargs["kv_cache_memory_bytes"] = spec["kv_cache_bytes"]
+        self.llm = LLM(**kwargs)
+        self.asleep = False
+
+    def generate(self, prompts: list[list[int]], p: dict[str, Any]) -> list[tuple[int, list[int], list[float], str]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.wake_up()
+        params = [SamplingParams(n=p["n"], temperature=p["temperature"], top_p=p["top_p"], max_tokens=p["max_tokens"],
+                                 stop_token_ids=list(p["stop_token_ids"]), stop=list(p["stop"]) or None,
+                                 include_stop_str_in_output=True, seed=_prompt_seed(p["seed"], i), logprobs=0,
+                                 skip_special_tokens=False, detokenize=bool(p["stop"]))
+                  for i in range(len(prompts))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(x)) for x in prompts], params, use_tqdm=False)
+        result = []
+        for i, out in enumerate(outs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                lps = [c.logprobs[t][tok].logprob for t, tok in enumerate(ids)]
+                result.append((i, ids, lps, "length" if c.finish_reason == "length" else "stop"))
+        return result
+
+    def begin_weight_update(self) -> None:
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])  # the KV cache stays released until the weights are in
+        self.llm.collective_rpc("prorl_begin_weight_update")
+
+    def load_bucket(self, handle: tuple, metas: list) -> int:
+        return sum(self.llm.collective_rpc("prorl_load_bucket", args=(handle, metas)))
+
+    def finish_weight_update(self) -> None:
+        self.llm.collective_rpc("prorl_finish_weight_update")
+        self.llm.reset_prefix_cache()  # cached prefixes hold keys and values of the old weights
+        self.wake_up()
+
+    def sleep(self) -> None:
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=2)  # drop weights and KV cache: the next sync rewrites every weight
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+
+def serve(address: str, authkey: bytes) -> None:
+    server: Optional[EngineServer] = None
+    with Listener(address, family="AF_UNIX", authkey=authkey) as listener:
+        conn = listener.accept()
+    with conn:
+        while True:
+            try:
+                cmd, args = conn.recv()
+            except EOFError:  # the trainer is gone
+                return
+            try:
+                if cmd == "stop":
+                    conn.send(("ok", None))
+                    return
+                if cmd == "init":
+                    server = EngineServer(*args)
+                    result = None
+                else:
+                    result = getattr(server, cmd)(*args)
+                conn.send(("ok", result))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], bytes.fromhex(os.environ.pop("PRORL_VLLM_AUTHKEY")))
