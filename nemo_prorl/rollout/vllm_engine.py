@@ -100,10 +100,13 @@ class VLLMRolloutEngine(RolloutEngine):
                 if time.monotonic() > deadline:
                     raise VLLMEngineError(f"vLLM engine: {cmd} took longer than {timeout or self.request_timeout_s:.0f}s")
             status, payload = self._conn.recv()
-        except (EOFError, BrokenPipeError, ConnectionResetError):
-            self._proc.wait(timeout=30)
+        except (EOFError, BrokenPipeError, ConnectionResetError) as e:
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
             self._check_alive(cmd)
-            raise
+            raise VLLMEngineError(f"vLLM engine: connection lost during {cmd}; see {self.log_path}") from e
         if status != "ok":
             raise VLLMEngineError(f"vLLM engine: {cmd} failed:\n{payload}")
         return payload

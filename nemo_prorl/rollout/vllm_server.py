@@ -140,7 +140,9 @@ class EngineServer:
 
     def sleep(self) -> None:
         if self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=2)  # drop weights and KV cache: the next sync rewrites every weight
+            # Level 1 keeps a host copy of the weights: a step that skips its update (every group uniform)
+            # wakes the engine without a sync, and level 2 would leave it with no weights at all.
+            self.llm.sleep(level=1)
             self.asleep = True
 
     def wake_up(self) -> None:
