@@ -1,5 +1,5 @@
 """`prorl` command line: `prorl train [OVERRIDE ...]`, `prorl config [OVERRIDE ...]`, `prorl data inspect PATH`,
-`prorl convert hf-to-megatron|megatron-to-hf SRC DST`.
+`prorl convert hf-to-megatron|megatron-to-hf SRC DST`, `prorl export CKPT OUT`, `prorl reset-reference RUN_DIR`.
 
 Overrides are Hydra's: `algo.clip_eps_high=0.28`, `experiment=prorl_1p5b`, `trainer.num_steps=10`."""
 
@@ -28,7 +28,31 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect.add_parser(sub)
     convert.add_parser(sub)
+    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (safetensors, config, tokenizer)")
+    ex.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    ex.add_argument("out", help="the new folder")
+    rr = sub.add_parser("reset-reference", help="hard-reset the reference policy of a run at its next step "
+                        "(a running job picks it up; a stopped one on resume)")
+    rr.add_argument("run_dir", help="the run's trainer.output_dir")
+    rr.add_argument("--reset-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                    help="also reset the optimizer state (default: algo.reference_reset.reset_optimizer)")
     return p
+
+
+def reset_reference(run_dir: str, reset_optimizer: Optional[bool]) -> int:
+    import json
+    from pathlib import Path
+
+    from nemo_prorl.trainer.grpo import RESET_REQUEST
+
+    d = Path(run_dir)
+    if not (d / "metrics.jsonl").is_file() and not (d / "checkpoints").is_dir():
+        print(f"prorl: {d} is not a run folder (no metrics.jsonl or checkpoints/)", file=sys.stderr)
+        return 2
+    request = {} if reset_optimizer is None else {"reset_optimizer": reset_optimizer}
+    (d / RESET_REQUEST).write_text(json.dumps(request))
+    print(f"requested a reference reset: {d / RESET_REQUEST} (done, and logged as an event, after the next step)")
+    return 0
 
 
 def _quiet_libraries() -> None:
@@ -60,6 +84,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from nemo_prorl.data import inspect
 
         return inspect.run(args)
+    if args.command == "export":
+        from pathlib import Path
+
+        from nemo_prorl.trainer.checkpoint import CheckpointError, export_hf
+
+        try:
+            src = export_hf(Path(args.checkpoint), Path(args.out))
+        except CheckpointError as e:
+            print(f"prorl: {e}", file=sys.stderr)
+            return 2
+        print(f"exported {src} -> {args.out}")
+        return 0
+    if args.command == "reset-reference":
+        return reset_reference(args.run_dir, args.reset_optimizer)
     if args.command == "convert":
         from nemo_prorl.policy import convert
 
@@ -72,9 +110,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "config":
         print(OmegaConf.to_yaml(resolved))
         return 0
-    from nemo_prorl.train import run_training
+    from nemo_prorl.policy.parallel import launch_from_env
 
-    run_training(cfg, resolved)
+    launch = launch_from_env()
+    if launch is not None:  # torchrun / srun with one process per GPU: rank 0 trains, the others are workers
+        if cfg.policy.backend != "megatron":
+            print(f"prorl: launched as {launch.world_size} processes, which needs policy=megatron "
+                  f"(policy.backend={cfg.policy.backend!r} runs in one process)", file=sys.stderr)
+            return 2
+        if launch.rank != 0:
+            from nemo_prorl.policy.megatron import serve_remote_worker
+
+            serve_remote_worker(launch, connect_timeout_s=cfg.policy.megatron.worker_timeout_s)
+            return 0
+    from nemo_prorl.train import run_training
+    from nemo_prorl.trainer.checkpoint import CheckpointError
+    from nemo_prorl.trainer.grpo import TrainingHealthError
+
+    try:
+        run_training(cfg, resolved)
+    except CheckpointError as e:  # a bad resume target or a failed checkpoint write: the message says which
+        print(f"prorl: {e}", file=sys.stderr)
+        return 2
+    except TrainingHealthError as e:
+        print(f"prorl: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -104,7 +104,10 @@ def test_scheduled_reference_reset_is_logged(tiny_model_dir, tmp_path, mixed_rew
                                  f"trainer.output_dir={tmp_path}"])
     run_training(cfg, resolved)
     events = read(tmp_path / "events.jsonl")
-    assert [(e["step"], e["event"], e["reset_optimizer"]) for e in events] == [(2, "reference_reset", True)]
+    resets = [(e["step"], e["event"], e["reset_optimizer"], e["num_resets"]) for e in events
+              if e["event"] == "reference_reset"]
+    assert resets == [(2, "reference_reset", True, 1)]
+    assert [(e["step"], e["reason"]) for e in events if e["event"] == "checkpoint"] == [(2, "schedule")]
     assert [r["reference/reset"] for r in read(tmp_path / "metrics.jsonl")] == [0.0, 1.0]
 
 

@@ -324,6 +324,11 @@ class TrainerConfig:
     output_dir: str = "runs/${experiment_name}"
     checkpoint_every_n_steps: int = 50
     keep_last_checkpoints: int = 3
+    # Also keep the checkpoint with the best value of this validation metric (e.g. "val/pass@1"); None: off.
+    keep_best_metric: Optional[str] = None
+    # A step whose update was skipped (NaN/inf in the loss or gradients) is logged and the run goes on;
+    # this many in a row stop it with a checkpoint, since the run is no longer learning.
+    max_consecutive_skipped_updates: int = 3
     progress_bar: bool = True
     tensorboard: bool = True
     plot: bool = True
@@ -332,6 +337,12 @@ class TrainerConfig:
 @dataclass
 class ProRLConfig:
     experiment_name: str = "prorl"
+    # Continue from a checkpoint: "auto" (the latest complete one under trainer.output_dir, else a fresh
+    # start), a checkpoint folder, or None (fresh start).
+    resume: Optional[str] = None
+    # Set by a stage of a staged recipe (`stage=run3`, conf/stage/): resuming into another stage starts it
+    # with a hard reset of the reference policy (and the optimizer, per algo.reference_reset).
+    stage_name: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

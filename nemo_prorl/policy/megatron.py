@@ -9,9 +9,16 @@ the mini-batch totals and gradients are summed over ranks, so the update does no
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import logging
+import os
+import pickle
 import queue
 import socket
+import threading
 import time
+from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -21,16 +28,77 @@ from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.policy.base import POLICY_BACKENDS, Batch, LazyWeight, LossFn, PolicyBackend
 from nemo_prorl.policy.megatron_convert import ModelShape, megatron_to_hf_lazy
 from nemo_prorl.policy.megatron_worker import WorkerSpec, worker_main
+from nemo_prorl.policy.parallel import Launch, launch_from_env
+from nemo_prorl.procs import track
+
+
+log = logging.getLogger("nemo_prorl")
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("", 0))  # free on every interface: ranks on other nodes connect to it
         return sock.getsockname()[1]
 
 
 class MegatronWorkerError(RuntimeError):
     pass
+
+
+# Remote ranks talk plain pickle over TCP: torch's multiprocessing pickler would send tensors as
+# shared-memory handles, which mean nothing on another node.
+def _send(conn: Any, obj: Any) -> None:
+    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn: Any) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
+class _Sender:
+    """A connection with a queue's put(), so that remote and local workers look the same."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def put(self, item: Any) -> None:
+        _send(self.conn, item)
+
+
+class _Receiver:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def get(self) -> Any:
+        return _recv(self.conn)
+
+
+def _authkey(launch: Launch) -> bytes:
+    # Shared by all processes of one job without any exchange; PRORL_AUTHKEY adds a secret of the user's.
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return hashlib.sha256(f"{launch.master_addr}:{launch.master_port}:{job}:{os.environ.get('PRORL_AUTHKEY', '')}"
+                          .encode()).digest()
+
+
+def serve_remote_worker(launch: Launch, connect_timeout_s: float = 1800.0) -> None:
+    """Ranks 1.. of a launched job: connect to the trainer on rank 0, take a worker spec, serve commands."""
+    from multiprocessing.connection import Client
+
+    deadline = time.monotonic() + connect_timeout_s
+    while True:
+        try:
+            conn = Client((launch.master_addr, launch.master_port + 1), authkey=_authkey(launch))
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise MegatronWorkerError(f"rank {launch.rank}: no trainer at {launch.master_addr}:"
+                                          f"{launch.master_port + 1} after {connect_timeout_s:.0f}s") from None
+            time.sleep(1.0)
+    _send(conn, ("hello", launch.rank))
+    spec = dataclasses.replace(_recv(conn), local_rank=launch.local_rank)
+    log.info("rank %d: serving as megatron worker for the trainer at %s", launch.rank, launch.master_addr)
+    worker_main(spec, _Receiver(conn), _Sender(conn))
+    conn.close()
 
 
 class MegatronPolicy(PolicyBackend):
@@ -44,22 +112,73 @@ class MegatronPolicy(PolicyBackend):
         self.shape = ModelShape.from_hf_config(self.hf_config)
         self.world = m.tensor_parallel_size * m.pipeline_parallel_size * m.data_parallel_size
         self.step = 0  # optimizer steps taken, for the warmup
-        threads = cfg.cluster.num_threads or max(1, (torch.get_num_threads()) // self.world)
+        launch = launch_from_env()
+        if launch is not None and launch.world_size != self.world:
+            raise MegatronWorkerError(f"launched with {launch.world_size} processes, but policy.megatron asks for "
+                                      f"TP x PP x DP = {self.world}: start one process per rank")
+        # Launched (torchrun / srun, one process per GPU): this process is rank 0, the controller; it starts
+        # rank 0's worker itself and the other ranks' processes connect to it (serve_remote_worker).
+        local_ranks = range(1 if launch else self.world)
+        threads = cfg.cluster.num_threads or max(1, (torch.get_num_threads()) // len(local_ranks))
         ctx = torch.multiprocessing.get_context("spawn")
         self._results = ctx.Queue()
-        self._commands = [ctx.Queue() for _ in range(self.world)]
+        self._commands: list[Any] = [ctx.Queue() for _ in range(self.world)]
         port = _free_port()
+        addr = launch.master_addr if launch else "127.0.0.1"
+        specs = [WorkerSpec(rank=rank, world_size=self.world, master_port=port, model_dir=str(model_dir), megatron=m,
+                            optim=cfg.policy.optim, dtype=cfg.model.dtype, seed=cfg.trainer.seed,
+                            use_reference=use_reference, num_threads=threads, master_addr=addr)
+                 for rank in range(self.world)]
         self._procs = []
-        for rank in range(self.world):
-            spec = WorkerSpec(rank=rank, world_size=self.world, master_port=port, model_dir=str(model_dir),
-                              megatron=m, optim=cfg.policy.optim, dtype=cfg.model.dtype, seed=cfg.trainer.seed,
-                              use_reference=use_reference, num_threads=threads)
-            proc = ctx.Process(target=worker_main, args=(spec, self._commands[rank], self._results), daemon=True,
-                               name=f"megatron-rank{rank}")
+        self._remote: list[Any] = []
+        for rank in local_ranks:
+            proc = track(ctx.Process(target=worker_main, args=(specs[rank], self._commands[rank], self._results),
+                                     daemon=True, name=f"megatron-rank{rank}"))
             proc.start()
             self._procs.append(proc)
+        if launch is not None:
+            self._accept_remote(launch, specs)
         # (tp, pp, dp) of each rank, as megatron laid out the process groups
         self.layout: list[tuple[int, int, int]] = self._gather("startup")
+
+    def _accept_remote(self, launch: Launch, specs: list[WorkerSpec]) -> None:
+        """Wait for ranks 1.. to connect, send each its spec, and route its answers into the results queue."""
+        listener = Listener(("0.0.0.0", launch.master_port + 1), authkey=_authkey(launch))
+        conns: dict[int, Any] = {}
+
+        def accept() -> None:
+            while len(conns) < self.world - 1:
+                try:
+                    conn = listener.accept()
+                except OSError:
+                    return  # closed by a timeout below
+                _, rank = _recv(conn)
+                conns[rank] = conn
+
+        t = threading.Thread(target=accept, daemon=True)
+        t.start()
+        t.join(self.m.worker_timeout_s)
+        listener.close()
+        if len(conns) < self.world - 1:
+            self.close()
+            missing = sorted(set(range(1, self.world)) - set(conns))
+            raise MegatronWorkerError(f"ranks {missing} did not connect to the trainer at {launch.master_addr}:"
+                                      f"{launch.master_port + 1} within {self.m.worker_timeout_s}s")
+        for rank, conn in sorted(conns.items()):
+            _send(conn, specs[rank])
+            self._commands[rank] = _Sender(conn)
+            threading.Thread(target=self._forward, args=(rank, conn), daemon=True).start()
+            self._remote.append(conn)
+
+    def _forward(self, rank: int, conn: Any) -> None:
+        while True:
+            try:
+                item = _recv(conn)
+            except (EOFError, OSError):
+                if self._remote:  # not a shutdown of ours
+                    self._results.put((rank, "error", f"lost the connection to megatron worker rank {rank}"))
+                return
+            self._results.put(item)
 
     # ------------------------------------------------------------------ talking to the workers
     def _gather(self, what: str) -> list[Any]:
@@ -83,7 +202,7 @@ class MegatronPolicy(PolicyBackend):
         return [answers[r] for r in range(self.world)]
 
     def _call(self, name: str, per_rank_args: list[tuple]) -> list[Any]:
-        if not self._procs:
+        if not self._procs and not self._remote:
             raise MegatronWorkerError("the megatron workers have been shut down")
         for rank, args in enumerate(per_rank_args):
             self._commands[rank].put((name, args))
@@ -178,6 +297,13 @@ class MegatronPolicy(PolicyBackend):
 
     def close(self) -> None:
         procs, self._procs = self._procs, []
+        remote, self._remote = getattr(self, "_remote", []), []
+        for conn in remote:
+            try:
+                _send(conn, ("stop", ()))
+                conn.close()
+            except OSError:
+                pass
         for proc, commands in zip(procs, self._commands):
             if proc.is_alive():
                 commands.put(("stop", ()))

@@ -23,6 +23,7 @@ from nemo_prorl.policy.base import Batch, LossFn
 from nemo_prorl.policy.megatron_convert import ModelShape, hf_to_megatron, lazy_hf_weights
 from nemo_prorl.policy.microbatch import (MicroBatch, make_micro_batch, pad_micro_batch, response_values,
                                           split_micro_batches)
+from nemo_prorl.procs import ignore_preemption_signals
 from nemo_prorl.torch_utils import DTYPES
 
 
@@ -38,6 +39,8 @@ class WorkerSpec:
     seed: int
     use_reference: bool
     num_threads: int
+    local_rank: Optional[int] = None  # launched mode: the GPU of this process on its node
+    master_addr: str = "127.0.0.1"  # host of rank 0 (the store of the worker group)
 
 
 def _quiet_optional_dependency_warnings() -> None:
@@ -59,7 +62,8 @@ class MegatronWorker:
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
         self.device = parallel.init_distributed(spec.rank, spec.world_size, master_port=spec.master_port,
-                                                backend=m.dist_backend)
+                                                backend=m.dist_backend, local_rank=spec.local_rank,
+                                                master_addr=spec.master_addr)
         parallel.init_model_parallel(m.tensor_parallel_size, m.pipeline_parallel_size, spec.seed,
                                      vp=m.virtual_pipeline_parallel_size)
         self.hf_config = AutoConfig.from_pretrained(spec.model_dir)
@@ -290,6 +294,7 @@ def worker_main(spec: WorkerSpec, commands: Any, results: Any) -> None:
     controller with their traceback instead of killing the process silently."""
     _quiet_optional_dependency_warnings()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    ignore_preemption_signals()  # the controller checkpoints with these workers first, then stops them
     try:
         worker = MegatronWorker(spec)
         results.put((spec.rank, "ok", worker.layout()))

@@ -20,6 +20,8 @@ FP8 (Transformer Engine on Hopper/Blackwell GPUs). Transformer Engine and apex a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import contextlib
 import types
 from typing import Any, Optional
@@ -158,9 +160,39 @@ def init_model_parallel(tp: int, pp: int, seed: int = 0, vp: Optional[int] = Non
     seed_model_parallel(seed)
 
 
-def init_distributed(rank: int, world_size: int, *, master_port: int, backend: str = "auto") -> torch.device:
-    """torch.distributed for one worker of a single-node group: NCCL and one GPU per rank on CUDA machines,
-    gloo on the CPU. Returns the rank's device."""
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in a multi-process launch (torchrun, or srun with one task per GPU)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str  # the host of rank 0, where the trainer (the single controller) runs
+    master_port: int
+
+
+def launch_from_env(env: Optional[dict[str, str]] = None) -> Optional[Launch]:
+    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID,
+    with MASTER_ADDR / MASTER_PORT (the launchers export them); None for a plain single-process start."""
+    import os
+
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    else:
+        return None
+    if world <= 1:
+        return None
+    return Launch(rank, world, local, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+
+
+def init_distributed(rank: int, world_size: int, *, master_port: int, backend: str = "auto",
+                     local_rank: Optional[int] = None, master_addr: str = "127.0.0.1") -> torch.device:
+    """torch.distributed for one worker: NCCL and the GPU of its local rank on CUDA machines, gloo on the
+    CPU. Returns the rank's device. The group has its own store on `master_addr:master_port` (a port the
+    trainer picked free), never torchrun's agent store."""
     import os
 
     import torch.distributed as dist
@@ -168,10 +200,12 @@ def init_distributed(rank: int, world_size: int, *, master_port: int, backend: s
     cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    local = rank if local_rank is None else local_rank
+    device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    os.environ["MASTER_ADDR"] = master_addr
     os.environ["MASTER_PORT"] = str(master_port)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     return device

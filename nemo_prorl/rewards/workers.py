@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+from nemo_prorl.procs import ignore_preemption_signals, track
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -49,6 +51,7 @@ def confine() -> None:
 
 
 def _serve(conn, initializer: Optional[Callable[[], None]]) -> None:  # runs in the worker process
+    ignore_preemption_signals()  # the trainer checkpoints first, then closes this pool
     if initializer is not None:
         initializer()
     while True:
@@ -68,7 +71,7 @@ def _serve(conn, initializer: Optional[Callable[[], None]]) -> None:  # runs in 
 class _Worker:
     def __init__(self, ctx, initializer: Optional[Callable[[], None]]) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, initializer), daemon=True)
+        self.proc = track(ctx.Process(target=_serve, args=(child, initializer), daemon=True))
         self.proc.start()
         child.close()
 

@@ -73,6 +73,9 @@ class TorchRolloutEngine(RolloutEngine):
             filtered = top_p_filter(logits.float() / params.temperature, params.top_p)
             logp_all = torch.log_softmax(filtered, dim=-1)
             probs = torch.softmax(filtered, dim=-1)
+            if not bool(torch.isfinite(probs).all()):
+                raise FloatingPointError("rollout engine: the model's logits are not finite (the synced policy "
+                                         "weights have diverged); resume from an earlier checkpoint")
             nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(self.device)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_token_id), nxt)
             tokens.append(nxt)

@@ -176,4 +176,8 @@ def serve(address: str, authkey: bytes) -> None:
 
 
 if __name__ == "__main__":
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm signals every process; the trainer checkpoints
+        signal.signal(sig, signal.SIG_IGN)      # first and then stops this engine itself
     serve(sys.argv[1], bytes.fromhex(os.environ.pop("PRORL_VLLM_AUTHKEY")))

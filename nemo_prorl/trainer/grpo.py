@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -26,7 +29,7 @@ from nemo_prorl.policy.base import Batch, LossFn, PolicyBackend
 from nemo_prorl.rewards import RewardSuite
 from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams
 from nemo_prorl.trainer.batching import build_batch, select_rows
-from nemo_prorl.trainer.checkpoint import save_checkpoint
+from nemo_prorl.trainer.checkpoint import read_checkpoint_file, save_checkpoint, set_rng_state
 from nemo_prorl.trainer.logger import MetricsLogger
 from nemo_prorl.trainer.phases import PhaseTimer
 from nemo_prorl.trainer.scoring import per_domain_means, reward_health, score_completions, shaped_rewards
@@ -76,6 +79,10 @@ class ProRLTrainer:
         self.stop_ids = (tokenizer.eos_token_id,)
         self.rewards = RewardSuite(cfg.reward)
         self.reward_failures: list[str] = []  # reasons of verifier errors/time outs since the last log
+        self.num_resets = 0
+        self.skipped_streak = 0  # consecutive steps whose update was skipped
+        self.last_validation: dict[str, float] = {}
+        self.resumed_stage: Optional[str] = None
 
     # ---------------------------------------------------------------- prompts
     def encode_prompts(self, records: Sequence[PromptRecord]) -> tuple[list[PromptRecord], list[list[int]], int]:
@@ -237,63 +244,177 @@ class ProRLTrainer:
         return out
 
     def maybe_reset_reference(self, step: int, timer: PhaseTimer, logger: MetricsLogger) -> bool:
+        """Hard-reset the reference (and, if configured, the optimizer) when the schedule or the stall rule
+        says so, or when a user asked for it with `prorl reset-reference RUN_DIR`."""
         r = self.cfg.algo.reference_reset
         decision = reference_reset_decision(
             step=step, last_reset_step=self.last_reset_step, every_n_steps=r.every_n_steps,
             val_history=self.val_history, stall_patience=r.stall_patience, stall_min_delta=r.stall_min_delta)
-        if not decision.reset:
+        reason, reset_optimizer = decision.reason, r.reset_optimizer
+        request = self.out_dir / RESET_REQUEST
+        if request.is_file():
+            asked = json.loads(request.read_text() or "{}")
+            reason, reset_optimizer = "manual: prorl reset-reference", asked.get("reset_optimizer", reset_optimizer)
+            request.unlink()
+        elif not decision.reset:
             return False
-        with timer("reset_reference"):
-            self.policy.reset_reference()
-            if r.reset_optimizer:
-                self.policy.reset_optimizer()
-        self.last_reset_step, self.val_history = step, []
-        logger.event(step, "reference_reset", reason=decision.reason, reset_optimizer=r.reset_optimizer)
+        self.hard_reset(step, timer, logger, reason=reason, reset_optimizer=reset_optimizer)
         return True
 
-    # ---------------------------------------------------------------- the loop
+    def hard_reset(self, step: int, timer: PhaseTimer, logger: MetricsLogger, *, reason: str,
+                   reset_optimizer: bool) -> None:
+        with timer("reset_reference"):
+            self.policy.reset_reference()
+            if reset_optimizer:
+                self.policy.reset_optimizer()
+        self.last_reset_step, self.val_history = step, []
+        self.num_resets += 1
+        logger.event(step, "reference_reset", reason=reason, reset_optimizer=reset_optimizer,
+                     num_resets=self.num_resets)
+
+    # ---------------------------------------------------------------- checkpoint, resume, preemption
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "last_reset_step": self.last_reset_step, "val_history": self.val_history,
-                "data": self.source.state_dict()}
+                "num_resets": self.num_resets, "skipped_streak": self.skipped_streak, "data": self.source.state_dict(),
+                "stage_name": self.cfg.stage_name}
 
-    def checkpoint(self, timer: PhaseTimer) -> Path:
+    def restore(self, ckpt: Path) -> None:
+        """Continue exactly where the checkpoint left off: policy (optimizer, reference), counters, data
+        position and RNG states. The policy's weights were already loaded from the checkpoint folder."""
+        self.policy.load_state_dict(read_checkpoint_file(ckpt, "policy_state.pt"))
+        st = read_checkpoint_file(ckpt, "trainer_state.json")
+        self.step, self.last_reset_step, self.val_history = st["step"], st["last_reset_step"], st["val_history"]
+        self.num_resets, self.skipped_streak = st.get("num_resets", 0), st.get("skipped_streak", 0)
+        self.source.load_state_dict(st["data"])
+        set_rng_state(read_checkpoint_file(ckpt, "rng_state.pt"))
+        self.resumed_stage = st.get("stage_name")
+
+    def checkpoint(self, logger: MetricsLogger, reason: str) -> Path:
         t = self.cfg.trainer
+        timer = PhaseTimer()
         with timer("checkpoint"):
-            return save_checkpoint(self.out_dir / "checkpoints", self.step, policy=self.policy,
+            path = save_checkpoint(self.out_dir / "checkpoints", self.step, policy=self.policy,
                                    tokenizer=self.tokenizer, resolved_config=self.resolved,
-                                   trainer_state=self.trainer_state(), keep_last=t.keep_last_checkpoints)
+                                   trainer_state=self.trainer_state(), keep_last=t.keep_last_checkpoints,
+                                   metrics=self.last_validation, keep_best_metric=t.keep_best_metric)
+        logger.event(self.step, "checkpoint", path=str(path), reason=reason,
+                     seconds=round(timer.metrics()["time/checkpoint"], 3))
+        return path
+
+    # ---------------------------------------------------------------- the loop
+    def run_step(self, timer: PhaseTimer, logger: MetricsLogger) -> dict[str, float]:
+        """One step: train, validate (every k steps), reset the reference if due."""
+        t, v = self.cfg.trainer, self.cfg.validation
+        metrics = self.train_step(self.step, timer)
+        last = self.step == t.num_steps
+        if v.every_n_steps > 0 and self.val_records and (self.step % v.every_n_steps == 0 or last):
+            self.last_validation = self.validate(self.step, timer)
+            metrics.update(self.last_validation)
+        metrics["reference/reset"] = float(self.maybe_reset_reference(self.step, timer, logger))
+        skipped = metrics.get("actor/update_skipped", 0.0) > 0 and "actor/loss" in metrics
+        self.skipped_streak = self.skipped_streak + 1 if skipped else 0
+        metrics.update(timer.metrics())
+        metrics["throughput/gen_tokens_per_s"] = metrics["throughput/generated_tokens"] / max(
+            metrics.get("time/generate", 0.0), 1e-9)
+        return metrics
 
     def fit(self) -> dict[str, Any]:
-        t, v = self.cfg.trainer, self.cfg.validation
+        t = self.cfg.trainer
+        resumed_at = self.step
+        if resumed_at:  # rows logged after the checkpoint belong to steps that run again now
+            truncate_logs(self.out_dir, resumed_at)
         logger = MetricsLogger(self.out_dir, total_steps=t.num_steps, start_step=self.step,
                                tensorboard=t.tensorboard, progress_bar=t.progress_bar)
         validations: dict[int, dict[str, float]] = {}
         try:
-            if v.every_n_steps > 0 and self.val_records:
-                timer = PhaseTimer()
-                validations[self.step] = self.validate(self.step, timer)
-                logger.log(self.step, {**validations[self.step], **timer.metrics()})
-            while self.step < t.num_steps:
-                self.step += 1
-                timer = PhaseTimer()
-                metrics = self.train_step(self.step, timer)
-                last = self.step == t.num_steps
-                if v.every_n_steps > 0 and self.val_records and (self.step % v.every_n_steps == 0 or last):
-                    validations[self.step] = self.validate(self.step, timer)
-                    metrics.update(validations[self.step])
-                metrics["reference/reset"] = float(self.maybe_reset_reference(self.step, timer, logger))
-                if self.step % t.checkpoint_every_n_steps == 0 or last:
-                    self.checkpoint(timer)
-                metrics.update(timer.metrics())
-                metrics["throughput/gen_tokens_per_s"] = metrics["throughput/generated_tokens"] / max(
-                    metrics.get("time/generate", 0.0), 1e-9)
-                logger.log(self.step, metrics)
-                logger.advance(self.step, metrics)
-                if self.reward_failures:  # verifier errors/time outs: counted in metrics, examples here
-                    logger.event(self.step, "reward_failures", count=len(self.reward_failures),
-                                 examples=self.reward_failures[:3])
-                    self.reward_failures = []
+            with StopSignals() as stop:
+                self._begin(logger, resumed_at, validations)
+                while self.step < t.num_steps:
+                    self.step += 1
+                    metrics = self.run_step(PhaseTimer(), logger)
+                    if "val/reward" in metrics:
+                        validations[self.step] = self.last_validation
+                    # logged before the checkpoint: a kill in between re-runs this step, never loses its row
+                    logger.log(self.step, metrics)
+                    logger.advance(self.step, metrics)
+                    self._report_reward_failures(logger)
+                    unhealthy = self.skipped_streak >= t.max_consecutive_skipped_updates
+                    if (self.step % t.checkpoint_every_n_steps == 0 or self.step == t.num_steps or stop.signal
+                            or unhealthy):
+                        path = self.checkpoint(logger, stop.signal or ("unhealthy" if unhealthy else "schedule"))
+                    if stop.signal:  # Slurm preemption or time limit: saved; the launcher requeues the job
+                        (self.out_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step,
+                                                                                 "signal": stop.signal}))
+                        logger.event(self.step, "preempted", signal=stop.signal, checkpoint=str(path))
+                        break
+                    if unhealthy:
+                        logger.event(self.step, "stopped_unhealthy", skipped_steps=self.skipped_streak)
+                        raise TrainingHealthError(
+                            f"{self.skipped_streak} steps in a row skipped their update (NaN or inf in the loss or "
+                            f"gradients); stopped with a checkpoint at {path}")
         finally:
             logger.close()
             self.rewards.close()
-        return {"validations": validations, "out_dir": str(self.out_dir)}
+        return {"validations": validations, "out_dir": str(self.out_dir), "preempted": stop.signal}
+
+    def _begin(self, logger: MetricsLogger, resumed_at: int, validations: dict[int, dict[str, float]]) -> None:
+        """A fresh run validates the starting policy; a resumed one logs the event, and a resume into a new
+        stage starts it with a hard reset (ProRL Appendix E: every run begins with one)."""
+        if not resumed_at:
+            if self.cfg.validation.every_n_steps > 0 and self.val_records:
+                timer = PhaseTimer()
+                validations[self.step] = self.last_validation = self.validate(self.step, timer)
+                logger.log(self.step, {**validations[self.step], **timer.metrics()})
+            return
+        stage = self.cfg.stage_name
+        logger.event(self.step, "resumed", num_resets=self.num_resets, stage=stage)
+        if stage != self.resumed_stage:
+            self.hard_reset(self.step, PhaseTimer(), logger, reason=f"stage {stage} starts (was {self.resumed_stage})",
+                            reset_optimizer=self.cfg.algo.reference_reset.reset_optimizer)
+
+    def _report_reward_failures(self, logger: MetricsLogger) -> None:
+        if self.reward_failures:  # verifier errors/time outs: counted in metrics, examples here
+            logger.event(self.step, "reward_failures", count=len(self.reward_failures),
+                         examples=self.reward_failures[:3])
+            self.reward_failures = []
+
+
+class TrainingHealthError(RuntimeError):
+    pass
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (Slurm preemption, `--signal`) ask the loop to checkpoint after the current
+    step and exit cleanly; a second signal of the same kind is not caught again."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+PREEMPTED_MARKER = "PREEMPTED"
+RESET_REQUEST = "RESET_REFERENCE"  # written by `prorl reset-reference RUN_DIR`; read at the next step's end
+
+
+def truncate_logs(out_dir: Path, step: int) -> None:
+    """Drop metric and event rows of steps after `step` (they re-run after a resume)."""
+    for name in ("metrics.jsonl", "events.jsonl"):
+        f = out_dir / name
+        if f.is_file():
+            rows = [line for line in f.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            f.write_text("".join(r + "\n" for r in rows))
