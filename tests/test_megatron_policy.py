@@ -221,6 +221,24 @@ def test_training_loop_runs_with_megatron_policy(tiny_model_dir, tmp_path):
     assert set(saved) == set(start) and any(not torch.equal(saved[k], start[k]) for k in saved)
     state = torch.load(last / "policy_state.pt", weights_only=False)
     assert state["step"] >= 2 and [tuple(x) for x in state["layout"]] == [(0, 0, 0), (1, 0, 0)]
+    # each rank wrote its own state file, in parallel
+    assert sorted(f.name for f in (last / "megatron").iterdir()) == ["rank_tp0_pp0_dp0.pt", "rank_tp1_pp0_dp0.pt"]
+
+
+def test_megatron_run_resumes_exactly(tiny_model_dir, tmp_path):
+    def run(out, steps, *extra):
+        cfg, resolved = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", f"trainer.output_dir={out}",
+                                     "policy=megatron", "policy.megatron.tensor_parallel_size=2",
+                                     f"trainer.num_steps={steps}", "trainer.checkpoint_every_n_steps=1",
+                                     "validation.every_n_steps=0", "trainer.plot=false", *extra])
+        run_training(cfg, resolved)
+        return {json.loads(line)["step"]: {k: v for k, v in json.loads(line).items() if not k.startswith(("time/",
+                "throughput/gen"))} for line in open(out / "metrics.jsonl")}
+
+    whole = run(tmp_path / "whole", 3)
+    run(tmp_path / "split", 2)
+    resumed = run(tmp_path / "split", 3, "resume=auto")
+    assert resumed == whole and sorted(whole) == [1, 2, 3]
 
 
 def test_prorl_convert_round_trip(tiny_model_dir, tmp_path, capsys):

@@ -19,6 +19,7 @@ import torch
 from nemo_prorl.registry import Registry
 
 Batch = Mapping[str, torch.Tensor]
+STATE_FILE = "policy_state.pt"
 # (logprobs [b, R], entropy [b, R], micro-batch) -> (loss, metrics). Metrics must already be normalised by
 # the mini-batch totals so that summing them over micro-batches gives the mini-batch value. It must pickle
 # (a module-level function or a functools.partial of one): multi-process backends send it to their workers.
@@ -102,6 +103,14 @@ class PolicyBackend(ABC):
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def save_state(self, path: Path) -> None:
+        """Write the resume state into checkpoint folder `path`, beside the HF weights. Multi-process
+        backends override it to write one file per rank, in parallel."""
+        torch.save(self.state_dict(), path / STATE_FILE)
+
+    def load_state(self, path: Path) -> None:
+        self.load_state_dict(torch.load(path / STATE_FILE, weights_only=False))
 
     def close(self) -> None:
         """Release worker processes and devices (a no-op for in-process backends)."""

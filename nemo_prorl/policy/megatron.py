@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from nemo_prorl.config.schema import ProRLConfig
-from nemo_prorl.policy.base import POLICY_BACKENDS, Batch, LazyWeight, LossFn, PolicyBackend
+from nemo_prorl.policy.base import POLICY_BACKENDS, STATE_FILE, Batch, LazyWeight, LossFn, PolicyBackend
 from nemo_prorl.policy.megatron_convert import ModelShape, megatron_to_hf_lazy
 from nemo_prorl.policy.megatron_worker import WorkerSpec, worker_main
 from nemo_prorl.policy.parallel import Launch, launch_from_env
@@ -293,6 +293,24 @@ class MegatronPolicy(PolicyBackend):
             raise ValueError(f"policy state was saved with rank layout {state['layout']}, this run has {self.layout}: "
                              "resume with the same policy.megatron parallel sizes")
         self._call("load_state_dict", [(s,) for s in state["ranks"]])
+        self.step = state["step"]
+
+    def _rank_files(self, path: Path) -> list[tuple[str]]:
+        return [(str(path / "megatron" / f"rank_tp{t}_pp{p}_dp{d}.pt"),) for t, p, d in self.layout]
+
+    def save_state(self, path: Path) -> None:
+        """Each rank writes its own file (weights, reference, optimizer shard) under `path/megatron/`, all
+        in parallel; on several nodes `path` must be on a shared file system."""
+        (path / "megatron").mkdir(exist_ok=True)
+        self._call("save_state", self._rank_files(path))
+        torch.save({"step": self.step, "layout": self.layout, "format": "per-rank"}, path / STATE_FILE)
+
+    def load_state(self, path: Path) -> None:
+        state = torch.load(path / STATE_FILE, weights_only=False)
+        if [tuple(x) for x in state["layout"]] != self.layout:
+            raise ValueError(f"policy state was saved with rank layout {state['layout']}, this run has {self.layout}: "
+                             "resume with the same policy.megatron parallel sizes")
+        self._call("load_state", self._rank_files(path))
         self.step = state["step"]
 
     def close(self) -> None:

@@ -273,6 +273,17 @@ class MegatronWorker:
                 "optimizer": [copy.deepcopy(o.state_dict()) for o in inner],
                 "main_params": [[p.detach().cpu().clone() for g in o.param_groups for p in g["params"]] for o in inner]}
 
+    def save_state(self, path: str) -> None:
+        """Write this rank's state for exact resume to its own file (all ranks in parallel)."""
+        torch.save(self.state_dict(), path)
+
+    def load_state(self, path: str) -> None:
+        try:
+            state = torch.load(path, weights_only=False)
+        except Exception as e:  # a damaged file raises several types
+            raise RuntimeError(f"checkpoint file {path} cannot be read: {e}") from e
+        self.load_state_dict(state)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if tuple(state["layout"]) != (self.tp_rank, self.pp_rank, self.dp_rank):
             raise RuntimeError(f"state for rank layout {state['layout']} given to rank "
@@ -289,6 +300,20 @@ class MegatronWorker:
                     p.copy_(saved)
 
 
+def _next_command(commands: Any) -> tuple[str, tuple]:
+    """The next command; "stop" once the trainer process is gone (killed without a chance to say so)."""
+    import multiprocessing
+    import queue
+
+    parent = multiprocessing.parent_process()
+    while True:
+        try:
+            return commands.get(timeout=5.0) if parent is not None else commands.get()
+        except queue.Empty:
+            if not parent.is_alive():
+                return "stop", ()
+
+
 def worker_main(spec: WorkerSpec, commands: Any, results: Any) -> None:
     """The worker process: build, answer "ready", then run commands until "stop". Errors go back to the
     controller with their traceback instead of killing the process silently."""
@@ -302,7 +327,7 @@ def worker_main(spec: WorkerSpec, commands: Any, results: Any) -> None:
         results.put((spec.rank, "error", traceback.format_exc()))
         return
     while True:
-        name, args = commands.get()
+        name, args = _next_command(commands)
         if name == "stop":
             break
         try:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_prorl.policy.base import PolicyBackend
+from nemo_prorl.policy.base import STATE_FILE, PolicyBackend
 
 COMPLETE_MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -73,7 +73,7 @@ def save_checkpoint(
         policy.save(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(resolved_config))
-        torch.save(policy.state_dict(), tmp / "policy_state.pt")
+        policy.save_state(tmp)
         torch.save(rng_state(), tmp / "rng_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=1))
@@ -155,7 +155,7 @@ def read_checkpoint_file(path: Path, name: str) -> Any:
         raise CheckpointError(f"resume: checkpoint {path} is corrupt: {name} cannot be read ({e})") from e
 
 
-TRAINING_STATE_FILES = {"policy_state.pt", "rng_state.pt", "trainer_state.json", "metrics.json", MANIFEST,
+TRAINING_STATE_FILES = {STATE_FILE, "rng_state.pt", "trainer_state.json", "metrics.json", MANIFEST,
                         COMPLETE_MARKER, CONFIG_FILE}
 
 
@@ -170,7 +170,7 @@ def export_hf(ckpt: Path, out: Path) -> Path:
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for f in sorted(ckpt.iterdir()):
+    for f in sorted(ckpt.iterdir()):  # (per-rank state lives in subfolders, which are not copied)
         if f.is_file() and f.name not in TRAINING_STATE_FILES:
             shutil.copy2(f, tmp / f.name)
     _fsync_tree(tmp)

@@ -29,7 +29,7 @@ from nemo_prorl.policy.base import Batch, LossFn, PolicyBackend
 from nemo_prorl.rewards import RewardSuite
 from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams
 from nemo_prorl.trainer.batching import build_batch, select_rows
-from nemo_prorl.trainer.checkpoint import read_checkpoint_file, save_checkpoint, set_rng_state
+from nemo_prorl.trainer.checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint, set_rng_state
 from nemo_prorl.trainer.logger import MetricsLogger
 from nemo_prorl.trainer.phases import PhaseTimer
 from nemo_prorl.trainer.scoring import per_domain_means, reward_health, score_completions, shaped_rewards
@@ -281,7 +281,10 @@ class ProRLTrainer:
     def restore(self, ckpt: Path) -> None:
         """Continue exactly where the checkpoint left off: policy (optimizer, reference), counters, data
         position and RNG states. The policy's weights were already loaded from the checkpoint folder."""
-        self.policy.load_state_dict(read_checkpoint_file(ckpt, "policy_state.pt"))
+        try:
+            self.policy.load_state(ckpt)
+        except Exception as e:  # a damaged file raises several types, from this process or a worker
+            raise CheckpointError(f"resume: checkpoint {ckpt}: the policy state cannot be loaded: {e}") from e
         st = read_checkpoint_file(ckpt, "trainer_state.json")
         self.step, self.last_reset_step, self.val_history = st["step"], st["last_reset_step"], st["val_history"]
         self.num_resets, self.skipped_streak = st.get("num_resets", 0), st.get("skipped_streak", 0)
