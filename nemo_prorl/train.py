@@ -68,14 +68,15 @@ def resolve_resume(cfg: ProRLConfig) -> Optional[Path]:
     return path
 
 
-def check_resumable(ckpt: Path, cfg: ProRLConfig, resolved: DictConfig, model_dir: Path) -> None:
+def check_resumable(ckpt: Path, resolved: DictConfig, model_dir: Path) -> None:
     """Fail at launch, listing every differing key, when the checkpoint cannot continue under this config."""
     try:
         saved = OmegaConf.load(ckpt / CONFIG_FILE)
     except Exception as e:  # yaml and OmegaConf raise several types
         raise CheckpointError(f"resume: checkpoint {ckpt} is corrupt: {CONFIG_FILE} cannot be read ({e})") from e
     diffs = []
-    for key in LAYOUT_KEYS:
+    keys = LAYOUT_KEYS if "megatron" in (saved.policy.backend, resolved.policy.backend) else LAYOUT_KEYS[:1]
+    for key in keys:
         a, b = OmegaConf.select(saved, key), OmegaConf.select(resolved, key)
         if a != b:
             diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
@@ -95,7 +96,7 @@ def build_trainer(cfg: ProRLConfig, resolved: DictConfig) -> ProRLTrainer:
     resume = resolve_resume(cfg)
     model_dir = resolve_model_dir(cfg)
     if resume is not None:
-        check_resumable(resume, cfg, resolved, model_dir)
+        check_resumable(resume, resolved, model_dir)
         log.info("resuming from %s", resume)
         model_dir = resume  # a checkpoint is a Hugging Face folder of the trained weights
     tokenizer = apply_chat_template_choice(AutoTokenizer.from_pretrained(model_dir), cfg.data.prompt.chat_template)

@@ -291,6 +291,7 @@ class ProRLTrainer:
         self.source.load_state_dict(st["data"])
         set_rng_state(read_checkpoint_file(ckpt, "rng_state.pt"))
         self.resumed_stage = st.get("stage_name")
+        self.last_validation = read_checkpoint_file(ckpt, "metrics.json")
 
     def checkpoint(self, logger: MetricsLogger, reason: str) -> Path:
         t = self.cfg.trainer
