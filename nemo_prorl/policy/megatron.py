@@ -132,8 +132,10 @@ class MegatronPolicy(PolicyBackend):
         self._procs = []
         self._remote: list[Any] = []
         for rank in local_ranks:
+            # not daemonic: megatron's checkpoint writer starts processes of its own; `track` still kills a
+            # worker left alive at exit, and a worker whose trainer died stops by itself
             proc = track(ctx.Process(target=worker_main, args=(specs[rank], self._commands[rank], self._results),
-                                     daemon=True, name=f"megatron-rank{rank}"))
+                                     daemon=False, name=f"megatron-rank{rank}"))
             proc.start()
             self._procs.append(proc)
         if launch is not None:
@@ -295,22 +297,19 @@ class MegatronPolicy(PolicyBackend):
         self._call("load_state_dict", [(s,) for s in state["ranks"]])
         self.step = state["step"]
 
-    def _rank_files(self, path: Path) -> list[tuple[str]]:
-        return [(str(path / "megatron" / f"rank_tp{t}_pp{p}_dp{d}.pt"),) for t, p, d in self.layout]
-
     def save_state(self, path: Path) -> None:
-        """Each rank writes its own file (weights, reference, optimizer shard) under `path/megatron/`, all
-        in parallel; on several nodes `path` must be on a shared file system."""
-        (path / "megatron").mkdir(exist_ok=True)
-        self._call("save_state", self._rank_files(path))
-        torch.save({"step": self.step, "layout": self.layout, "format": "per-rank"}, path / STATE_FILE)
+        """A Megatron distributed checkpoint under `path/megatron/`, written by all ranks together; on
+        several nodes `path` must be on a shared file system."""
+        (path / "megatron").mkdir()
+        self._call_all("save_state", str(path / "megatron"))
+        torch.save({"step": self.step, "layout": self.layout, "format": "megatron_dist"}, path / STATE_FILE)
 
     def load_state(self, path: Path) -> None:
         state = torch.load(path / STATE_FILE, weights_only=False)
         if [tuple(x) for x in state["layout"]] != self.layout:
             raise ValueError(f"policy state was saved with rank layout {state['layout']}, this run has {self.layout}: "
                              "resume with the same policy.megatron parallel sizes")
-        self._call("load_state", self._rank_files(path))
+        self._call_all("load_state", str(path / "megatron"))
         self.step = state["step"]
 
     def close(self) -> None:

@@ -273,16 +273,51 @@ class MegatronWorker:
                 "optimizer": [copy.deepcopy(o.state_dict()) for o in inner],
                 "main_params": [[p.detach().cpu().clone() for g in o.param_groups for p in g["params"]] for o in inner]}
 
+    def _sharded_state(self, is_loading: bool = False) -> dict[str, Any]:
+        """Megatron's sharded state dict of this rank: model chunks, reference chunks and the optimizer
+        (the distributed optimizer in its "dp_reshardable" layout: every rank writes its own buffers)."""
+        from nemo_prorl.policy import parallel
+
+        sd: dict[str, Any] = {f"model{i}": self._module(c).sharded_state_dict() for i, c in enumerate(self.model)}
+        model_sd = dict(sd) if len(sd) > 1 else sd["model0"]
+        for i, c in enumerate(self.reference or []):
+            sd[f"reference{i}"] = c.sharded_state_dict(prefix="reference.")
+        self._fill_empty_optimizer_state()
+        with parallel.cuda_type_names():
+            sd["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+        return sd
+
+    def _fill_empty_optimizer_state(self) -> None:
+        """Adam's state as torch creates it before a first step (zero moments, step 0): the sharded
+        optimizer state needs it on every parameter, and it changes nothing about the next update."""
+        for opt in self._inner_optimizers():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if not opt.state[p]:
+                        opt.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                            exp_avg_sq=torch.zeros_like(p))
+
     def save_state(self, path: str) -> None:
-        """Write this rank's state for exact resume to its own file (all ranks in parallel)."""
-        torch.save(self.state_dict(), path)
+        """A Megatron distributed checkpoint (megatron.core.dist_checkpointing, torch_dist format): all ranks
+        write their shards of the weights, reference and optimizer into `path` together."""
+        from megatron.core import dist_checkpointing
+
+        dist_checkpointing.save(self._sharded_state(), path)
 
     def load_state(self, path: str) -> None:
-        try:
-            state = torch.load(path, weights_only=False)
-        except Exception as e:  # a damaged file raises several types
-            raise RuntimeError(f"checkpoint file {path} cannot be read: {e}") from e
-        self.load_state_dict(state)
+        from megatron.core import dist_checkpointing
+
+        from nemo_prorl.policy import parallel
+
+        loaded = dist_checkpointing.load(self._sharded_state(is_loading=True), path)
+        for i, c in enumerate(self.model):
+            self._module(c).load_state_dict(loaded[f"model{i}"])
+        for i, c in enumerate(self.reference or []):
+            c.load_state_dict({k.removeprefix("reference."): v for k, v in loaded[f"reference{i}"].items()})
+        # no_grad: with float32 weights the optimizer's main parameters are the model's own leaves
+        with parallel.cuda_type_names(), torch.no_grad():
+            self.optimizer.load_state_dict(loaded["optimizer"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if tuple(state["layout"]) != (self.tp_rank, self.pp_rank, self.dp_rank):
