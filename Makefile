@@ -19,7 +19,7 @@ else
 TEST_DEPS  := $(STAMP)
 endif
 
-.PHONY: run test setup vllm-env clean
+.PHONY: run test setup vllm-env bench-trl clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ run: $(STAMP)
 
 test: $(TEST_DEPS)
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+# TRL's GRPOTrainer against ours on this CPU (README "Against TRL"); installs the `bench` extra into .venv
+bench-trl: $(STAMP)
+	$(PIP) install --quiet -e '.[dev,bench]'
+	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: ' + v)"
+	OMP_NUM_THREADS=2 $(PY) benchmarks/vs_trl.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -1,5 +1,6 @@
 """`prorl` command line: `prorl train [OVERRIDE ...]`, `prorl config [OVERRIDE ...]`, `prorl data inspect PATH`,
-`prorl convert hf-to-megatron|megatron-to-hf SRC DST`, `prorl export CKPT OUT`, `prorl reset-reference RUN_DIR`.
+`prorl convert hf-to-megatron|megatron-to-hf SRC DST`, `prorl export CKPT OUT`, `prorl reset-reference RUN_DIR`,
+`prorl eval CHECKPOINT [CHECKPOINT ...] [OVERRIDE ...]`.
 
 Overrides are Hydra's: `algo.clip_eps_high=0.28`, `experiment=prorl_1p5b`, `trainer.num_steps=10`."""
 
@@ -31,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (safetensors, config, tokenizer)")
     ex.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
     ex.add_argument("out", help="the new folder")
+    ev = sub.add_parser("eval", help="pass@k of checkpoints on benchmark files (eval.tasks) or the validation set")
+    ev.add_argument("args", nargs="+", metavar="CHECKPOINT_OR_OVERRIDE",
+                    help="run folders, checkpoints or Hugging Face model folders, and Hydra overrides (KEY=VALUE), "
+                    "e.g. runs/cpu_tiny eval.num_samples_per_prompt=64 'eval.pass_k=[1,64]'")
+    ev.add_argument("--tasks", default=None, help="comma-separated names of eval.tasks to run (default: all)")
+    ev.add_argument("--out", default=None, help="output folder (default: eval.output_dir)")
     rr = sub.add_parser("reset-reference", help="hard-reset the reference policy of a run at its next step "
                         "(a running job picks it up; a stopped one on resume)")
     rr.add_argument("run_dir", help="the run's trainer.output_dir")
@@ -55,6 +62,33 @@ def reset_reference(run_dir: str, reset_optimizer: Optional[bool]) -> int:
     return 0
 
 
+def run_eval_command(args: argparse.Namespace) -> int:
+    from nemo_prorl.eval.runner import EvalError, evaluate_all
+
+    overrides = [a for a in args.args if "=" in a]
+    checkpoints = [a for a in args.args if "=" not in a]
+    try:
+        cfg, _ = load_config(overrides)
+        if args.tasks is not None:
+            cfg.eval.tasks = select_tasks(cfg.eval.tasks, args.tasks.split(","))
+        evaluate_all(cfg, checkpoints, args.out)
+    except (ConfigError, EvalError) as e:
+        print(f"prorl: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def select_tasks(tasks: dict, names: Sequence[str]) -> dict:
+    from nemo_prorl.eval.runner import EvalError
+
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in tasks]
+    if unknown or not names:
+        raise EvalError(f"--tasks: unknown task(s) {unknown or '(none given)'}; eval.tasks has: "
+                        f"{', '.join(sorted(tasks)) or '(none: set eval.tasks, or leave --tasks out to use the validation set)'}")
+    return {n: tasks[n] for n in names}
+
+
 def _quiet_libraries() -> None:
     # Our own progress bar is the one to watch; transformers' per-load bars and matplotlib's font cache
     # notices would bury it.
@@ -69,7 +103,7 @@ def ensure_hash_seed(command: str) -> None:
     """Re-run `prorl train` under a fixed PYTHONHASHSEED: reasoning-gym builds some puzzles
     (word_ladder, knight_swap, isomorphic_strings, ...) by iterating sets of strings, so a resumed run
     regenerates the same puzzles, and scorers agree with the trainer, only under the same hash seed."""
-    if command == "train" and os.environ.get("PYTHONHASHSEED") is None:
+    if command in ("train", "eval") and os.environ.get("PYTHONHASHSEED") is None:
         os.environ["PYTHONHASHSEED"] = "0"
         os.execv(sys.executable, [sys.executable, "-m", "nemo_prorl.cli", *sys.argv[1:]])
 
@@ -102,6 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from nemo_prorl.policy import convert
 
         return convert.run(args)
+    if args.command == "eval":
+        return run_eval_command(args)
     try:
         cfg, resolved = load_config(args.overrides)
     except ConfigError as e:

@@ -42,6 +42,20 @@ def test_engine_logprobs_match_policy(parts):
     assert (lp * (1 - batch["response_mask"])).abs().sum() == 0
 
 
+def test_shared_prefill_equals_one_prefill_per_sample(parts):
+    """The n samples of a prompt share one prefill; sampling them as n separate prompts (no sharing, same
+    row order, so the same random draws) must give the same tokens and logprobs. max_num_seqs=6 also
+    splits a prompt's samples across two chunks."""
+    _, tok, _, engine, prompts = parts
+    engine.max_num_seqs = 6
+    shared = engine.generate(prompts, params(tok))
+    separate = engine.generate([p for p in prompts for _ in range(4)], params(tok, n=1))
+    assert [c.token_ids for c in shared] == [c.token_ids for c in separate]
+    assert len({tuple(c.token_ids) for c in shared}) > 2  # real sampling, not one repeated answer
+    for a, b in zip(shared, separate):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+
+
 def test_generation_is_seeded_and_stops(parts):
     _, tok, _, engine, prompts = parts
     a = engine.generate(prompts, params(tok))

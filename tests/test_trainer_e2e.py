@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from nemo_prorl.config import load_config
@@ -164,3 +165,44 @@ def test_verifier_failures_are_counted_and_reported_not_raised(tiny_model_dir, t
     assert 0.0 < row["reward/error_frac"] < 1.0 and row["reward/timeout_frac"] == 0.0
     (event,) = [e for e in read(tmp_path / "events.jsonl") if e["event"] == "reward_failures"]
     assert event["count"] > 0 and "RuntimeError: verifier crashed" in event["examples"][0]
+
+
+def test_first_update_reuses_its_own_forward_as_old_logprobs(tiny_model_dir, tmp_path, mixed_rewards):
+    """With one epoch, the old-logprob pass covers only the rows of the updates after the first; the step's
+    update matches the one with every row's old logprobs computed up front."""
+    import copy
+
+    from nemo_prorl.train import build_trainer
+    from nemo_prorl.trainer.phases import PhaseTimer
+
+    cfg, resolved = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", f"trainer.output_dir={tmp_path}",
+                                 "algo.dynamic_sampling.enabled=false", "algo.num_prompts_per_step=6"])
+    trainer = build_trainer(cfg, resolved)
+    try:
+        groups, _ = trainer.collect_groups(1, PhaseTimer())
+        batch = trainer.make_batch(groups)
+        plan = trainer.minibatch_plan(len(groups), 1)
+        assert len(plan) == 3 and sorted(torch.cat(plan).tolist()) == list(range(24))
+        seen = []
+        real = trainer.policy.logprobs
+        trainer.policy.logprobs = lambda b, **kw: seen.append((b["input_ids"].shape[0], kw)) or real(b, **kw)
+        metrics = trainer.logprobs_phase(batch, plan, 1)
+        trainer.policy.logprobs = real
+        assert [n for n, kw in seen if not kw.get("reference")] == [16]  # 24 rows minus the first update's 8
+        full = real(batch, temperature=cfg.rollout.temperature)
+        later = torch.cat(plan[1:])
+        torch.testing.assert_close(batch["old_logprobs"][later], full[later], rtol=0, atol=1e-6)
+        assert batch["old_logprobs"][plan[0]].abs().sum() == 0
+        assert metrics["mismatch/mean_abs_logprob_diff"] < 1e-5
+        weights = copy.deepcopy(trainer.policy.model.state_dict())
+        opt = copy.deepcopy(trainer.policy.optimizer.state_dict())
+        skipped = trainer.update(batch, plan)
+        trainer.policy.model.load_state_dict(weights)
+        trainer.policy.optimizer.load_state_dict(opt)
+        computed = trainer.update({**batch, "old_logprobs": full}, plan)
+        for k in ("actor/loss", "actor/pg_loss", "actor/clip_frac", "actor/grad_norm"):
+            assert skipped[k] == pytest.approx(computed[k], rel=1e-5, abs=1e-7), k
+    finally:
+        trainer.engine.close()
+        trainer.policy.close()
+        trainer.rewards.close()

@@ -112,6 +112,15 @@ def validate_config(cfg: ProRLConfig) -> None:
     allowed_metrics = [f"pass@{k}" for k in v.pass_k] + ["reward"]
     check(v.metric in allowed_metrics, "validation.metric", f"allowed values: {', '.join(allowed_metrics)}")
 
+    e = cfg.eval
+    check(e.num_samples_per_prompt >= 1, "eval.num_samples_per_prompt", "must be >= 1")
+    check(bool(e.pass_k) and all(1 <= k <= e.num_samples_per_prompt for k in e.pass_k), "eval.pass_k",
+          f"every k must be between 1 and eval.num_samples_per_prompt={e.num_samples_per_prompt} (pass@k needs "
+          "at least k samples per prompt; raise eval.num_samples_per_prompt)")
+    check(e.temperature > 0, "eval.temperature", "must be > 0")
+    check(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+    check(e.max_response_length is None or e.max_response_length >= 1, "eval.max_response_length", "must be >= 1")
+
     rw = cfg.reward
     from nemo_prorl.rewards.sandbox import SANDBOXES
     from nemo_prorl.rewards import sandbox_remote  # noqa: F401  registers "remote"
@@ -139,7 +148,7 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(not bad_tasks and bool(cfg.data.synthetic.tasks), "data.synthetic.tasks",
           f"allowed values: {', '.join(TASKS.names())}")
     check(cfg.data.num_validation_prompts >= 0, "data.num_validation_prompts", "must be >= 0")
-    _check_blend(cfg.data, check)
+    _check_blend(cfg.data, check, cfg.eval.tasks)
     check(cfg.trainer.num_steps >= 0, "trainer.num_steps", "must be >= 0")
     check(cfg.trainer.keep_last_checkpoints >= 1, "trainer.keep_last_checkpoints", "must be >= 1")
     if cfg.model.path is None:
@@ -149,7 +158,7 @@ def validate_config(cfg: ProRLConfig) -> None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
-def _check_blend(data, check) -> None:
+def _check_blend(data, check, eval_tasks) -> None:
     from nemo_prorl.data.formats import DOMAIN_ALIASES, FORMATS
     from nemo_prorl.data.templates import CHAT_TEMPLATES
     from nemo_prorl.rewards import REWARDS
@@ -159,9 +168,10 @@ def _check_blend(data, check) -> None:
           "data.prompt.chat_template", f"allowed values: null, {', '.join(CHAT_TEMPLATES)}")
     check(data.source != "blend" or bool(data.blend), "data.blend", "data.source=blend needs at least one source")
     formats = ["auto", "reasoning_gym", *FORMATS.names()]
-    for group in ("blend", "validation"):
-        for name, s in getattr(data, group).items():
-            key = f"data.{group}.{name}"
+    groups = {"data.blend": data.blend, "data.validation": data.validation, "eval.tasks": eval_tasks}
+    for group, sources in groups.items():
+        for name, s in sources.items():
+            key = f"{group}.{name}"
             check(s.format in formats, f"{key}.format", f"allowed values: {', '.join(sorted(set(formats)))}")
             check(s.format == "reasoning_gym" or bool(s.path), f"{key}.path", "is required (a .jsonl or .parquet file)")
             check(s.format != "reasoning_gym" or bool(s.tasks), f"{key}.tasks", "list reasoning-gym tasks, or [all]")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import signal
 import threading
 from pathlib import Path
@@ -25,6 +24,7 @@ from nemo_prorl.algo.reset import reference_reset_decision
 from nemo_prorl.algo.sampling import groups_with_signal, take_groups
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.data.records import PromptRecord, PromptSource
+from nemo_prorl.data.templates import encode_prompts
 from nemo_prorl.policy.base import Batch, LossFn, PolicyBackend
 from nemo_prorl.rewards import RewardSuite
 from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams
@@ -86,15 +86,7 @@ class ProRLTrainer:
 
     # ---------------------------------------------------------------- prompts
     def encode_prompts(self, records: Sequence[PromptRecord]) -> tuple[list[PromptRecord], list[list[int]], int]:
-        """Chat-template and tokenize; prompts over data.max_prompt_length are dropped and counted, never cut."""
-        kept, ids = [], []
-        for rec in records:
-            text = self.tokenizer.apply_chat_template(list(rec.messages), add_generation_prompt=True, tokenize=False)
-            toks = self.tokenizer.encode(text, add_special_tokens=False)
-            if len(toks) <= self.cfg.data.max_prompt_length:
-                kept.append(rec)
-                ids.append(toks)
-        return kept, ids, len(records) - len(kept)
+        return encode_prompts(self.tokenizer, records, self.cfg.data.max_prompt_length)
 
     # ---------------------------------------------------------------- phases: generate, score, filter
     def collect_groups(self, step: int, timer: PhaseTimer) -> tuple[StepGroups, dict[str, float]]:
@@ -165,9 +157,17 @@ class ProRLTrainer:
         batch["advantages"] = estimator(rewards, eps=a.advantage_eps, token_counts=token_counts).flatten()
         return batch
 
-    def num_updates(self, num_groups: int) -> int:
-        a = self.cfg.algo
-        return math.ceil(num_groups / a.num_prompts_per_minibatch) * a.num_epochs_per_step
+    def minibatch_plan(self, num_groups: int, step: int) -> list[torch.Tensor]:
+        """The rows of each update of the step, in order: whole groups, shuffled (seeded) every epoch."""
+        a, n = self.cfg.algo, self.cfg.algo.num_generations_per_prompt
+        gen = torch.Generator().manual_seed(_seed(self.cfg.trainer.seed, step, 7))
+        plan = []
+        for _ in range(a.num_epochs_per_step):
+            order = torch.randperm(num_groups, generator=gen)
+            for start in range(0, num_groups, a.num_prompts_per_minibatch):
+                groups = order[start : start + a.num_prompts_per_minibatch]
+                plan.append((groups.unsqueeze(1) * n + torch.arange(n)).flatten())
+        return plan
 
     def loss_fn(self, mb: Batch) -> LossFn:
         """The ProRL loss for one mini-batch; its normalisers are the mini-batch totals, so micro-batching
@@ -180,40 +180,45 @@ class ProRLTrainer:
             kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef, rollout_correction=rc.mode,
             tis_cap=rc.tis_cap, icepop_low=rc.icepop_low, icepop_high=rc.icepop_high)
 
-    def update(self, batch: dict[str, torch.Tensor], num_groups: int, step: int) -> dict[str, float]:
-        a, n = self.cfg.algo, self.cfg.algo.num_generations_per_prompt
+    def update(self, batch: dict[str, torch.Tensor], plan: list[torch.Tensor]) -> dict[str, float]:
         T = self.cfg.rollout.temperature
-        gen = torch.Generator().manual_seed(_seed(self.cfg.trainer.seed, step, 7))
         totals: dict[str, float] = {}
-        count = 0
-        for _ in range(a.num_epochs_per_step):
-            order = torch.randperm(num_groups, generator=gen)
-            for start in range(0, num_groups, a.num_prompts_per_minibatch):
-                groups = order[start : start + a.num_prompts_per_minibatch]
-                rows = (groups.unsqueeze(1) * n + torch.arange(n)).flatten()
-                mb = select_rows(batch, rows)
-                m = self.policy.train_minibatch(mb, self.loss_fn(mb), temperature=T)
-                for k, v in m.items():
-                    totals[k] = totals.get(k, 0.0) + v
-                count += 1
-        return {f"actor/{k}": v / count for k, v in totals.items()}
+        for i, rows in enumerate(plan):
+            mb = select_rows(batch, rows)
+            if i == 0:  # the first update runs at the sampling policy: its own forward pass is pi_old
+                mb.pop("old_logprobs", None)
+            m = self.policy.train_minibatch(mb, self.loss_fn(mb), temperature=T)
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + v
+        return {f"actor/{k}": v / len(plan) for k, v in totals.items()}
 
-    def logprobs_phase(self, batch: dict[str, torch.Tensor], num_groups: int, step: int) -> dict[str, float]:
-        """Old logprobs (needed with several updates per step), reference logprobs (KL), and the check of
-        the rollout engine against the policy on the sampled tokens."""
+    def logprobs_phase(self, batch: dict[str, torch.Tensor], plan: list[torch.Tensor], step: int) -> dict[str, float]:
+        """Old logprobs (for the updates after the first), reference logprobs (KL), and the check of the
+        rollout engine against the policy on the sampled tokens."""
         T, every = self.cfg.rollout.temperature, self.cfg.rollout.mismatch_check_every_n_steps
         check = every > 0 and step % every == 0
+        B = batch["response_mask"].shape[0]
+        need = torch.ones(B, dtype=torch.bool)
+        if self.cfg.algo.num_epochs_per_step == 1:
+            # The first update starts from the policy that sampled: the old logprobs of its rows are its
+            # own forward pass, detached (microbatch_loss), so this pass skips them. With several epochs
+            # every row is updated again later and needs them.
+            need[plan[0]] = False
+        rows = torch.nonzero(need).flatten()
         policy_lp = None
-        if self.num_updates(num_groups) > 1:
-            policy_lp = batch["old_logprobs"] = self.policy.logprobs(batch, temperature=T)
+        if len(plan) > 1 and len(rows):
+            policy_lp = self.policy.logprobs(select_rows(batch, rows), temperature=T)
+            batch["old_logprobs"] = torch.zeros_like(batch["rollout_logprobs"]).index_copy(0, rows, policy_lp)
         elif check:  # the loss then uses the update's own (identical) forward pass, as without the check
+            rows = torch.arange(B)
             policy_lp = self.policy.logprobs(batch, temperature=T)
         if self.use_reference:
             batch["ref_logprobs"] = self.policy.logprobs(batch, temperature=T, reference=True)
         if not check:
             return {}
-        mask = batch["response_mask"]
-        m = mismatch_metrics(policy_lp, batch["rollout_logprobs"], mask, mask.sum().clamp(min=1))
+        # on the rows whose policy logprobs this step computed anyway (all but the first update's)
+        mask = batch["response_mask"][rows]
+        m = mismatch_metrics(policy_lp, batch["rollout_logprobs"][rows], mask, mask.sum().clamp(min=1))
         return {f"mismatch/{k}": float(v) for k, v in m.items()}
 
     def train_step(self, step: int, timer: PhaseTimer) -> dict[str, float]:
@@ -224,10 +229,11 @@ class ProRLTrainer:
             return metrics
         with timer("advantages"):
             batch = self.make_batch(groups)
+        plan = self.minibatch_plan(len(groups), step)
         with timer("logprobs"):
-            metrics.update(self.logprobs_phase(batch, len(groups), step))
+            metrics.update(self.logprobs_phase(batch, plan, step))
         with timer("update"):
-            metrics.update(self.update(batch, len(groups), step))
+            metrics.update(self.update(batch, plan))
         with timer("sync_weights"):
             stats = sync_weights(self.policy, self.engine, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb)
         metrics["sync/megabytes"] = stats.num_bytes / 2**20
