@@ -130,7 +130,8 @@ def test_trains_on_a_blend_of_local_files_and_checkpoints_its_place(tiny_model_d
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     blend = (f"+data.blend={{digits:{{path:'{path}',format:records,weight:3}},"
              "puzzles:{format:reasoning_gym,tasks:[basic_arithmetic],size_per_task:20,weight:1}}")
-    val = f"+data.validation={{digits:{{path:'{path}',format:records,max_samples:6}}}}"
+    val = (f"+data.validation={{digits:{{path:'{path}',format:records,max_samples:6}},"
+           "puzzles:{format:reasoning_gym,tasks:[basic_arithmetic],size_per_task:3}}")
     cfg, resolved = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "data=blend", blend, val,
                                  "data.max_prompt_length=2048", "trainer.num_steps=2", "trainer.plot=false",
                                  f"trainer.output_dir={tmp_path / 'run'}"])
@@ -139,7 +140,10 @@ def test_trains_on_a_blend_of_local_files_and_checkpoints_its_place(tiny_model_d
     assert len(train) == 2 and all(r["reward/error_frac"] == 0.0 for r in train)
     assert any("reward/logic" in r for r in train) and any("reward/reverse" in r or "reward/sort" in r for r in train)
     assert all(r["data/skipped_rows"] == 0.0 for r in train)
-    assert "val/pass@1" in result["validations"][2]
+    val_metrics = result["validations"][2]
+    assert "val/pass@1" in val_metrics and "val/pass@1/logic" in val_metrics
+    # validation runs prorl eval's code: figures per blend source as well as per domain
+    assert {"val/task/digits/pass@1", "val/task/puzzles/pass@1"} <= set(val_metrics)
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
     assert state["data"]["draws"] >= 2 * 4 and set(state["data"]["sources"]) == {"digits", "puzzles"}
 

@@ -10,6 +10,7 @@ other source's place. Rows appended to a file are served later in the same epoch
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import zlib
@@ -128,7 +129,7 @@ class SourceStream:
                 self.format = detect_format(row)
             fmt = self.format
             ctx = RowContext(uid=f"{self.name}:{i}", domain=self.cfg.domain, reward=self.cfg.reward, prompt=self.data.prompt)
-            return FORMATS.get(fmt)(row, ctx)
+            return dataclasses.replace(FORMATS.get(fmt)(row, ctx), source=self.name)
         except RowError as e:
             raise DataError(f"{self.reader.where(i)}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:

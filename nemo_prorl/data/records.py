@@ -17,6 +17,7 @@ class PromptRecord:
     reward: str  # name in nemo_prorl.rewards.REWARDS that verifies responses to this prompt
     ground_truth: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # the named source of a blend it came from (per-source validation figures)
 
 
 class PromptSource(ABC):

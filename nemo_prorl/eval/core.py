@@ -47,9 +47,9 @@ class EvalResult:
 
 
 def task_of(record: PromptRecord) -> str:
-    """The benchmark a validation record came from: blend sources name their rows "<source>:<row>";
-    other sources (the synthetic digit tasks) are grouped by domain."""
-    return record.uid.split(":", 1)[0] if ":" in record.uid else record.domain
+    """The benchmark a validation record came from: its blend source, else (the synthetic digit tasks)
+    its domain."""
+    return record.source or record.domain
 
 
 def run_eval(engine: RolloutEngine, tokenizer: Any, rewards: RewardSuite, records: Sequence[PromptRecord],

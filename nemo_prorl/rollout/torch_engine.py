@@ -59,7 +59,7 @@ class TorchRolloutEngine(RolloutEngine):
         first: dict[int, int] = {}
         for prompt_index, _ in jobs:
             first.setdefault(prompt_index, len(first))
-        unique = [p for p in {i: p for i, p in jobs}.values()]
+        unique = list({i: p for i, p in jobs}.values())  # in order of first appearance, as `first`
         row_of = torch.tensor([first[i] for i, _ in jobs], device=self.device)
         P = max(len(p) for p in unique)
         ids = torch.full((len(unique), P), self.pad_token_id, dtype=torch.long)
