@@ -243,3 +243,31 @@ def test_bad_eval_input_is_named(tmp_path: Path, tiny_model_dir: Path, capsys):
         evaluate_all(load_config([])[0], [str(partial)])
     assert main(["eval", str(tiny_model_dir), f"+eval.tasks={{m:{{path:{bad}}}}}", "--tasks", "m,zzz"]) == 2
     assert "unknown task(s) ['zzz']; eval.tasks has: m" in capsys.readouterr().err
+
+
+def test_later_checkpoints_are_synced_into_the_same_engine(tiny_cfg, tiny_model_dir, tmp_path):
+    """A second checkpoint of the same shape is streamed into the running engine (weight-sync path), and
+    evaluates exactly as it does in an engine of its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = tmp_path / "perturbed"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    cfg, _ = load_config(["eval.num_samples_per_prompt=4", "eval.pass_k=[1,4]", "rollout.max_response_length=6",
+                          "data.num_validation_prompts=16", "eval.save_samples=true"])
+
+    def texts(out: Path, label: str) -> list[str]:
+        return [json.loads(line)["response"] for line in open(out / "samples" / f"{label}.jsonl")]
+
+    both = evaluate_all(cfg, [str(tiny_model_dir), str(other)], tmp_path / "both")["checkpoints"]
+    alone = evaluate_all(cfg, [str(other)], tmp_path / "alone")["checkpoints"]
+    assert both[tiny_model_dir.name]["engine"] == "started" and both["perturbed"]["engine"] == "synced"
+    assert alone["perturbed"]["engine"] == "started"
+    assert texts(tmp_path / "both", "perturbed") == texts(tmp_path / "alone", "perturbed")
+    assert texts(tmp_path / "both", "perturbed") != texts(tmp_path / "both", tiny_model_dir.name)
+    assert both["perturbed"]["overall"] == alone["perturbed"]["overall"]

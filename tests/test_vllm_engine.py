@@ -210,9 +210,12 @@ def test_eval_with_vllm_matches_the_torch_engine_when_greedy(vllm_model_dir, tmp
         cfg, _ = _cfg(vllm_model_dir, tmp_path / "run", f"rollout.engine={engine}", "eval.temperature=0.001",
                       "eval.num_samples_per_prompt=2", "eval.pass_k=[1,2]", "data.num_validation_prompts=16",
                       "eval.save_samples=true")
-        report = evaluate_all(cfg, [str(vllm_model_dir)], tmp_path / engine)
-        tasks = report["checkpoints"][vllm_model_dir.name]["tasks"]
-        per_prompt[engine] = {t: v["per_prompt"] for t, v in tasks.items()}
+        # the same folder twice: the second time its weights are streamed into the running engine
+        report = evaluate_all(cfg, [str(vllm_model_dir)] * 2, tmp_path / engine)["checkpoints"]
+        first, again = report[vllm_model_dir.name], report[f"{vllm_model_dir.name}#2"]
+        assert (first["engine"], again["engine"]) == ("started", "synced")
+        assert again["tasks"] == first["tasks"]
+        per_prompt[engine] = {t: v["per_prompt"] for t, v in first["tasks"].items()}
         rows = [json.loads(line) for line in open(tmp_path / engine / "samples" / f"{vllm_model_dir.name}.jsonl")]
         texts[engine] = [(r["uid"], r["sample"], r["response"]) for r in rows]
     assert len(texts["vllm"]) == len(texts["torch"]) == 32

@@ -19,7 +19,8 @@ def results_table(results: dict[str, dict[str, Any]], ks: Sequence[int]) -> str:
             f"{'reward':>9}{'length':>8}{'failed':>8}")
     lines = []
     for label, r in results.items():
-        lines += ["", f"{label}: {r['num_samples_per_prompt']} samples per prompt, {r['seconds']:.1f} s", head]
+        lines += ["", f"{label}: {r['num_samples_per_prompt']} samples per prompt, {r['seconds']:.1f} s "
+                  f"(engine {r['engine']} in {r['engine_seconds']:.1f} s)", head]
         lines += [_row(t, s["domain"], s, ks) for t, s in sorted(r["tasks"].items())]
         per_domain = [s["domain"] for s in r["tasks"].values()]
         # a domain's row only adds to its tasks' rows when it pools several of them

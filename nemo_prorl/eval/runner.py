@@ -22,10 +22,14 @@ from nemo_prorl.data.records import PromptRecord
 from nemo_prorl.data.templates import apply_chat_template_choice, encode_prompts
 from nemo_prorl.eval.core import EvalResult, EvalTask, curve_ks, run_tasks, summarize, task_of
 from nemo_prorl.eval.report import plot_pass_at_k, results_table
+from nemo_prorl.policy.base import LazyWeight
+from nemo_prorl.policy.megatron_convert import lazy_hf_weights
 from nemo_prorl.rewards import RewardSuite
 from nemo_prorl.rollout import ROLLOUT_ENGINES
-from nemo_prorl.rollout.base import SamplingParams
+from nemo_prorl.rollout.base import RolloutEngine, SamplingParams
+from nemo_prorl.train import SHAPE_KEYS
 from nemo_prorl.trainer.checkpoint import COMPLETE_MARKER, CheckpointError, list_checkpoints, verify_checkpoint
+from nemo_prorl.weight_sync import load_into_engine
 
 log = logging.getLogger(__name__)
 
@@ -93,29 +97,57 @@ def _encode(tokenizer: Any, tasks: dict[str, list[PromptRecord]], max_prompt_len
     return out
 
 
+class EngineCache:
+    """One rollout engine for every checkpoint of the same model shape. The next checkpoint's weights are
+    streamed into it through the trainer's weight-sync path, which spares vLLM's start-up (minutes on
+    GPUs: CUDA graphs, compilation) per checkpoint; a checkpoint of another shape starts a new engine."""
+
+    def __init__(self, cfg: ProRLConfig) -> None:
+        # the engine sizes its context (vLLM's max_model_len) from the rollout's response length
+        max_tokens = cfg.eval.max_response_length or cfg.rollout.max_response_length
+        self.cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_response_length=max_tokens))
+        self.engine: RolloutEngine | None = None
+        self.shape: dict[str, Any] | None = None
+
+    def load(self, model_dir: Path) -> tuple[RolloutEngine, str]:
+        """The engine holding `model_dir`'s weights, and how they got there ("started" or "synced")."""
+        config = json.loads((model_dir / "config.json").read_text())
+        shape = {k: config.get(k) for k in SHAPE_KEYS}
+        if self.engine is not None and shape == self.shape:
+            names = lazy_hf_weights(model_dir)
+            load_into_engine((LazyWeight(n, (names[n],)) for n in names), self.engine,
+                             bucket_mb=self.cfg.rollout.weight_sync_bucket_mb)
+            return self.engine, "synced"
+        self.close()
+        self.engine = ROLLOUT_ENGINES.get(self.cfg.rollout.engine, "rollout.engine")(self.cfg, model_dir)
+        self.shape = shape
+        return self.engine, "started"
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
 def evaluate_checkpoint(cfg: ProRLConfig, model_dir: Path, tasks: dict[str, list[PromptRecord]],
-                        rewards: RewardSuite, samples_file: Path | None = None) -> dict[str, Any]:
+                        rewards: RewardSuite, engines: EngineCache,
+                        samples_file: Path | None = None) -> dict[str, Any]:
     """Sample and score one checkpoint; its summary (see core.summarize) plus timing."""
     e = cfg.eval
     tokenizer = apply_chat_template_choice(AutoTokenizer.from_pretrained(model_dir), cfg.data.prompt.chat_template)
     encoded = _encode(tokenizer, tasks, cfg.data.max_prompt_length)
-    max_tokens = e.max_response_length or cfg.rollout.max_response_length
     params = SamplingParams(n=e.num_samples_per_prompt, temperature=e.temperature, top_p=e.top_p,
-                            max_tokens=max_tokens, stop_token_ids=(tokenizer.eos_token_id,), seed=e.seed,
-                            stop=tuple(cfg.rollout.stop))
-    # the engine sizes its context (vLLM's max_model_len) from the rollout's response length
-    engine_cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_response_length=max_tokens))
+                            max_tokens=engines.cfg.rollout.max_response_length,
+                            stop_token_ids=(tokenizer.eos_token_id,), seed=e.seed, stop=tuple(cfg.rollout.stop))
     t0 = time.perf_counter()
-    engine = ROLLOUT_ENGINES.get(cfg.rollout.engine, "rollout.engine")(engine_cfg, model_dir)
-    try:
-        result = run_tasks(engine, tokenizer, rewards, encoded, params)
-    finally:
-        engine.close()
+    engine, how = engines.load(model_dir)
+    load_s = time.perf_counter() - t0
+    result = run_tasks(engine, tokenizer, rewards, encoded, params)
     if samples_file is not None:
         write_samples(samples_file, result, tokenizer)
     summary = summarize(result, curve_ks(e.num_samples_per_prompt, e.pass_k))
-    summary["seconds"] = time.perf_counter() - t0
-    summary["generated_tokens"] = int(result.lengths.sum())
+    summary.update(seconds=time.perf_counter() - t0, engine=how, engine_seconds=load_s,
+                   generated_tokens=int(result.lengths.sum()))
     return summary
 
 
@@ -129,13 +161,14 @@ def evaluate_all(cfg: ProRLConfig, checkpoints: Sequence[str], out_dir: Path | N
     tasks = load_tasks(cfg)
     out_dir = Path(out_dir or cfg.eval.output_dir)
     results: dict[str, Any] = {}
-    rewards = RewardSuite(cfg.reward)
+    rewards, engines = RewardSuite(cfg.reward), EngineCache(cfg)
     try:
         for label, (_, path) in zip(labels, resolved):
             log.info("evaluating %s (%s) on %d task(s)", label, path, len(tasks))
             samples = out_dir / "samples" / f"{label.replace('/', '_')}.jsonl" if cfg.eval.save_samples else None
-            results[label] = {"path": str(path), **evaluate_checkpoint(cfg, path, tasks, rewards, samples)}
+            results[label] = {"path": str(path), **evaluate_checkpoint(cfg, path, tasks, rewards, engines, samples)}
     finally:
+        engines.close()
         rewards.close()
     report = {"config": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "tasks"} |
               {"tasks": sorted(tasks)}, "checkpoints": results}
