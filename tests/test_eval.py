@@ -234,6 +234,8 @@ def test_bad_eval_input_is_named(tmp_path: Path, tiny_model_dir: Path, capsys):
     with pytest.raises(ConfigError, match=r"eval.pass_k=\[1, 32\]: every k must be between 1 and "
                                           r"eval.num_samples_per_prompt=16"):
         load_config(["eval.pass_k=[1,32]"])
+    with pytest.raises(EvalError, match="nothing to evaluate: eval.tasks is empty"):
+        load_tasks(load_config(["data.num_validation_prompts=0"])[0])
     with pytest.raises(EvalError, match="not a folder"):
         evaluate_all(load_config([])[0], [str(tmp_path / "nope")])
     partial = tmp_path / "run" / "checkpoints" / "step_000004"

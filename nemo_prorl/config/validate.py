@@ -148,7 +148,7 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(not bad_tasks and bool(cfg.data.synthetic.tasks), "data.synthetic.tasks",
           f"allowed values: {', '.join(TASKS.names())}")
     check(cfg.data.num_validation_prompts >= 0, "data.num_validation_prompts", "must be >= 0")
-    _check_blend(cfg.data, check, cfg.eval.tasks)
+    _check_sources(cfg.data, check, cfg.eval.tasks)
     check(cfg.trainer.num_steps >= 0, "trainer.num_steps", "must be >= 0")
     check(cfg.trainer.keep_last_checkpoints >= 1, "trainer.keep_last_checkpoints", "must be >= 1")
     if cfg.model.path is None:
@@ -158,7 +158,7 @@ def validate_config(cfg: ProRLConfig) -> None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
-def _check_blend(data, check, eval_tasks) -> None:
+def _check_sources(data, check, eval_tasks) -> None:
     from nemo_prorl.data.formats import DOMAIN_ALIASES, FORMATS
     from nemo_prorl.data.templates import CHAT_TEMPLATES
     from nemo_prorl.rewards import REWARDS

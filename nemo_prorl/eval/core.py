@@ -63,7 +63,7 @@ def run_eval(engine: RolloutEngine, tokenizer: Any, rewards: RewardSuite, record
     return EvalResult(tasks=list(task_names), records=list(records), correct=scores.correct.view(P, n),
                       rewards=scores.rewards.view(P, n), lengths=scores.lengths.view(P, n),
                       statuses=scores.statuses, info=scores.info, dropped=dict(dropped or {}),
-                      token_ids=[list(c.token_ids) for c in completions])
+                      token_ids=[c.token_ids for c in completions])
 
 
 def run_tasks(engine: RolloutEngine, tokenizer: Any, rewards: RewardSuite, tasks: Sequence[EvalTask],

@@ -43,6 +43,9 @@ def load_tasks(cfg: ProRLConfig) -> dict[str, list[PromptRecord]]:
     report a figure on a different benchmark, so a bad row stops it, naming the file and row."""
     if not cfg.eval.tasks:
         records = DATA_SOURCES.get(cfg.data.source, "data.source")(cfg).validation_set()
+        if not records:
+            raise EvalError(f"nothing to evaluate: eval.tasks is empty and data.source={cfg.data.source!r} has no "
+                            "validation set (data.validation, data.num_validation_prompts); set eval.tasks or eval=prorl")
         out: dict[str, list[PromptRecord]] = {}
         for r in records:
             out.setdefault(task_of(r), []).append(r)
