@@ -112,6 +112,22 @@ def test_scheduled_reference_reset_is_logged(tiny_model_dir, tmp_path, mixed_rew
     assert [r["reference/reset"] for r in read(tmp_path / "metrics.jsonl")] == [0.0, 1.0]
 
 
+def test_validation_feeds_the_stall_reset(tiny_model_dir, tmp_path, mixed_rewards):
+    """Validation (prorl eval's code) runs every step; with a gain it cannot reach (min delta 2), the
+    second evaluation is a stall and resets the reference, citing the best validation pass@1 so far."""
+    cfg, resolved = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "trainer.num_steps=2",
+                                 "validation.every_n_steps=1", "algo.reference_reset.stall_patience=1",
+                                 "algo.reference_reset.stall_min_delta=2.0", "trainer.plot=false",
+                                 f"trainer.output_dir={tmp_path}"])
+    run_training(cfg, resolved)
+    rows = read(tmp_path / "metrics.jsonl")
+    val = {r["step"]: r["val/pass@1"] for r in rows if "val/pass@1" in r}
+    assert sorted(val) == [0, 1, 2]
+    resets = [e for e in read(tmp_path / "events.jsonl") if e["event"] == "reference_reset"]
+    assert [e["step"] for e in resets] == [1]  # step 2 has one evaluation since the reset: no verdict yet
+    assert resets[0]["reason"].startswith(f"stall: no validation gain over {val[0]:.4f}")
+
+
 def test_missing_model_path_is_named(tmp_path):
     cfg, resolved = load_config([*TINY_OVERRIDES, f"model.path={tmp_path / 'nope'}"])
     with pytest.raises(FileNotFoundError, match="model.path="):
