@@ -45,6 +45,8 @@ def test_summary_golden_values():
     assert s["tasks"]["b"]["pass@k"]["1"] == pytest.approx((2 / 4 + 3 / 4) / 2, abs=1e-12)
     # a domain pools its prompts: math = 5 prompts of tasks a and b
     assert s["domains"]["math"]["pass@k"]["2"] == pytest.approx(sum(exact[2][:5]) / 5, abs=1e-12)
+    task_mean = (sum(exact[2][:3]) / 3 + sum(exact[2][3:5]) / 2) / 2  # tasks a and b weigh alike
+    assert s["domains"]["math"]["pass@k_task_mean"]["2"] == pytest.approx(task_mean, abs=1e-12)
     assert s["overall"]["pass@k"]["4"] == pytest.approx(5 / 6, abs=1e-12)
     assert s["tasks"]["c"]["timeout_frac"] == 0.25 and s["overall"]["num_prompts"] == 6
     assert s["tasks"]["a"]["per_prompt"] == [["a:0", 0], ["a:1", 1], ["a:2", 4]]

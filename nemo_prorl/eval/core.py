@@ -104,8 +104,9 @@ def _group_stats(idx: list[int], per_k: dict[int, torch.Tensor], res: EvalResult
 
 
 def summarize(res: EvalResult, ks: Sequence[int]) -> dict[str, Any]:
-    """pass@k for every k in `ks`, overall, per domain and per task. A domain's figure is the mean over
-    all its prompts (tasks with more prompts weigh more), as ProRL reports domain averages per prompt."""
+    """pass@k for every k in `ks`, overall, per domain and per task. A domain's `pass@k` is the mean over
+    all its prompts (a task with more prompts weighs more); `pass@k_task_mean` is the mean over its
+    tasks, as the papers' "average" columns (ProRL Tables 1-2) weigh every benchmark alike."""
     per_k = _pass_rows(res.correct, ks)
     by_task: dict[str, list[int]] = defaultdict(list)
     by_domain: dict[str, list[int]] = defaultdict(list)
@@ -117,11 +118,16 @@ def summarize(res: EvalResult, ks: Sequence[int]) -> dict[str, Any]:
         tasks[t] = {"domain": res.records[idx[0]].domain, **_group_stats(idx, per_k, res),
                     "dropped_long_prompts": res.dropped.get(t, 0),
                     "per_prompt": [[res.records[p].uid, int(res.correct[p].sum())] for p in idx]}
+    domains = {}
+    for d, idx in sorted(by_domain.items()):
+        mine = [v["pass@k"] for v in tasks.values() if v["domain"] == d]
+        domains[d] = {**_group_stats(idx, per_k, res),
+                      "pass@k_task_mean": {str(k): sum(t[str(k)] for t in mine) / len(mine) for k in ks}}
     return {
         "num_samples_per_prompt": res.num_samples,
         "ks": list(ks),
         "overall": _group_stats(list(range(len(res.records))), per_k, res),
-        "domains": {d: _group_stats(idx, per_k, res) for d, idx in sorted(by_domain.items())},
+        "domains": domains,
         "tasks": tasks,
     }
 

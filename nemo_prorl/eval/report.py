@@ -9,13 +9,13 @@ from typing import Any, Sequence
 
 def _row(name: str, domain: str, stats: dict[str, Any], ks: Sequence[int]) -> str:
     cells = "".join(f"{stats['pass@k'][str(k)]:>10.3f}" for k in ks)
-    return (f"{name:<24}{domain:<22}{stats['num_prompts']:>8}{cells}{stats['reward_mean']:>9.3f}"
+    return (f"{name:<26}{domain:<22}{stats['num_prompts']:>8}{cells}{stats['reward_mean']:>9.3f}"
             f"{stats['response_length_mean']:>8.1f}{stats['error_frac'] + stats['timeout_frac']:>8.3f}")
 
 
 def results_table(results: dict[str, dict[str, Any]], ks: Sequence[int]) -> str:
     """Per checkpoint: one row per task, then per domain (mean over its prompts), then overall."""
-    head = (f"{'task':<24}{'domain':<22}{'prompts':>8}" + "".join(f"{'pass@' + str(k):>10}" for k in ks) +
+    head = (f"{'task':<26}{'domain':<22}{'prompts':>8}" + "".join(f"{'pass@' + str(k):>10}" for k in ks) +
             f"{'reward':>9}{'length':>8}{'failed':>8}")
     lines = []
     for label, r in results.items():
@@ -23,10 +23,13 @@ def results_table(results: dict[str, dict[str, Any]], ks: Sequence[int]) -> str:
                   f"(engine {r['engine']} in {r['engine_seconds']:.1f} s)", head]
         lines += [_row(t, s["domain"], s, ks) for t, s in sorted(r["tasks"].items())]
         per_domain = [s["domain"] for s in r["tasks"].values()]
-        # a domain's row only adds to its tasks' rows when it pools several of them
-        lines += [_row(f"[{d}]", d, s, ks) for d, s in r["domains"].items() if per_domain.count(d) > 1]
+        for d, s in r["domains"].items():
+            if per_domain.count(d) > 1:  # a domain's rows only add to its tasks' rows when it has several
+                lines.append(_row(f"[{d}: all prompts]", d, s, ks))
+                lines.append(_row(f"[{d}: task mean]", d, {**s, "pass@k": s["pass@k_task_mean"]}, ks))
         lines.append(_row("[overall]", "", r["overall"], ks))
-    lines.append("pass@k: unbiased estimator (Chen et al. 2021); 'failed': verifier errors and time outs")
+    lines.append("pass@k: unbiased estimator (Chen et al. 2021); 'failed': verifier errors and time outs; "
+                 "'task mean': every benchmark weighs alike (reward, length, failed stay per prompt)")
     return "\n".join(lines)
 
 
