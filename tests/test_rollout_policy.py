@@ -56,6 +56,33 @@ def test_shared_prefill_equals_one_prefill_per_sample(parts):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
 
 
+def test_length_grouped_micro_batches_cut_padding_and_keep_row_order(parts):
+    from nemo_prorl.policy.hf import by_length
+
+    cfg, tok, policy, engine, prompts = parts
+    comps = engine.generate(prompts + [prompts[0][:5]], params(tok, temperature=1.5))
+    batch = build_batch(prompts + [prompts[0][:5]], comps, tok.pad_token_id)
+    mixed = torch.tensor([0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11])  # rows of short and long prompts interleaved
+    batch = {k: v[mixed] for k, v in batch.items()}
+    R = batch["response_mask"].shape[1]
+    groups = by_length(batch, 4)
+    assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(12))
+
+    def width(mb):  # the columns trimmed_forward keeps: longest prompt + longest response of the micro-batch
+        return int(mb["attention_mask"][:, :-R].sum(1).max() + mb["response_mask"].sum(1).max())
+
+    grouped = sum(len(rows) * width(mb) for rows, mb in groups)
+    in_order = sum(4 * width({k: v[i : i + 4] for k, v in batch.items()}) for i in range(0, 12, 4))
+    assert grouped < in_order
+    ref = None
+    for size in (1, 3, 16):
+        policy.cfg.policy.logprob_micro_batch_size = size
+        lp = policy.logprobs(batch, temperature=1.5)
+        ref = lp if ref is None else ref
+        torch.testing.assert_close(lp, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ref * batch["response_mask"], batch["rollout_logprobs"], rtol=0, atol=1e-4)
+
+
 def test_generation_is_seeded_and_stops(parts):
     _, tok, _, engine, prompts = parts
     a = engine.generate(prompts, params(tok))

@@ -120,9 +120,12 @@ def summarize(res: EvalResult, ks: Sequence[int]) -> dict[str, Any]:
                     "per_prompt": [[res.records[p].uid, int(res.correct[p].sum())] for p in idx]}
     domains = {}
     for d, idx in sorted(by_domain.items()):
-        mine = [v["pass@k"] for v in tasks.values() if v["domain"] == d]
+        parts: dict[str, list[int]] = defaultdict(list)  # the domain's prompts by task (a task may mix domains)
+        for p in idx:
+            parts[res.tasks[p]].append(p)
+        means = {k: [float(per_k[k][torch.tensor(rows)].mean()) for rows in parts.values()] for k in ks}
         domains[d] = {**_group_stats(idx, per_k, res),
-                      "pass@k_task_mean": {str(k): sum(t[str(k)] for t in mine) / len(mine) for k in ks}}
+                      "pass@k_task_mean": {str(k): sum(v) / len(v) for k, v in means.items()}}
     return {
         "num_samples_per_prompt": res.num_samples,
         "ks": list(ks),

@@ -120,7 +120,3 @@ class PolicyBackend(ABC):
 POLICY_BACKENDS: Registry[Callable[..., PolicyBackend]] = Registry("policy backend")
 
 
-def split_rows(batch: Batch, size: int) -> Iterator[dict[str, torch.Tensor]]:
-    n = next(iter(batch.values())).shape[0]
-    for start in range(0, n, size):
-        yield {k: v[start : start + size] for k, v in batch.items()}

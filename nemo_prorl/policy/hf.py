@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from nemo_prorl.algo.loss import entropy_from_logits
 from nemo_prorl.config.schema import ProRLConfig
-from nemo_prorl.policy.base import POLICY_BACKENDS, Batch, LossFn, PolicyBackend, split_rows
+from nemo_prorl.policy.base import POLICY_BACKENDS, Batch, LossFn, PolicyBackend
 from nemo_prorl.torch_utils import DTYPES
 
 
@@ -48,6 +48,18 @@ def trimmed_forward(
     return logp, ent
 
 
+def by_length(batch: Batch, size: int) -> list[tuple[torch.Tensor, Batch]]:
+    """Micro-batches of `size` rows with rows of similar length together (longest prompts first, then
+    longest responses), with each one's row indices. `trimmed_forward` cuts a micro-batch to its longest
+    row, so grouping by length removes most padding: on the embedded default's steps it falls from 18% to
+    5% of the tokens processed, and far more with ProRL's response lengths (hundreds to 8k tokens)."""
+    am, rm = batch["attention_mask"], batch["response_mask"]
+    R = rm.shape[1]
+    key = am[:, : am.shape[1] - R].sum(dim=1) * (R + 1) + rm.sum(dim=1).long()
+    order = torch.argsort(key, descending=True, stable=True)
+    return [(rows, {k: v[rows] for k, v in batch.items()}) for rows in order.split(size)]
+
+
 class HFPolicy(PolicyBackend):
     def __init__(self, cfg: ProRLConfig, model_dir: Path, *, use_reference: bool) -> None:
         self.cfg = cfg
@@ -76,17 +88,18 @@ class HFPolicy(PolicyBackend):
         if model is None:
             raise RuntimeError("this policy was built without a reference model (algo.kl_coef is 0)")
         model.eval()
-        outs = [
-            trimmed_forward(model, self._to_device(mb), temperature=temperature, with_entropy=False)[0]
-            for mb in split_rows(batch, self.cfg.policy.logprob_micro_batch_size)
-        ]
-        return torch.cat(outs).cpu()
+        out = torch.zeros_like(batch["response_mask"], dtype=torch.float32)
+        for rows, mb in by_length(batch, self.cfg.policy.logprob_micro_batch_size):
+            out[rows] = trimmed_forward(model, self._to_device(mb), temperature=temperature,
+                                        with_entropy=False)[0].float().cpu()
+        return out
 
     def train_minibatch(self, batch: Batch, loss_fn: LossFn, *, temperature: float) -> dict[str, float]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = defaultdict(float)
-        for mb in split_rows(batch, self.cfg.policy.micro_batch_size):
+        # the loss's normalisers are mini-batch totals, so the grouping into micro-batches is free
+        for _, mb in by_length(batch, self.cfg.policy.micro_batch_size):
             mb = self._to_device(mb)
             logp, ent = trimmed_forward(self.model, mb, temperature=temperature, with_entropy=True)
             loss, metrics = loss_fn(logp, ent.detach() if ent is not None else None, mb)
