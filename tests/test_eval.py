@@ -245,6 +245,18 @@ def test_bad_eval_input_is_named(tmp_path: Path, tiny_model_dir: Path, capsys):
     (partial / "config.json").write_text("{}")
     with pytest.raises(EvalError, match="step_000004 is partial"):
         evaluate_all(load_config([])[0], [str(partial)])
+    # a broken model folder after a good one: the good one's results are kept, the broken one is named
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.is_file():
+            (broken / f.name).write_bytes(f.read_bytes()[:64] if f.suffix == ".safetensors" else f.read_bytes())
+    cfg, _ = load_config(["eval.num_samples_per_prompt=2", "eval.pass_k=[1]", "data.num_validation_prompts=4",
+                          "rollout.max_response_length=4"])
+    with pytest.raises(EvalError, match=f"checkpoint {broken}: its weights cannot be loaded .*header"):
+        evaluate_all(cfg, [str(tiny_model_dir), str(broken)], tmp_path / "partial")
+    kept = json.loads((tmp_path / "partial" / "eval.json").read_text())["checkpoints"]
+    assert list(kept) == [tiny_model_dir.name] and kept[tiny_model_dir.name]["overall"]["num_prompts"] == 4
     assert main(["eval", str(tiny_model_dir), f"+eval.tasks={{m:{{path:{bad}}}}}", "--tasks", "m,zzz"]) == 2
     assert "unknown task(s) ['zzz']; eval.tasks has: m" in capsys.readouterr().err
 

@@ -143,7 +143,11 @@ def evaluate_checkpoint(cfg: ProRLConfig, model_dir: Path, tasks: dict[str, list
                             max_tokens=engines.cfg.rollout.max_response_length,
                             stop_token_ids=(tokenizer.eos_token_id,), seed=e.seed, stop=tuple(cfg.rollout.stop))
     t0 = time.perf_counter()
-    engine, how = engines.load(model_dir)
+    try:
+        engine, how = engines.load(model_dir)
+    except Exception as ex:  # safetensors, transformers and the engines raise many types for a damaged model
+        engines.close()
+        raise EvalError(f"checkpoint {model_dir}: its weights cannot be loaded ({type(ex).__name__}: {ex})") from ex
     load_s = time.perf_counter() - t0
     result = run_tasks(engine, tokenizer, rewards, encoded, params)
     if samples_file is not None:
@@ -163,26 +167,30 @@ def evaluate_all(cfg: ProRLConfig, checkpoints: Sequence[str], out_dir: Path | N
     labels = _unique([label for label, _ in resolved])
     tasks = load_tasks(cfg)
     out_dir = Path(out_dir or cfg.eval.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
+    report = {"config": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "tasks"} |
+              {"tasks": sorted(tasks)}, "checkpoints": results}
     rewards, engines = RewardSuite(cfg.reward), EngineCache(cfg)
     try:
         for label, (_, path) in zip(labels, resolved):
             log.info("evaluating %s (%s) on %d task(s)", label, path, len(tasks))
             samples = out_dir / "samples" / f"{label.replace('/', '_')}.jsonl" if cfg.eval.save_samples else None
             results[label] = {"path": str(path), **evaluate_checkpoint(cfg, path, tasks, rewards, engines, samples)}
+            _write_json(out_dir / "eval.json", report)  # after each one: a later failure keeps these
     finally:
         engines.close()
         rewards.close()
-    report = {"config": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "tasks"} |
-              {"tasks": sorted(tasks)}, "checkpoints": results}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".eval.json.{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out_dir / "eval.json")
     plot_pass_at_k(results, out_dir / "pass_at_k.png")
     print(results_table(results, cfg.eval.pass_k), flush=True)
     print(f"results: {out_dir / 'eval.json'}; pass@k curves: {out_dir / 'pass_at_k.png'}", flush=True)
     return report
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)  # readers never see a half-written file
 
 
 def write_samples(path: Path, result: EvalResult, tokenizer: Any) -> None:
