@@ -106,7 +106,7 @@ def _group_stats(idx: list[int], per_k: dict[int, torch.Tensor], res: EvalResult
 def summarize(res: EvalResult, ks: Sequence[int]) -> dict[str, Any]:
     """pass@k for every k in `ks`, overall, per domain and per task. A domain's `pass@k` is the mean over
     all its prompts (a task with more prompts weighs more); `pass@k_task_mean` is the mean over its
-    tasks, as the papers' "average" columns (ProRL Tables 1-2) weigh every benchmark alike."""
+    tasks, as the "average" columns of the papers' result tables weigh every benchmark alike."""
     per_k = _pass_rows(res.correct, ks)
     by_task: dict[str, list[int]] = defaultdict(list)
     by_domain: dict[str, list[int]] = defaultdict(list)
