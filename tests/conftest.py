@@ -23,6 +23,10 @@ TINY_OVERRIDES = [
     "algo.num_prompts_per_minibatch=2",
     "policy.micro_batch_size=4",
     "rollout.max_response_length=6",
+    # The untrained tiny model answers nothing right in 6 tokens: DAPO's overlong shaping (a penalty growing
+    # over the last 4 tokens) gives its groups rewards that differ, so every step takes a real update.
+    "reward.overlong.enabled=true",
+    "reward.overlong.buffer_length=4",
     "data.num_validation_prompts=8",
     "validation.every_n_steps=2",
     "validation.num_samples_per_prompt=4",

@@ -52,3 +52,29 @@ def test_registry_names_and_bad_shape():
         grpo_advantages(torch.tensor([1.0, 0.0]))
     with pytest.raises(KeyError, match="allowed values: dr_grpo, grpo, reinforce_pp_baseline"):
         ADVANTAGE_ESTIMATORS.get("ppo", "algo.advantage_estimator")
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "reinforce_pp_baseline"])
+def test_equal_float32_rewards_give_exactly_zero(name):
+    # float32 mean of sixteen 0.7s is 0.69999993: GRPO used to divide that by a std of 6e-8 (+0.0561 each)
+    rewards = torch.stack([torch.full((16,), 0.7), torch.full((16,), 2 / 3), torch.full((16,), 0.1)])
+    adv = ADVANTAGE_ESTIMATORS.get(name)(rewards)
+    assert adv.dtype == torch.float32 and torch.equal(adv, torch.zeros(3, 16))
+
+
+def test_grpo_continuous_rewards_only_zero_the_uniform_groups():
+    # fractions of code tests passed: one group all at 2/3 (no signal), one mixed
+    mixed = torch.tensor([2 / 3, 1 / 3, 1.0, 2 / 3] * 4)
+    rewards = torch.stack([torch.full((16,), 2 / 3), mixed])
+    adv = grpo_advantages(rewards, eps=1e-6)
+    assert torch.equal(adv[0], torch.zeros(16))
+    m64 = mixed.double()
+    expected = ((m64 - m64.mean()) / (m64.std() + 1e-6)).float()
+    assert torch.equal(adv[1], expected)  # computed in float64, rounded once
+    assert abs(float(adv[1].sum())) < 1e-6
+
+
+def test_reinforce_pp_baseline_whitens_like_verl_masked_whiten():
+    # centred [[-5e-6, 5e-6], [0, 0]], unbiased var 5e-11 / 3; verl: x * rsqrt(var + 1e-8) = +-0.0499584
+    adv = reinforce_pp_baseline_advantages(torch.tensor([[0.0, 1e-5], [0.0, 0.0]]))
+    torch.testing.assert_close(adv, torch.tensor([[-0.0499584, 0.0499584], [0.0, 0.0]]), atol=1e-7, rtol=0)

@@ -88,7 +88,7 @@ def _inputs(seed=0, B=6, R=5):
     adv = torch.randn(B, generator=g)
     mask = (torch.rand(B, R, generator=g) > 0.3).float()
     mask[:, 0] = 1
-    ent = torch.rand(B, R, generator=g)
+    ent = torch.rand(B, R, generator=g).requires_grad_()  # the bonus needs the entropy's gradient
     return lp, old, ref, adv, mask, ent
 
 

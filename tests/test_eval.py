@@ -21,6 +21,7 @@ from nemo_prorl.eval.core import EvalResult, curve_ks, summarize, validation_met
 from nemo_prorl.eval.runner import EvalError, evaluate_all, load_tasks
 from nemo_prorl.rollout import ROLLOUT_ENGINES
 from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams
+from tests.checks import assert_every_step_updated
 
 # ---------------------------------------------------------------- the core, golden values
 
@@ -203,6 +204,7 @@ def test_eval_cli_two_checkpoints_real_model(tiny_cfg, tmp_path: Path, capsys):
     cfg, resolved = tiny_cfg
     run_training(cfg, resolved)
     run_dir, model_dir = cfg.trainer.output_dir, cfg.model.path
+    assert_every_step_updated(json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl"))
     rc = main(["eval", run_dir, model_dir, f"model.path={model_dir}", "eval.num_samples_per_prompt=8",
                "eval.pass_k=[1,8]", "rollout.max_response_length=6", "data.num_validation_prompts=8",
                "--out", str(tmp_path / "ev")])

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nemo_prorl.policy.parallel import Launch, launch_from_env
+from tests.checks import assert_every_step_updated
 from tests.conftest import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +141,7 @@ def test_torchrun_launch_trains_exactly_like_the_single_process_start(tiny_model
                 for line in open(d / "metrics.jsonl")]
 
     assert rows(tmp_path / "launched") == rows(tmp_path / "single")
+    assert_every_step_updated(rows(tmp_path / "launched"))
     # a launch whose size does not match the parallel layout is refused by rank 0, and torchrun stops all
     bad = _torchrun(2, [*args[:-2], "cluster.num_threads=1", f"trainer.output_dir={tmp_path / 'bad'}",
                         "policy.megatron.worker_timeout_s=60"])

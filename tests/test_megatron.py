@@ -107,3 +107,27 @@ def test_megatron_logits_and_logprobs_match_transformers(tp, pp, tmp_path):
     # float32 on CPU; the two implementations sum in different orders
     torch.testing.assert_close(got["logits"], ref, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(got["logp"], ref_logp, atol=2e-5, rtol=1e-5)
+
+
+def test_vocab_parallel_entropy_gradient_is_autograds():
+    from nemo_prorl.algo.loss import entropy_from_logits
+    from nemo_prorl.policy.parallel import vocab_parallel_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 3, 7, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: vocab_parallel_entropy(x, group=None), (logits,))
+    # against autograd through the plain formula, float32
+    x = logits.detach().float().requires_grad_()
+    w = torch.randn(2, 3, generator=g)
+    (ours,) = torch.autograd.grad((vocab_parallel_entropy(x, group=None) * w).sum(), x)
+    (ref,) = torch.autograd.grad((entropy_from_logits(x) * w).sum(), x)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    # vocabulary padding (-inf) neither changes the entropy nor gets a gradient
+    padded = torch.cat([x.detach(), torch.full((2, 3, 2), float("-inf"))], -1).requires_grad_()
+    h = vocab_parallel_entropy(padded, group=None)
+    torch.testing.assert_close(h, entropy_from_logits(x.detach()), atol=1e-6, rtol=0)
+    (gp,) = torch.autograd.grad((h * w).sum(), padded)
+    assert torch.isfinite(gp).all() and torch.equal(gp[..., 7:], torch.zeros(2, 3, 2))
+    torch.testing.assert_close(gp[..., :7], ref, atol=1e-6, rtol=0)
+    with torch.no_grad():  # the metric-only path builds no graph
+        assert vocab_parallel_entropy(x, group=None).grad_fn is None

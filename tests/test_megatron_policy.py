@@ -21,6 +21,7 @@ from nemo_prorl.rollout.base import Completion
 from nemo_prorl.train import run_training
 from nemo_prorl.trainer.batching import build_batch
 from nemo_prorl.trainer.grpo import microbatch_loss
+from tests.checks import assert_every_step_updated, assert_same_state, assert_weights_moved
 from tests.conftest import TINY_OVERRIDES
 
 
@@ -118,6 +119,31 @@ def test_megatron_logprobs_and_update_match_transformers(step_setup, layout):
     moved = max((hf_weights[k] - weights[k]).abs().max().item() for k in weights)
     step = max((hf_weights[k] - v).abs().max().item() for k, v in load_file(model_dir / "model.safetensors").items())
     assert step > 1e-3 and moved < 2e-6, (step, moved)  # the update is ~1e-3 and the same to ~1e-6
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_entropy_bonus_moves_both_backends_alike(step_setup, layout):
+    """algo.entropy_coef=0.5: the bonus changes the gradient, and the Megatron update (vocab-parallel
+    entropy with its own backward) is the transformers update."""
+    cfg, model_dir, batch, loss, _, no_bonus, _ = step_setup
+    cfg = copy.deepcopy(cfg)
+    cfg.algo.entropy_coef = 0.5
+    bonus = functools.partial(loss.func, **{**loss.keywords, "entropy_coef": 0.5})
+    hf = POLICY_BACKENDS.get("hf")(cfg, model_dir)
+    hf_metrics = hf.train_minibatch(batch, bonus, temperature=1.0)
+    assert hf_metrics["grad_norm"] != pytest.approx(no_bonus["grad_norm"], rel=1e-3)
+    assert hf_metrics["loss"] == pytest.approx(no_bonus["loss"] - 0.5 * no_bonus["entropy"], abs=1e-6)
+    policy = _megatron(cfg, model_dir, **LAYOUTS[layout])
+    try:
+        m = policy.train_minibatch(batch, bonus, temperature=1.0)
+        weights = dict(policy.named_weights())
+    finally:
+        policy.close()
+    for key in ("loss", "entropy"):
+        assert m[key] == pytest.approx(hf_metrics[key], abs=1e-6), key
+    assert m["grad_norm"] == pytest.approx(hf_metrics["grad_norm"], rel=1e-5)
+    ref = hf.model.state_dict()
+    assert max((ref[k] - weights[k]).abs().max().item() for k in ref) < 2e-6
 
 
 def test_interleaved_pipeline_matches_transformers(step_setup, tmp_path):
@@ -228,20 +254,31 @@ def test_training_loop_runs_with_megatron_policy(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("layout", ["tensor_parallel_size=2", "data_parallel_size=2"])
 def test_megatron_run_resumes_exactly(tiny_model_dir, tmp_path, layout):
-    """From a Megatron distributed checkpoint (with DP=2, the distributed optimizer's shards)."""
+    """From a Megatron distributed checkpoint (with DP=2, the distributed optimizer's shards): every step
+    takes an update, and the resumed run ends with the same metrics, weights and optimizer state."""
     def run(out, steps, *extra):
         cfg, resolved = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", f"trainer.output_dir={out}",
                                      "policy=megatron", f"policy.megatron.{layout}",
                                      f"trainer.num_steps={steps}", "trainer.checkpoint_every_n_steps=1",
-                                     "validation.every_n_steps=0", "trainer.plot=false", *extra])
+                                     "trainer.keep_last_checkpoints=5", "validation.every_n_steps=0",
+                                     "trainer.plot=false", *extra])
         run_training(cfg, resolved)
         return {json.loads(line)["step"]: {k: v for k, v in json.loads(line).items() if not k.startswith(("time/",
                 "throughput/gen"))} for line in open(out / "metrics.jsonl")}
 
     whole = run(tmp_path / "whole", 3)
+    assert_every_step_updated(whole.values())
     run(tmp_path / "split", 2)
     resumed = run(tmp_path / "split", 3, "resume=auto")
     assert resumed == whole and sorted(whole) == [1, 2, 3]
+    last = Path("checkpoints") / "step_000003"
+    assert_weights_moved(tmp_path / "whole" / last, tiny_model_dir)
+    cfg, _ = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "policy=megatron", f"policy.megatron.{layout}"])
+    policy = POLICY_BACKENDS.get("megatron")(cfg, tiny_model_dir)
+    try:
+        assert_same_state(tmp_path / "whole" / last, tmp_path / "split" / last, policy)
+    finally:
+        policy.close()
 
 
 def test_prorl_convert_round_trip(tiny_model_dir, tmp_path, capsys):

@@ -17,6 +17,7 @@ from nemo_prorl.config.loader import load_config
 from nemo_prorl.train import run_training
 from nemo_prorl.trainer.checkpoint import CheckpointError, list_checkpoints
 from nemo_prorl.trainer.grpo import TrainingHealthError
+from tests.checks import assert_every_step_updated, assert_same_state, assert_weights_moved
 from tests.conftest import TINY_OVERRIDES
 
 NOISY = ("time/", "throughput/gen_tokens_per_s")
@@ -60,6 +61,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_pa
     _finish(_start(_args(tiny_model_dir, ref)))
     expected = _rows(ref)
     assert sorted(expected) == [0, 1, 2, 3, 4]
+    assert_every_step_updated(expected.values())
 
     run = tmp_path / "run"
     proc = _start(_args(tiny_model_dir, run))
@@ -75,6 +77,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_pa
         assert got[step] == expected[step], step  # bit-for-bit: same losses, rewards, validation
     events = [json.loads(line) for line in open(run / "events.jsonl")]
     assert [e["step"] for e in events if e["event"] == "resumed"] == [resumed_from]
+    last = Path("checkpoints") / "step_000004"
+    assert_weights_moved(ref / last, tiny_model_dir)
+    assert_same_state(ref / last, run / last)  # weights, Adam moments and step counts, bit for bit
 
 
 def test_sigterm_checkpoints_exits_cleanly_and_resumes(tiny_model_dir, tmp_path):
@@ -162,14 +167,18 @@ def test_a_full_disk_fails_loudly_and_keeps_the_previous_checkpoint(tiny_model_d
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000001"]  # no partial folder left
 
 
-def test_repeated_skipped_updates_stop_the_run_with_a_checkpoint(tiny_model_dir, tmp_path):
+def test_repeated_skipped_updates_stop_the_run_with_a_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    from nemo_prorl.trainer import grpo
+
+    def nan_loss(*args, **kwargs):  # a diverged step: NaN loss, NaN gradients, so the update is skipped
+        loss, metrics = real_loss(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    real_loss = grpo.microbatch_loss
+    monkeypatch.setattr(grpo, "microbatch_loss", nan_loss)
     out = tmp_path / "run"
-    # GRPO without its epsilon divides by a zero std in a group whose rewards are all equal: NaN advantages,
-    # a NaN loss and NaN gradients, so the update is skipped; with uniform groups every step, it stays so
-    cfg, resolved = load_config(_args(tiny_model_dir, out, "trainer.num_steps=20", "algo.advantage_eps=0",
-                                      "rollout.max_response_length=1", "trainer.checkpoint_every_n_steps=100",
-                                      "validation.every_n_steps=0", "algo.dynamic_sampling.enabled=false",
-                                      "trainer.max_consecutive_skipped_updates=2"))
+    cfg, resolved = load_config(_args(tiny_model_dir, out, "trainer.num_steps=20", "trainer.checkpoint_every_n_steps=100",
+                                      "validation.every_n_steps=0", "trainer.max_consecutive_skipped_updates=2"))
     with pytest.raises(TrainingHealthError, match="2 steps in a row skipped their update"):
         run_training(cfg, resolved)
     rows = list(_rows(out).values())

@@ -231,3 +231,55 @@ def test_reference_reset_copies_policy(parts):
     assert not torch.equal(policy.logprobs(batch, temperature=1.0), policy.logprobs(batch, temperature=1.0, reference=True))
     policy.reset_reference()
     assert torch.equal(policy.logprobs(batch, temperature=1.0), policy.logprobs(batch, temperature=1.0, reference=True))
+
+
+def test_entropy_bonus_gradient_is_the_entropys_autograd(parts, tiny_model_dir):
+    """train_minibatch with entropy_coef=c moves the weights by the gradient of (pg loss - c * token-mean
+    entropy): the difference to c=0 is -c times autograd of the entropy term, computed here independently."""
+    import functools
+
+    from nemo_prorl.algo.loss import entropy_from_logits
+    from nemo_prorl.trainer.grpo import microbatch_loss
+
+    cfg, tok, policy, engine, prompts = parts
+    batch = build_batch(prompts, engine.generate(prompts, params(tok)), tok.pad_token_id)
+    batch["old_logprobs"] = policy.logprobs(batch, temperature=1.2)
+    batch["advantages"] = torch.linspace(-1, 1, 8)
+    n_tok = batch["response_mask"].sum()
+
+    def grads(coef):
+        c = copy.deepcopy(cfg)
+        c.algo.entropy_coef = coef
+        c.policy.optim.lr, c.policy.optim.grad_clip, c.policy.micro_batch_size = 0.0, 1e9, 3
+        p = POLICY_BACKENDS.get("hf")(c, tiny_model_dir)
+        loss = functools.partial(microbatch_loss, clip_eps_low=0.2, clip_eps_high=0.4, global_num_tokens=n_tok,
+                                 global_num_seqs=8.0, horizon=10, entropy_coef=coef)
+        m = p.train_minibatch(batch, loss, temperature=1.2)
+        return m, {n: q.grad.clone() for n, q in p.model.named_parameters()}, p.model
+
+    m0, g0, _ = grads(0.0)
+    m1, g1, model = grads(0.5)
+    # the entropy term by hand: one forward over the whole batch, entropy of the response positions
+    ids, am, rm = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    R = rm.shape[1]
+    logits = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits
+    ent = entropy_from_logits(logits[:, -R - 1 : -1].float() / 1.2)
+    term = (ent * rm).sum() / n_tok
+    assert m1["entropy"] == pytest.approx(float(term.detach()), abs=1e-6) == pytest.approx(m0["entropy"], abs=1e-6)
+    expected = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(term, list(model.parameters()))))
+    diff = max((g1[n] - g0[n] + 0.5 * expected[n]).abs().max().item() for n in expected)
+    scale = max(expected[n].abs().max().item() for n in expected)
+    assert scale > 1e-3 and diff < 1e-4 * scale, (diff, scale)  # was g1 == g0: the bonus moved nothing
+
+
+def test_generation_uses_the_current_cache_api(parts):
+    """transformers deprecated `past_key_values` in the models' forward (removed in 5.40): the engine
+    passes its cache under the current name, so decoding warns about nothing."""
+    import warnings
+
+    _, tok, _, engine, prompts = parts
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        comps = engine.generate(prompts, params(tok, max_tokens=4))
+    assert len(comps) == 8 and all(c.token_ids for c in comps)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []

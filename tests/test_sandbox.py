@@ -100,14 +100,14 @@ HOSTILE = {
 @needs_ns
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_program_is_contained_and_scored_zero(reward, name):
-    t0 = time.monotonic()
     res = _score(reward, HOSTILE[name])
     assert res.reward == 0.0 and res.correct is False, res
-    assert res.status == "ok" and res.reason, res  # the program's failure, with a reason; not a verifier error
-    assert time.monotonic() - t0 < 3.0 + 5.0  # the total budget plus start-up
-    if os.getuid() == 0:  # programs ran under uids from 200000 up: none of their processes may be left
+    # the program's failure, with a reason; not a verifier error (nor the runner's outer time limit)
+    assert res.status == "ok" and res.reason, res
+    if os.getuid() == 0:  # programs ran under uids of this sandbox's own: none of their processes may be left
+        assert reward.sandbox.uids_used
         time.sleep(0.1)
-        assert [p for p in Path("/proc").iterdir() if p.name.isdigit() and _uid(p) >= 200000] == []
+        assert [p for p in Path("/proc").iterdir() if p.name.isdigit() and _uid(p) in reward.sandbox.uids_used] == []
     assert _score(reward, GOOD).reward == 1.0  # we are alive and the pool keeps serving
 
 
@@ -167,12 +167,26 @@ def test_program_cannot_write_outside_its_temp_dir(reward):
 
 
 def test_many_programs_run_concurrently(reward):
-    rows = [RewardInput(response=fenced("import time\ntime.sleep(0.5)\n" + GOOD), ground_truth=TESTS)] * 4
-    t0 = time.monotonic()
-    results = reward.score_batch(rows)
-    elapsed = time.monotonic() - t0
-    assert [r.reward for r in results] == [1.0] * 4
-    assert elapsed < 4 * 3 * 0.5  # serial would take >= 6 s (4 programs x 3 tests x 0.5 s)
+    """Two programs of a batch run at the same time (the pool has 2 workers): each one's first test writes
+    when it started and the last test when it ended, and the intervals overlap. No wall-clock budget."""
+    stamp = "import sys, time\nprint(time.time(), file=sys.stderr)\ntime.sleep(0.3)\n"
+    rows = [RewardInput(response=fenced(stamp + GOOD), ground_truth=TESTS)] * 4
+    runs = []
+    real = reward.sandbox.run
+
+    def run(code, inputs):
+        out = real(code, inputs)
+        runs.append([float(t.stderr.split()[0]) for t in out.tests])
+        return out
+
+    reward.sandbox.run = run
+    try:
+        results = reward.score_batch(rows)
+    finally:
+        reward.sandbox.run = real
+    assert [r.reward for r in results] == [1.0] * 4 and len(runs) == 4
+    spans = sorted((min(ts), max(ts) + 0.3) for ts in runs)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans  # serial runs would not overlap
 
 
 def test_without_namespaces_rlimits_still_apply():

@@ -11,6 +11,7 @@ from nemo_prorl.config import load_config
 from nemo_prorl.data import synthetic
 from nemo_prorl.rewards import REWARDS, RewardResult
 from nemo_prorl.train import run_training
+from tests.checks import assert_every_step_updated, assert_weights_moved
 from tests.conftest import TINY_OVERRIDES
 
 REQUIRED = ["reward/mean", "actor/entropy", "actor/kl", "response_length/mean", "actor/clip_frac",
@@ -48,6 +49,7 @@ def test_run_writes_metrics_checkpoints_plot_and_summary(tiny_cfg, capsys, mixed
     assert [r["step"] for r in train] == [1, 2, 3]
     for key in REQUIRED:
         assert all(key in r for r in train), key
+    assert_every_step_updated(train)
     assert all(r["reward/error_frac"] == 0.0 and "reward/reverse" in r for r in train)
     assert sorted(result["validations"]) == [0, 2, 3]
     assert all("val/pass@1" in v and "val/pass@4" in v for v in result["validations"].values())
@@ -56,6 +58,7 @@ def test_run_writes_metrics_checkpoints_plot_and_summary(tiny_cfg, capsys, mixed
     for f in ["model.safetensors", "config.json", "tokenizer.json", "prorl_config.yaml", "trainer_state.json",
               "policy_state.pt", "COMPLETE"]:
         assert (last / f).is_file(), f
+    assert_weights_moved(last, Path(cfg.model.path))
     saved = OmegaConf.load(last / "prorl_config.yaml")
     assert saved.algo.clip_eps_high == 0.4 and saved.trainer.num_steps == 3
     assert json.loads((last / "trainer_state.json").read_text())["step"] == 3
@@ -75,6 +78,7 @@ def test_same_seed_same_metrics(tiny_model_dir, tmp_path, mixed_rewards):
         runs.append([{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/gen"))}
                      for r in read(tmp_path / name / "metrics.jsonl")])
     assert "actor/pg_loss" in runs[0][-1]
+    assert_every_step_updated(runs[0])
     assert runs[0] == runs[1]
 
 
@@ -90,6 +94,7 @@ def test_dynamic_sampling_drops_uniform_groups(tiny_model_dir, tmp_path, monkeyp
     monkeypatch.setitem(synthetic.TASK_REWARDS, "sort", "test_always_one")
     cfg, resolved = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "trainer.num_steps=1",
                                  "validation.every_n_steps=0", "algo.dynamic_sampling.max_generation_rounds=3",
+                                 "reward.overlong.enabled=false",  # its length penalty would tell responses apart
                                  "trainer.plot=false", f"trainer.output_dir={tmp_path}"])
     run_training(cfg, resolved)
     (row,) = read(tmp_path / "metrics.jsonl")
@@ -110,6 +115,7 @@ def test_scheduled_reference_reset_is_logged(tiny_model_dir, tmp_path, mixed_rew
     assert resets == [(2, "reference_reset", True, 1)]
     assert [(e["step"], e["reason"]) for e in events if e["event"] == "checkpoint"] == [(2, "schedule")]
     assert [r["reference/reset"] for r in read(tmp_path / "metrics.jsonl")] == [0.0, 1.0]
+    assert_every_step_updated(read(tmp_path / "metrics.jsonl"))
 
 
 def test_validation_feeds_the_stall_reset(tiny_model_dir, tmp_path, mixed_rewards):
@@ -156,6 +162,7 @@ def test_trains_on_a_blend_of_local_files_and_checkpoints_its_place(tiny_model_d
     assert len(train) == 2 and all(r["reward/error_frac"] == 0.0 for r in train)
     assert any("reward/logic" in r for r in train) and any("reward/reverse" in r or "reward/sort" in r for r in train)
     assert all(r["data/skipped_rows"] == 0.0 for r in train)
+    assert_every_step_updated(train)
     val_metrics = result["validations"][2]
     assert "val/pass@1" in val_metrics and "val/pass@1/logic" in val_metrics
     # validation runs prorl eval's code: figures per blend source as well as per domain
@@ -183,6 +190,7 @@ def test_verifier_failures_are_counted_and_reported_not_raised(tiny_model_dir, t
     run_training(cfg, resolved)
     (row,) = read(tmp_path / "metrics.jsonl")
     assert 0.0 < row["reward/error_frac"] < 1.0 and row["reward/timeout_frac"] == 0.0
+    assert_every_step_updated([row])  # the rows that were scored still train
     (event,) = [e for e in read(tmp_path / "events.jsonl") if e["event"] == "reward_failures"]
     assert event["count"] > 0 and "RuntimeError: verifier crashed" in event["examples"][0]
 
@@ -220,6 +228,7 @@ def test_first_update_reuses_its_own_forward_as_old_logprobs(tiny_model_dir, tmp
         trainer.policy.model.load_state_dict(weights)
         trainer.policy.optimizer.load_state_dict(opt)
         computed = trainer.update({**batch, "old_logprobs": full}, plan)
+        assert skipped["actor/grad_norm"] > 0 and skipped["actor/update_skipped"] == 0
         for k in ("actor/loss", "actor/pg_loss", "actor/clip_frac", "actor/grad_norm"):
             assert skipped[k] == pytest.approx(computed[k], rel=1e-5, abs=1e-7), k
     finally:

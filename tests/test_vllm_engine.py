@@ -29,6 +29,7 @@ from nemo_prorl.train import run_training
 from nemo_prorl.trainer.batching import build_batch
 from nemo_prorl.trainer.grpo import microbatch_loss
 from nemo_prorl.weight_sync import load_into_engine, sync_weights
+from tests.checks import assert_every_step_updated
 from tests.conftest import TINY_OVERRIDES
 
 VLLM_PYTHON = os.environ.get("PRORL_VLLM_PYTHON")
@@ -192,6 +193,7 @@ def test_training_loop_with_vllm_logs_the_mismatch(vllm_model_dir, tmp_path):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train = [r for r in rows if "actor/loss" in r]
     assert [r["step"] for r in train] == [1, 2]
+    assert_every_step_updated(train)
     for r in train:
         assert r["mismatch/mean_abs_logprob_diff"] < 1e-4 and 1.0 <= r["mismatch/mult_prob_error"] < 1.0001
         assert r["actor/rollout_is/mean_weight"] == pytest.approx(1.0, abs=1e-3)

@@ -186,9 +186,12 @@ def policy_loss(
         metrics["kl"] = token_mean(kl_mat)
         if kl_coef != 0.0:
             loss = loss + kl_coef * kl_loss
+    if entropy_coef != 0.0:
+        # A detached entropy would make the bonus a constant: the loss would change, the update would not.
+        if entropy is None or (logprobs.requires_grad and not entropy.requires_grad):
+            raise ValueError(f"entropy_coef={entropy_coef:g} needs the per-token entropy with its gradient")
+        loss = loss - entropy_coef * aggregate(entropy, mask, loss_agg_mode, **agg)
     if entropy is not None:
         metrics["entropy"] = token_mean(entropy)
-        if entropy_coef != 0.0:
-            loss = loss - entropy_coef * aggregate(entropy, mask, loss_agg_mode, **agg)
     metrics["loss"] = loss.detach()
     return loss, metrics

@@ -174,8 +174,10 @@ class AlgoConfig:
     # reference resets make cheap to keep.
     kl_coef: float = 1e-4
     kl_estimator: str = "k3"
+    # Entropy bonus: loss - entropy_coef * entropy (aggregated like the loss), with its gradient in both
+    # backends. ProRL relies on clip-higher and resets instead (0); at 0 the entropy is only a metric.
     entropy_coef: float = 0.0
-    advantage_eps: float = 1e-6
+    advantage_eps: float = 1e-6  # added to GRPO's group std; REINFORCE++-baseline whitens with verl's 1e-8
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     reference_reset: ReferenceResetConfig = field(default_factory=ReferenceResetConfig)
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)

@@ -20,9 +20,10 @@ from nemo_prorl.torch_utils import DTYPES
 
 
 def trimmed_forward(
-    model: torch.nn.Module, mb: Batch, *, temperature: float, with_entropy: bool
+    model: torch.nn.Module, mb: Batch, *, temperature: float, with_entropy: str = "none"
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Logprobs (and entropy) [b, R] of the response tokens of one micro-batch.
+    """Logprobs (and entropy) [b, R] of the response tokens of one micro-batch. `with_entropy`: "none",
+    "metric" (no gradient) or "grad" (for the entropy bonus).
 
     Columns that are padding in every row (leading prompt padding, trailing response padding) are cut
     before the forward pass, so a short micro-batch does not pay for the longest sequence of the step.
@@ -43,8 +44,10 @@ def trimmed_forward(
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     logp = F.pad(logp, (0, R - r_used)) * rmask[:, :R].to(logp.dtype)
     ent = None
-    if with_entropy:
-        ent = F.pad(entropy_from_logits(logits), (0, R - r_used)) * rmask.to(logp.dtype)
+    if with_entropy != "none":
+        # With a zero bonus the entropy is a metric only: no graph (it would keep [b, R, V] probabilities).
+        with torch.set_grad_enabled(with_entropy == "grad" and torch.is_grad_enabled()):
+            ent = F.pad(entropy_from_logits(logits), (0, R - r_used)) * rmask.to(logp.dtype)
     return logp, ent
 
 
@@ -91,7 +94,7 @@ class HFPolicy(PolicyBackend):
         out = torch.zeros_like(batch["response_mask"], dtype=torch.float32)
         for rows, mb in by_length(batch, self.cfg.policy.logprob_micro_batch_size):
             out[rows] = trimmed_forward(model, self._to_device(mb), temperature=temperature,
-                                        with_entropy=False)[0].float().cpu()
+                                        with_entropy="none")[0].float().cpu()
         return out
 
     def train_minibatch(self, batch: Batch, loss_fn: LossFn, *, temperature: float) -> dict[str, float]:
@@ -101,8 +104,9 @@ class HFPolicy(PolicyBackend):
         # the loss's normalisers are mini-batch totals, so the grouping into micro-batches is free
         for _, mb in by_length(batch, self.cfg.policy.micro_batch_size):
             mb = self._to_device(mb)
-            logp, ent = trimmed_forward(self.model, mb, temperature=temperature, with_entropy=True)
-            loss, metrics = loss_fn(logp, ent.detach() if ent is not None else None, mb)
+            logp, ent = trimmed_forward(self.model, mb, temperature=temperature,
+                                        with_entropy="grad" if self.cfg.algo.entropy_coef > 0 else "metric")
+            loss, metrics = loss_fn(logp, ent, mb)
             loss.backward()
             for k, v in metrics.items():
                 sums[k] += float(v)

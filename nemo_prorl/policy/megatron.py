@@ -127,7 +127,8 @@ class MegatronPolicy(PolicyBackend):
         addr = launch.master_addr if launch else "127.0.0.1"
         specs = [WorkerSpec(rank=rank, world_size=self.world, master_port=port, model_dir=str(model_dir), megatron=m,
                             optim=cfg.policy.optim, dtype=cfg.model.dtype, seed=cfg.trainer.seed,
-                            use_reference=use_reference, num_threads=threads, master_addr=addr)
+                            use_reference=use_reference, num_threads=threads, master_addr=addr,
+                            entropy_grad=cfg.algo.entropy_coef > 0)
                  for rank in range(self.world)]
         self._procs = []
         self._remote: list[Any] = []

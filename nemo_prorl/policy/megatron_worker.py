@@ -41,6 +41,7 @@ class WorkerSpec:
     num_threads: int
     local_rank: Optional[int] = None  # launched mode: the GPU of this process on its node
     master_addr: str = "127.0.0.1"  # host of rank 0 (the store of the worker group)
+    entropy_grad: bool = False  # algo.entropy_coef > 0: the entropy bonus needs its gradient
 
 
 def _quiet_optional_dependency_warnings() -> None:
@@ -210,8 +211,10 @@ class MegatronWorker:
 
         def loss_for(mb: MicroBatch, logits: torch.Tensor) -> Any:
             x = masked_vocab_logits_(logits, self.shape.vocab_size, temperature)
-            # entropy first: megatron's cross entropy works in place on its input
-            ent = response_values(vocab_parallel_entropy(x.detach()), mb)
+            # entropy first: megatron's cross entropy works in place on its input. With a zero bonus the
+            # entropy is a metric only, computed without a graph.
+            with torch.set_grad_enabled(self.spec.entropy_grad):
+                ent = response_values(vocab_parallel_entropy(x), mb)
             logp_pos = -vocab_parallel_cross_entropy(x, mb.labels.to(x.device))
             logp = response_values(logp_pos, mb)
             extras = {k: v.to(logp.device) for k, v in mb.extras.items()}
@@ -318,6 +321,21 @@ class MegatronWorker:
         # no_grad: with float32 weights the optimizer's main parameters are the model's own leaves
         with parallel.cuda_type_names(), torch.no_grad():
             self.optimizer.load_state_dict(loaded["optimizer"])
+        self._restore_adam_steps()
+
+    def _restore_adam_steps(self) -> None:
+        """Without apex/TE (torch Adam, as on CPU) megatron-core 0.16 restores the Adam step count into
+        param_groups only: its dp_reshardable loader then copies the step each parameter had *before* the
+        load (0) back over it, so every update after a resume used the bias correction of a first step
+        (found by comparing a resumed run's weights with an uninterrupted run's). Each parameter gets its
+        own tensor: torch's Adam increments it in place."""
+        for opt in self._inner_optimizers():
+            for group in opt.param_groups:
+                if "step" not in group:  # fused (apex/TE) Adam keeps its step in the group itself
+                    continue
+                for p in group["params"]:
+                    if "step" in opt.state.get(p, {}):
+                        opt.state[p]["step"] = torch.tensor(float(group["step"]))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if tuple(state["layout"]) != (self.tp_rank, self.pp_rank, self.dp_rank):

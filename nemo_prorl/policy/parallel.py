@@ -247,22 +247,57 @@ def wrap_for_training(chunks: list[Any], *, use_distributed_optimizer: bool, lr:
     return wrapped, optimizer
 
 
-def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy at each position from this TP rank's vocabulary shard (-inf marks masked entries), with
-    three all-reduces of [b, s] tensors instead of gathering the vocabulary. No gradient."""
+def _tp_all_reduce(t: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:
+    """In-place all-reduce over the tensor-parallel group (a no-op without one: a single shard)."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
-    group = parallel_state.get_tensor_model_parallel_group()
-    with torch.no_grad():
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+    return t
+
+
+class _VocabParallelEntropy(torch.autograd.Function):
+    """H = log Z - E_p[z] from this rank's vocabulary shard z (-inf marks masked entries).
+
+    Forward: three all-reduces of [b, s] tensors (max, sum of exp, sum of exp * z) instead of gathering the
+    vocabulary. Backward needs no communication: dH/dz_i = -p_i (log p_i + H), and p_i, log p_i and H are
+    known on the shard that holds z_i once the forward's totals are. It keeps its own shifted copy of the
+    logits, because megatron's vocab-parallel cross entropy runs next and works in place on them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
         m = logits.max(dim=-1).values
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        e = (logits - m.unsqueeze(-1)).exp_()
-        total = e.sum(dim=-1)
-        weighted = (e * torch.where(torch.isfinite(logits), logits, 0.0)).sum(dim=-1)
-        dist.all_reduce(total, group=group)
-        dist.all_reduce(weighted, group=group)
-        return total.log() + m - weighted / total
+        _tp_all_reduce(m, group, dist.ReduceOp.MAX)
+        shifted = logits - m.unsqueeze(-1)
+        e = shifted.exp()
+        total = _tp_all_reduce(e.sum(dim=-1), group)
+        weighted = _tp_all_reduce((e * torch.where(torch.isfinite(shifted), shifted, 0.0)).sum(dim=-1), group)
+        log_total = total.log()
+        entropy = log_total - weighted / total
+        ctx.save_for_backward(shifted, log_total, entropy)
+        return entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        shifted, log_total, entropy = ctx.saved_tensors
+        logp = shifted - log_total.unsqueeze(-1)
+        g = -logp.exp() * (logp + entropy.unsqueeze(-1)) * grad.unsqueeze(-1)
+        return torch.where(torch.isfinite(shifted), g, 0.0), None  # masked vocabulary entries: p = 0
+
+
+def vocab_parallel_entropy(logits: torch.Tensor, group: Any = "tp") -> torch.Tensor:
+    """Entropy [b, s] at each position from this TP rank's vocabulary shard [b, s, V/tp] of the logits
+    (-inf marks masked entries). Differentiable, for the entropy bonus; under `torch.no_grad()` (the metric
+    alone) it keeps nothing for a backward pass. `group`: the tensor-parallel group (default), or None for
+    logits that hold the whole vocabulary."""
+    if group == "tp":
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+    return _VocabParallelEntropy.apply(logits, group)
 
 
 def transformer_config(hf_config: Any, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,

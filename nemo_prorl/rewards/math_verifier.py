@@ -168,6 +168,10 @@ def _multiset_equal(a: Sequence[str], b: Sequence[str]) -> bool:
     return True
 
 
+# imported by each worker before its first call, so that a call's time limit is not spent importing them
+CHECKER_MODULES = ("sympy", "math_verify")
+
+
 def math_verify_equal(pred: str, truth: str) -> bool:
     """Math-Verify's verdict. Its own signal-based time outs are off: they turn a time out into a silent
     "wrong", while the pool's hard limit records it as a time out."""
@@ -206,7 +210,7 @@ class MathReward:
     def __init__(self, cfg: Any = None) -> None:
         mcfg = getattr(cfg, "math", None)
         self.timeout_s = float(getattr(mcfg, "timeout_s", 5.0))
-        self.pool = HardTimeoutPool(int(getattr(mcfg, "num_workers", 2)))
+        self.pool = HardTimeoutPool(int(getattr(mcfg, "num_workers", 2)), preload=CHECKER_MODULES)
 
     def score(self, inp: RewardInput) -> RewardResult:
         return self.score_batch([inp])[0]

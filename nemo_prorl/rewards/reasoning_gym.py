@@ -63,17 +63,30 @@ def _strict_bool(answer: Optional[str], entry: dict) -> float:
 OVERRIDES: dict[str, Callable[[Optional[str], dict], float]] = {"game_of_life_halting": _strict_bool}
 
 
+def _regenerated(task: str, config_json: str, entry_meta: dict) -> Optional[dict]:
+    config = json.loads(config_json)
+    if {"seed", "size"} <= set(config) and "source_index" in entry_meta:
+        return _entry(task, config_json, int(entry_meta["source_index"]))
+    return None
+
+
+def prepare_in_worker(arg: tuple[str, str, dict, str, Any, str]) -> None:
+    """Builds (and caches in the worker) the dataset and entry a job is scored against, before the clock of
+    the call starts: the time limit is for the scorer on the model's answer, not for our data."""
+    task, config_json, entry_meta = arg[:3]
+    _dataset(task, config_json)
+    _regenerated(task, config_json, entry_meta)
+
+
 def score_in_worker(arg: tuple[str, str, dict, str, Any, str]) -> tuple[str, float, str]:
     """Worker entry point: (task, config json, entry metadata, prompt, oracle answer, model answer) ->
     ("ok", score, "") or ("exception", 0, what the scorer raised)."""
     task, config_json, entry_meta, prompt, oracle, answer = arg
     ds = _dataset(task, config_json)
     entry = {"question": prompt, "answer": oracle, "metadata": entry_meta}
-    config = json.loads(config_json)
-    if {"seed", "size"} <= set(config) and "source_index" in entry_meta:
-        regen = _entry(task, config_json, int(entry_meta["source_index"]))
-        if prompt.startswith(regen["question"].rstrip()):
-            entry = regen  # the exact types the scorer produced (JSON turned its tuples into lists)
+    regen = _regenerated(task, config_json, entry_meta)
+    if regen is not None and prompt.startswith(regen["question"].rstrip()):
+        entry = regen  # the exact types the scorer produced (JSON turned its tuples into lists)
     try:
         return "ok", float(OVERRIDES.get(task, ds.score_answer)(answer, entry)), ""
     except Exception as e:  # noqa: BLE001
@@ -84,7 +97,7 @@ class ReasoningGymReward:
     def __init__(self, cfg: Any = None) -> None:
         rg = getattr(cfg, "reasoning_gym", None)
         self.timeout_s = float(getattr(rg, "timeout_s", 10.0))
-        self.pool = HardTimeoutPool(int(getattr(rg, "num_workers", 2)))
+        self.pool = HardTimeoutPool(int(getattr(rg, "num_workers", 2)), preload=("reasoning_gym",))
 
     def score(self, inp: RewardInput) -> RewardResult:
         return self.score_batch([inp])[0]
@@ -115,7 +128,8 @@ class ReasoningGymReward:
             if job is not None:
                 jobs.append(job)
                 rows.append(i)
-        for i, job, o in zip(rows, jobs, self.pool.map(score_in_worker, jobs, timeout=self.timeout_s)):
+        for i, job, o in zip(rows, jobs, self.pool.map(score_in_worker, jobs, timeout=self.timeout_s,
+                                                           prepare=prepare_in_worker)):
             out[i] = self._result(job[0], o)
         return out  # type: ignore[return-value]
 

@@ -91,7 +91,9 @@ def _hidden_dirs(extra: Sequence[str]) -> list[str]:
 
 
 class LocalSandbox:
-    _uids = itertools.count()
+    # Programs started as root run under uids 200000-299999, one per program. Each trainer process starts
+    # at its own offset, so two runs on one machine rarely share a uid (and so an RLIMIT_NPROC count).
+    _uids = itertools.count(os.getpid() * 7919 % 100000)
 
     def __init__(self, cfg: SandboxConfig, hide: Sequence[str] = ()) -> None:
         self.cfg = cfg
@@ -101,6 +103,7 @@ class LocalSandbox:
         base = os.path.realpath(sys.base_prefix)
         self.keep = sorted({base, os.path.dirname(self.python)})
         self._lock = threading.Lock()
+        self.uids_used: set[int] = set()  # the uids this sandbox ran programs under (when root)
 
     def _nproc(self) -> int:
         if os.getuid() == 0:  # the runner drops to a uid of its own; only the sandbox's processes count
@@ -128,6 +131,7 @@ class LocalSandbox:
             Path(workdir, f".in{i}").write_text(text, encoding="utf-8")
         with self._lock:
             uid = 200000 + next(self._uids) % 100000
+            self.uids_used.add(uid)
         spec = {
             "workdir": workdir, "program": os.path.join(workdir, "solution.py"), "python": self.python,
             "num_tests": len(inputs), "namespaces": self.namespaces, "hide": self.hide,

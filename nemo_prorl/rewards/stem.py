@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
 from nemo_prorl.rewards.extract import last_boxed, last_tag, strip_thinking
-from nemo_prorl.rewards.math_verifier import check as math_check, verdict
+from nemo_prorl.rewards.math_verifier import CHECKER_MODULES, verdict
+from nemo_prorl.rewards.math_verifier import check as math_check
 from nemo_prorl.rewards.workers import HardTimeoutPool
 
 _LETTER_TRUTH = re.compile(r"\(?([A-Ja-j])\)?\.?")
@@ -122,7 +123,7 @@ class StemReward:
     def _expression(self, pred: str, truth: str) -> RewardResult:
         with self._lock:
             if self._pool is None:
-                self._pool = HardTimeoutPool(1)
+                self._pool = HardTimeoutPool(1, preload=CHECKER_MODULES)
         res = verdict(self._pool.call(math_check, (pred, truth), self.timeout_s))
         return dataclasses.replace(res, info={**res.info, "multiple_choice": 0.0})
 

@@ -9,6 +9,7 @@ live as long as the pool. `fn` must be importable by name (a module-level functi
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import os
 import queue
@@ -50,43 +51,70 @@ def confine() -> None:
             pass  # containers may forbid namespaces; the rest still applies
 
 
-def _serve(conn, initializer: Optional[Callable[[], None]]) -> None:  # runs in the worker process
+def _serve(conn, initializer: Optional[Callable[[], None]], preload: Sequence[str]) -> None:  # in the worker
     ignore_preemption_signals()  # the trainer checkpoints first, then closes this pool
     if initializer is not None:
         initializer()
+    for name in preload:  # slow imports (sympy, math-verify, reasoning-gym) before the first call's clock
+        importlib.import_module(name)
     while True:
         try:
-            job = conn.recv()
+            job = conn.recv()  # unpickling `fn` imports its module: not part of the call's time either
         except (EOFError, OSError):
             return
         if job is None:
             return
-        fn, arg = job
+        fn, arg, prepare = job
+        try:
+            if prepare is not None:
+                prepare(arg)
+        except Exception as e:  # noqa: BLE001  reported to the caller as this call's error
+            conn.send(("error", f"preparing the call failed: {type(e).__name__}: {e}"))
+            continue
+        conn.send(("started", None))  # the call's time limit runs from here
         try:
             conn.send(("ok", fn(arg)))
         except Exception as e:  # noqa: BLE001  reported to the caller as this call's error
             conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
+class _NotStarted(Exception):
+    """The worker failed before the call began (it died starting up, or while it was replaced)."""
+
+
 class _Worker:
-    def __init__(self, ctx, initializer: Optional[Callable[[], None]]) -> None:
+    def __init__(self, ctx, initializer: Optional[Callable[[], None]], preload: Sequence[str]) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = track(ctx.Process(target=_serve, args=(child, initializer), daemon=True))
+        self.proc = track(ctx.Process(target=_serve, args=(child, initializer, tuple(preload)), daemon=True))
         self.proc.start()
         child.close()
+        self.stuck = False  # it never began a call it was given: replace it
 
-    def call(self, fn: Callable, arg: Any, timeout: float) -> Outcome:
+    def call(self, fn: Callable, arg: Any, timeout: float, *, prepare: Optional[Callable] = None,
+             start_timeout: float) -> Outcome:
+        """Run fn(arg) with `timeout` seconds from the moment the worker begins it: its start-up (a fresh
+        worker's imports, `prepare`) is bounded by `start_timeout` instead. Raises _NotStarted when the
+        worker died before beginning the call."""
         try:
-            self.conn.send((fn, arg))
+            self.conn.send((fn, arg, prepare))
         except (EOFError, OSError) as e:
-            return Outcome("error", reason=f"worker died (exit code {self.proc.exitcode}): {e}")
+            raise _NotStarted(f"worker died (exit code {self.proc.exitcode}): {e}") from e
         except Exception as e:  # noqa: BLE001  e.g. an argument that cannot be pickled; nothing was sent
             return Outcome("error", reason=f"could not send the call: {type(e).__name__}: {e}")
+        try:
+            if not self.conn.poll(start_timeout):
+                self.stuck = True
+                return Outcome("error", reason=f"worker did not start the call within {start_timeout:g} s; killed")
+            status, value = self.conn.recv()
+        except (EOFError, OSError) as e:
+            raise _NotStarted(f"worker died (exit code {self.proc.exitcode}): {e}") from e
+        if status != "started":
+            return Outcome("error", reason=value)
         try:
             if not self.conn.poll(timeout):
                 return Outcome("timeout", reason=f"no result within {timeout:g} s; worker killed")
             status, value = self.conn.recv()
-        except (EOFError, OSError, BrokenPipeError) as e:
+        except (EOFError, OSError) as e:
             return Outcome("error", reason=f"worker died (exit code {self.proc.exitcode}): {e}")
         return Outcome("ok", value) if status == "ok" else Outcome("error", reason=value)
 
@@ -101,39 +129,61 @@ class _Worker:
 
 
 class HardTimeoutPool:
-    def __init__(self, num_workers: int, initializer: Optional[Callable[[], None]] = confine) -> None:
+    """`num_workers` worker processes, started on first use and replaced when one is killed or dies.
+
+    A call's time limit covers fn(arg) only. A worker's start-up (spawn, `initializer`, `preload` imports)
+    and the call's `prepare(arg)` are bounded by `start_timeout` instead, so a call never times out
+    because its worker was new or being replaced (a busy machine can take seconds to start one); a call
+    whose worker died before beginning it is retried once on a fresh worker.
+    """
+
+    def __init__(self, num_workers: int, initializer: Optional[Callable[[], None]] = confine, *,
+                 preload: Sequence[str] = (), start_timeout: float = 300.0) -> None:
         if num_workers < 1:
             raise ValueError("num_workers must be >= 1")
         self.num_workers = num_workers
         self.initializer = initializer
+        self.preload = tuple(preload)
+        self.start_timeout = start_timeout
         self._ctx = mp.get_context("spawn")
         self._idle: "queue.Queue[_Worker]" = queue.Queue()
         self._started = 0
         self._lock = threading.Lock()
 
+    def _new_worker(self) -> _Worker:
+        return _Worker(self._ctx, self.initializer, self.preload)
+
     def _acquire(self) -> _Worker:
         with self._lock:
             if self._idle.empty() and self._started < self.num_workers:
                 self._started += 1
-                return _Worker(self._ctx, self.initializer)
+                return self._new_worker()
         return self._idle.get()
 
-    def _release(self, w: _Worker, outcome: Outcome) -> None:
-        if outcome.status == "timeout" or not w.alive:
+    def _release(self, w: _Worker, outcome: Optional[Outcome]) -> None:
+        if outcome is None or outcome.status == "timeout" or w.stuck or not w.alive:
             w.kill()
-            w = _Worker(self._ctx, self.initializer)
+            w = self._new_worker()
         self._idle.put(w)
 
-    def call(self, fn: Callable, arg: Any, timeout: float) -> Outcome:
-        w = self._acquire()
-        outcome = Outcome("error", reason="not run")
-        try:
-            outcome = w.call(fn, arg, timeout)
-        finally:
-            self._release(w, outcome)
-        return outcome
+    def call(self, fn: Callable, arg: Any, timeout: float, *, prepare: Optional[Callable] = None) -> Outcome:
+        """fn(arg) in a worker, killed past `timeout` seconds; `prepare(arg)` (untimed: e.g. building the
+        data a scorer needs) runs in the same worker first."""
+        why = ""
+        for _ in range(2):
+            w = self._acquire()
+            outcome: Optional[Outcome] = None
+            try:
+                outcome = w.call(fn, arg, timeout, prepare=prepare, start_timeout=self.start_timeout)
+                return outcome
+            except _NotStarted as e:
+                why = str(e)
+            finally:
+                self._release(w, outcome)
+        return Outcome("error", reason=why)
 
-    def map(self, fn: Callable, args: Sequence[Any], timeout: float) -> list[Outcome]:
+    def map(self, fn: Callable, args: Sequence[Any], timeout: float, *,
+            prepare: Optional[Callable] = None) -> list[Outcome]:
         """Run fn over args on the workers; results in order. Never raises for a failing call."""
         if not args:
             return []
@@ -148,7 +198,7 @@ class HardTimeoutPool:
                     i = todo.get_nowait()
                 except queue.Empty:
                     return
-                out[i] = self.call(fn, args[i], timeout)
+                out[i] = self.call(fn, args[i], timeout, prepare=prepare)
 
         threads = [threading.Thread(target=drive, daemon=True) for _ in range(min(self.num_workers, len(args)))]
         for t in threads:

@@ -5,6 +5,7 @@ update; that keeps the embedded path faithful to the distributed one."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -27,6 +28,12 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward argument that takes the KV cache: `cache` since transformers renamed it (5.x, with
+    `past_key_values` deprecated until its removal in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TorchRolloutEngine(RolloutEngine):
     def __init__(self, model_dir: Path, *, device: str, dtype: str, max_num_seqs: int, pad_token_id: int,
                  tokenizer: Optional[Any] = None) -> None:
@@ -39,6 +46,7 @@ class TorchRolloutEngine(RolloutEngine):
         self.tokenizer = tokenizer  # only needed for stop strings
         # keep_vars: the live tensors under every state-dict name (tied weights appear under both names).
         self._params = self.model.state_dict(keep_vars=True)
+        self._cache_kw = cache_keyword(self.model)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
@@ -71,8 +79,8 @@ class TorchRolloutEngine(RolloutEngine):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         stop = torch.tensor(params.stop_token_ids or (-1,), device=self.device)
         cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                            use_cache=True).logits[:, -1]
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                            **{self._cache_kw: cache}).logits[:, -1]
         if len(unique) < B:
             cache.batch_select_indices(row_of)
             logits, mask, pos = logits[row_of], mask[row_of], pos[row_of]
@@ -101,7 +109,7 @@ class TorchRolloutEngine(RolloutEngine):
             mask = torch.cat([mask, live.long().unsqueeze(-1)], dim=-1)
             last_pos = last_pos + live.long()
             logits = self.model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=last_pos.unsqueeze(-1),
-                                past_key_values=cache, use_cache=True).logits[:, -1]
+                                use_cache=True, **{self._cache_kw: cache}).logits[:, -1]
         return self._collect(jobs, torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), ends)
 
     def _stop_string_hit(self, tokens: list[torch.Tensor], live: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
