@@ -248,3 +248,79 @@ def test_registered_factory_builds_the_reward():
     res = fn.score(RewardInput("No commas.", "", metadata={"instruction_id_list": ["punctuation:no_comma"],
                                                             "kwargs": [{}]}))
     assert isinstance(fn, ifeval.IFEvalReward) and res.reward == 1.0
+
+
+# ---------------------------------------------------------------- edge cases against the reference
+
+@pytest.mark.parametrize("letter,text,count", [
+    ("#", "# Title\n## Part one\nText with no hash.", 3),  # both characters occur in the public IFEval data
+    ("!", "Wow! Great!! Fine.", 3),
+    ("Z", "Zoo buzz.", 3),  # a letter still counts in either case
+])
+def test_letter_frequency_counts_any_single_character(letter, text, count):
+    kw = {"letter": letter, "let_relation": "at least"}
+    row = ["keywords:letter_frequency", "punctuation:no_comma"]
+    res = score(text, row, [{**kw, "let_frequency": count}, {}])
+    assert (res.status, res.reward) == ("ok", 1.0), res  # the row's other instruction is scored too
+    assert score(text, row, [{**kw, "let_frequency": count + 1}, {}]).reward == 0.5
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("U.S. U.S.A. A.M. I/O ROCK'N'ROLL", ["U.S.", "U.S.A.", "A.M.", "I/O", "ROCK'N'ROLL"]),
+    ("a Ph.D. student", []),  # one word, not all capitals (it used to give the capital word "D")
+    ("THIS is VERY-GOOD news, OK", ["THIS", "VERY-GOOD", "OK"]),
+    ("DON'T tell JOHN'S boss", ["DO", "N'T", "JOHN", "'S"]),  # contractions split as nltk.word_tokenize does
+])
+def test_capital_words_keep_abbreviations_and_slashes_whole(text, expected):
+    assert [w for w in ifeval.words_for_case(text) if w.isupper()] == expected
+    kw = {"capital_frequency": len(expected), "capital_relation": "less than"}
+    assert score(text, ["change_case:capital_word_frequency"], [kw]).reward == 0.0
+    assert score(text, ["change_case:capital_word_frequency"], [{**kw, "capital_relation": "at least"}]).reward == 1.0
+
+
+def test_numbered_list_markers_are_not_sentences():
+    items = "\n".join(f"{i}. Item number {i} is short." for i in range(1, 11))
+    assert len(ifeval.split_into_sentences(items)) == 10  # was 20: each "1." counted as a sentence
+    res = score(items, ["length_constraints:number_sentences"], [{"num_sentences": 11, "relation": "less than"}])
+    assert res.reward == 1.0
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("We compared apples vs. pears. Prof. Smith agreed.", 2),
+    ("See Fig. 3 for details. Mt. Everest is high.", 2),
+    ("Apples, pears, etc. are fruit. It weighs approx. 5 kg.", 2),
+    ("Open page.html and report.final.pdf now. Then close them.", 2),
+    ("See https://example.org/a/page.html?q=1&b=2 now.", 1),
+    # where the splitter was right already, it still is
+    ("One sentence.This is two.", 2),
+    ("Is it?Yes.", 2),
+    ("**Done.**Next one.", 2),
+    ("First.</p><p>Second one.", 2),
+    ("For example, e.g. this one. And Dr. Who.", 2),
+])
+def test_sentence_splitter_abbreviations_and_names(text, expected):
+    assert len(ifeval.split_into_sentences(text)) == expected, ifeval.split_into_sentences(text)
+
+
+@pytest.mark.parametrize("word,text", [("c++", "I write C++ daily."), ("C#", "Code in c# now"),
+                                       ("c++", "c++"), ("#tag", "see #tag.")])
+def test_forbidden_words_ending_in_symbols_are_found(word, text):
+    assert score(text, ["keywords:forbidden_words"], [{"forbidden_words": [word]}]).reward == 0.0
+
+
+@pytest.mark.parametrize("word,text", [("c++", "I write c++11 daily."), ("C#", "Csharp, not C"),
+                                       ("red", "a reddish sky"), ("#tag", "see a#tag")])
+def test_forbidden_words_match_whole_words_only(word, text):
+    assert score(text, ["keywords:forbidden_words"], [{"forbidden_words": [word]}]).reward == 1.0
+
+
+def test_new_splitting_rules_stay_linear_on_hostile_text():
+    """Responses are the policy's: the added patterns must not backtrack quadratically. 200k characters of
+    each degenerate shape are split and tokenised in well under a second (quadratic would take minutes)."""
+    import time
+
+    for text in ("\n" * 200_000, " ?" + "a" * 200_000, "a." * 100_000, "A'" * 100_000, "1.\n" * 70_000):
+        t0 = time.process_time()
+        ifeval.split_into_sentences(text)
+        ifeval.words_for_case(text)
+        assert time.process_time() - t0 < 20, repr(text[:10])

@@ -7,8 +7,13 @@ google-research, so that rewards during training agree with the published IFEval
 differences:
 
 * sentences are counted with the reference's own regex splitter (`split_into_sentences`, pieces without
-  a word character dropped) instead of nltk's punkt model, which needs a data download;
-* words for `change_case:capital_word_frequency` come from a regex, not `nltk.word_tokenize`;
+  a word character dropped) instead of nltk's punkt model, which needs a data download; like punkt, it
+  does not end a sentence at a numbered list's item markers (`1.`), common abbreviations (`vs.`, `Prof.`,
+  `Fig.`, `etc.`, `approx.`) or the periods inside file names and URLs (`report.final.pdf`);
+* words for `change_case:capital_word_frequency` come from a regex that keeps what `nltk.word_tokenize`
+  keeps whole (`U.S.A.`, `Ph.D.`, `I/O`, `ROCK'N'ROLL`) and splits contractions as it does (`DO` `N'T`);
+* `keywords:letter_frequency` counts any single character (`#`, `!` occur in the data), and
+  `keywords:forbidden_words` finds words that end in a symbol (`c++`, `C#`), which `\\b` cannot;
 * keywords, markers and section splitters are matched literally (`re.escape`): the reference puts them
   into a regex unescaped, which only differs (or raises) for text with regex metacharacters;
 * missing, unknown or ill-typed arguments are an error of the row; the reference draws random ones.
@@ -87,9 +92,11 @@ def _relation(v: Any) -> str:
 
 
 def _letter(v: Any) -> str:
-    if not isinstance(v, str) or len(v.strip()) != 1 or not v.strip().isalpha():
-        raise ValueError("expected a single letter")
-    return v.strip().lower()
+    """One character, counted literally (the public IFEval data has `#` and `!` as well as letters)."""
+    c = v.strip() or v if isinstance(v, str) else v
+    if not isinstance(c, str) or len(c) != 1:
+        raise ValueError("expected a single character")
+    return c.lower()
 
 
 def _compare(actual: int, relation: str, threshold: int) -> bool:
@@ -128,6 +135,9 @@ _STARTERS = (r"(Mr|Mrs|Ms|Dr|Prof|Capt|Cpt|Lt|He\s|She\s|It\s|They\s|Their\s|Our
 _ACRONYMS = "([A-Z][.][A-Z][.](?:[A-Z][.])?)"
 _WEBSITES = "[.](com|net|org|io|gov|edu|me)"
 _DIGITS = "([0-9])"
+# Abbreviations whose period ends no sentence (beyond the reference's titles): `vs.`, `Prof.`, `Fig. 3`.
+_ABBREVIATIONS = (r"\b(vs|etc|approx|cf|al|Prof|Mt|Ft|Fig|Figs|Eq|Eqs|Sec|Vol|Vols|Gen|Gov|Col|Sgt|Rev|Ave|Dept"
+                  r"|Univ|Corp|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[.]")
 
 
 def split_into_sentences(text: str) -> list[str]:
@@ -135,8 +145,11 @@ def split_into_sentences(text: str) -> list[str]:
     of titles, acronyms, decimals and web addresses, then splits after `.`, `?` and `!`. Pieces with no
     word character (the second `!` of `!!`) are dropped so that counts match nltk's punkt more closely."""
     text = " " + text + "  "
+    # the item markers of a numbered list ("1. ", "12. " at the start of a line) end no sentence
+    text = re.sub(r"(^|\n)([ \t]*\d+)[.](?=\s)", "\\1\\2<prd>", text)  # [ \t]: linear on hostile text
     text = text.replace("\n", " ")
     text = re.sub(_PREFIXES, "\\1<prd>", text)
+    text = re.sub(_ABBREVIATIONS, "\\1<prd>", text)
     text = re.sub(_WEBSITES, "<prd>\\1", text)
     text = re.sub(_DIGITS + "[.]" + _DIGITS, "\\1<prd>\\2", text)
     text = re.sub(r"\.{2,}", lambda m: "<prd>" * len(m.group(0)) + "<stop>", text)
@@ -148,10 +161,14 @@ def split_into_sentences(text: str) -> list[str]:
     text = re.sub(" " + _SUFFIXES + "[.] " + _STARTERS, " \\1<stop> \\2", text)
     text = re.sub(" " + _SUFFIXES + "[.]", " \\1<prd>", text)
     text = re.sub(" " + _ALPHABETS + "[.]", " \\1<prd>", text)
+    # a period inside a name (page.html, report.final.pdf, example.org/a.b): followed by a lower-case letter
+    # or digit with no space; `sentence.This` (a missing space) still splits
+    text = re.sub(r"(?<=\w)[.](?=[a-z0-9])", "<prd>", text)
+    text = re.sub(r"[?](?=[\w.%-]+=)", "<qst>", text)  # a URL's query string
     text = text.replace(".\u201d", "\u201d.").replace('."', '".').replace('!"', '"!').replace('?"', '"?')
     for mark in ".?!":
         text = text.replace(mark, mark + "<stop>")
-    text = text.replace("<prd>", ".")
+    text = text.replace("<prd>", ".").replace("<qst>", "?")
     return [s.strip() for s in text.split("<stop>") if re.search(r"\w", s)]
 
 
@@ -210,13 +227,15 @@ def keywords_frequency(text: str, keyword: str, frequency: int, relation: str) -
 
 @_instruction("keywords:forbidden_words", forbidden_words=_words)
 def keywords_forbidden_words(text: str, forbidden_words: list[str]) -> bool:
-    """None of the words appears as a whole word (case-insensitive)."""
-    return not any(re.search(r"\b" + re.escape(w) + r"\b", text, flags=re.IGNORECASE) for w in forbidden_words)
+    """None of the words appears as a whole word (case-insensitive). Whole means no word character right
+    before or after it, which also holds for words that end in a symbol (`c++`, `C#`), where `\\b` cannot."""
+    return not any(re.search(r"(?<!\w)" + re.escape(w.strip()) + r"(?!\w)", text, flags=re.IGNORECASE)
+                   for w in forbidden_words)
 
 
 @_instruction("keywords:letter_frequency", letter=_letter, let_frequency=_count, let_relation=_relation)
 def keywords_letter_frequency(text: str, letter: str, let_frequency: int, let_relation: str) -> bool:
-    """Occurrences of one letter, either case, compared with `let_frequency`."""
+    """Occurrences of one character (a letter in either case) compared with `let_frequency`."""
     return _compare(collections.Counter(text.lower())[letter], let_relation, let_frequency)
 
 
@@ -242,11 +261,26 @@ def english_lowercase(text: str) -> bool:
     return text.islower() and _detect(text) in (None, "en")
 
 
+# A word as nltk.word_tokenize keeps it: word characters joined by inner `-`, `'`, `/` or `.` (U.S.A.,
+# Ph.D., I/O, ROCK'N'ROLL, VERY-GOOD), with the period of an abbreviation ...
+_WORD = re.compile(r"\w+(?:[-'/.]\w+)*(?:(?<=\.\w)\.)?")
+# ... and English contractions split off as their own token (DO + N'T, JOHN + 'S), as its Treebank rules do.
+_CONTRACTION = re.compile(r"(?i)^(.+?)(n't|'s|'m|'d|'ll|'re|'ve)$")
+
+
+def words_for_case(text: str) -> list[str]:
+    """The words `change_case:capital_word_frequency` looks at, approximating nltk.word_tokenize."""
+    out = []
+    for w in _WORD.findall(text):
+        m = _CONTRACTION.match(w)
+        out.extend(m.groups() if m else (w,))
+    return out
+
+
 @_instruction("change_case:capital_word_frequency", capital_frequency=_count, capital_relation=_relation)
 def capital_word_frequency(text: str, capital_frequency: int, capital_relation: str) -> bool:
-    """Words in all capitals compared with `capital_frequency`. Hyphenated words count once and
-    contractions split at the apostrophe, approximating nltk.word_tokenize."""
-    capitals = sum(1 for w in re.findall(r"\w+(?:-\w+)*", text) if w.isupper())
+    """Words in all capitals (see `words_for_case`) compared with `capital_frequency`."""
+    capitals = sum(1 for w in words_for_case(text) if w.isupper())
     return _compare(capitals, capital_relation, capital_frequency)
 
 
