@@ -152,9 +152,12 @@ def main() -> None:
             spec = dict(model_dir=str(root), dtype="bfloat16", seed=0, max_model_len=256, tensor_parallel_size=1,
                         enforce_eager=True, enable_prefix_caching=True, max_num_seqs=8, gpu_memory_utilization=0.5,
                         kv_cache_bytes=256 * MB, sleep_mode=False)
-            eng = VLLMRolloutEngine(spec, python=python, log_path=Path(tmp) / "vllm.log")
+            from nemo_prorl.config import load_config
+
+            cfg, _ = load_config(["rollout=vllm", f"trainer.output_dir={tmp}"])
+            eng = VLLMRolloutEngine(cfg, spec, python=python, log_path=Path(tmp) / "vllm.log")
             try:
-                rows.append(("vLLM engine (own process)", *run(eng, shards, s, args.bucket_mb, eng._proc.pid),
+                rows.append(("vLLM engine (Ray actor)", *run(eng, shards, s, args.bucket_mb, eng.pid),
                              eng.staging_buffer(0).numel()))
             finally:
                 eng.close()

@@ -1,16 +1,12 @@
 #!/usr/bin/env bash
-# ProRL on this machine with torchrun: NPROC processes (one per GPU; rank 0 trains, the rest are Megatron
-# workers). NPROC=1 is a plain `prorl train`. Overrides are Hydra's:
-#   NPROC=2 launchers/local.sh policy=megatron policy.megatron.tensor_parallel_size=2
-# PRORL_DRY_RUN=1 prints the command instead of running it.
+# ProRL on this machine. `prorl train` is the only process to start: when the run needs more than one
+# process (policy=megatron ranks, rollout=vllm engines) it starts a private Ray cluster of this machine
+# (loopback only, a fresh token, stopped with the run) and places them by the plan (`prorl plan`).
+#   launchers/local.sh policy=megatron policy.megatron.tensor_parallel_size=2 rollout=vllm
+# A GPU machine: cluster.device=cuda cluster.gpus_per_node=N. PRORL_DRY_RUN=1 prints the command.
 set -euo pipefail
-nproc="${NPROC:-1}"
 python="${PYTHON:-python}"
-if [[ "${nproc}" == "1" ]]; then
-  cmd=("${python}" -m nemo_prorl.cli train "$@")
-else
-  cmd=("${python}" -m torch.distributed.run --standalone --nproc_per_node="${nproc}" -m nemo_prorl.cli train "$@")
-fi
+cmd=("${python}" -m nemo_prorl.cli train "$@")
 if [[ "${PRORL_DRY_RUN:-0}" == "1" ]]; then
   printf 'run:'
   printf ' %q' "${cmd[@]}"

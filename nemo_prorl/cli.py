@@ -1,4 +1,5 @@
-"""`prorl` command line: `prorl train [OVERRIDE ...]`, `prorl config [OVERRIDE ...]`, `prorl data inspect PATH`,
+"""`prorl` command line: `prorl train [OVERRIDE ...]`, `prorl config [OVERRIDE ...]`, `prorl plan [OVERRIDE ...]`,
+`prorl data inspect PATH`,
 `prorl convert hf-to-megatron|megatron-to-hf SRC DST`, `prorl export CKPT OUT`, `prorl reset-reference RUN_DIR`,
 `prorl eval CHECKPOINT [CHECKPOINT ...] [OVERRIDE ...]`.
 
@@ -21,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prorl", description="Prolonged RL (ProRL) for reasoning language models.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [("train", "train with GRPO (the embedded CPU default unless an experiment says otherwise)"),
-                        ("config", "print the resolved configuration and exit")]:
+                        ("config", "print the resolved configuration and exit"),
+                        ("plan", "print which node and device hosts each Megatron rank, engine and reward worker")]:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.kl_coef=0 experiment=prorl_1p5b")
     from nemo_prorl.data import inspect
@@ -146,19 +148,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "config":
         print(OmegaConf.to_yaml(resolved))
         return 0
-    from nemo_prorl.policy.parallel import launch_from_env
+    if args.command == "plan":
+        from nemo_prorl.cluster.plan import format_plan, plan_from_config
 
-    launch = launch_from_env()
-    if launch is not None:  # torchrun / srun with one process per GPU: rank 0 trains, the others are workers
-        if cfg.policy.backend != "megatron":
-            print(f"prorl: launched as {launch.world_size} processes, which needs policy=megatron "
-                  f"(policy.backend={cfg.policy.backend!r} runs in one process)", file=sys.stderr)
-            return 2
-        if launch.rank != 0:
-            from nemo_prorl.policy.megatron import serve_remote_worker
-
-            serve_remote_worker(launch, connect_timeout_s=cfg.policy.megatron.worker_timeout_s)
-            return 0
+        print(format_plan(plan_from_config(cfg)))
+        return 0
+    from nemo_prorl.cluster import RayStartError, close_session
+    from nemo_prorl.cluster.actors import ActorError
     from nemo_prorl.train import run_training
     from nemo_prorl.trainer.checkpoint import CheckpointError
     from nemo_prorl.trainer.grpo import TrainingHealthError
@@ -171,6 +167,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingHealthError as e:
         print(f"prorl: {e}", file=sys.stderr)
         return 3
+    except (ActorError, RayStartError) as e:  # an actor failed or died (named), or Ray could not start
+        print(f"prorl: {e}\nresume with resume=auto (from {cfg.trainer.output_dir}/checkpoints)", file=sys.stderr)
+        return 4
+    finally:
+        close_session()  # the actors, placement groups and a private Ray cluster go with the run
     return 0
 
 

@@ -64,3 +64,14 @@ def assert_same_state(a: Path, b: Path, policy: Any = None) -> None:
     differ = [k for k, v in sa.items()
               if not (torch.equal(v, sb[k]) if isinstance(v, torch.Tensor) else v == sb[k])]
     assert differ == [], f"optimizer state differs: {differ[:10]}"
+
+
+def assert_update_matches(metrics: dict, reference: dict, weights: dict, ref_weights: dict) -> None:
+    """A Megatron update equals the transformers backend's on the same batch: loss, gradient norm and the
+    updated weights (float32 on CPU, summed in another order: 1e-6, 1e-5 relative, 2e-6)."""
+    import pytest
+
+    assert metrics["loss"] == pytest.approx(reference["loss"], abs=1e-6)
+    assert metrics["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+    assert set(weights) == set(ref_weights)
+    assert max((ref_weights[k] - weights[k]).abs().max().item() for k in ref_weights) < 2e-6

@@ -10,6 +10,25 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+
+def _ray_token_for_the_session() -> None:
+    """Ray reads its authentication settings once, when first imported, and keeps one token per process:
+    every Ray cluster this test session starts uses this token (mode 0600, removed at exit) and binds
+    loopback only."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from nemo_prorl.cluster.runtime import auth_env, write_token
+
+    folder = Path(tempfile.mkdtemp(prefix="prorl-test-ray-"))
+    atexit.register(shutil.rmtree, folder, True)
+    os.environ.update(auth_env(write_token(folder / "token")))
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+_ray_token_for_the_session()
+
 TINY_OVERRIDES = [
     "model.tiny.hidden_size=32",
     "model.tiny.intermediate_size=64",

@@ -231,12 +231,13 @@ def test_a_dead_engine_process_is_reported(vllm_model_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(vllm_model_dir, broken)
     save_file({"nonsense": torch.zeros(1)}, str(broken / "model.safetensors"))
-    with pytest.raises(VLLMEngineError, match=r"init failed(.|\n)*(nonsense|model\.)"):
+    with pytest.raises(VLLMEngineError, match=r"vllm engine 0 on node 0 \(.*\) failed during init(.|\n)*"
+                                              r"(nonsense|model\.)(.|\n)*vllm_engine.log"):
         ROLLOUT_ENGINES.get("vllm")(cfg, broken)
     engine = ROLLOUT_ENGINES.get("vllm")(cfg, vllm_model_dir)
     try:
-        os.kill(engine._proc.pid, signal.SIGKILL)
-        with pytest.raises(VLLMEngineError, match="exited with code -9 during generate"):
+        os.kill(engine.pid, signal.SIGKILL)
+        with pytest.raises(VLLMEngineError, match=r"vllm engine 0 on node 0 \(.*\) died during generate"):
             engine.generate([[1, 2, 3]], SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=2,
                                                         stop_token_ids=(), seed=0))
     finally:

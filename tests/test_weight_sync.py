@@ -76,12 +76,15 @@ def test_packed_buckets_carry_the_state_dict(bucket_kb):
         assert torch.equal(got[k], v.bfloat16()), k
 
 
-def test_engine_process_that_cannot_start_is_named(tmp_path):
+def test_engine_interpreter_that_cannot_serve_is_named(tmp_path):
+    from nemo_prorl.config import load_config
+
+    cfg, _ = load_config(["rollout=vllm", f"trainer.output_dir={tmp_path}", "rollout.vllm.startup_timeout_s=120"])
     spec = dict(model_dir=str(tmp_path), dtype="float32")
-    with pytest.raises(VLLMEngineError, match="cannot be started"):
-        VLLMRolloutEngine(spec, python=str(tmp_path / "no-python"), log_path=tmp_path / "log")
-    with pytest.raises(VLLMEngineError, match="exited with code 1 during startup"):
-        VLLMRolloutEngine(spec, python="/bin/false", log_path=tmp_path / "log")
-    # an interpreter without vLLM: the engine reports the import error, and names the interpreter
-    with pytest.raises(VLLMEngineError, match=r"init failed(.|\n)*No module named 'vllm'(.|\n)*interpreter"):
-        VLLMRolloutEngine(spec, python=sys.executable, log_path=tmp_path / "log", startup_timeout_s=60)
+    with pytest.raises(VLLMEngineError, match="no-python.* cannot be started"):
+        VLLMRolloutEngine(cfg, spec, python=str(tmp_path / "no-python"), log_path=tmp_path / "log")
+    with pytest.raises(VLLMEngineError, match=r"'/bin/false' must run Python and Ray as the trainer does"):
+        VLLMRolloutEngine(cfg, spec, python="/bin/false", log_path=tmp_path / "log")
+    # an interpreter without vLLM: the engine actor reports the import error, and names the interpreter
+    with pytest.raises(VLLMEngineError, match=r"failed during init(.|\n)*No module named 'vllm'(.|\n)*interpreter"):
+        VLLMRolloutEngine(cfg, spec, python=sys.executable, log_path=tmp_path / "log")

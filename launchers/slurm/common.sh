@@ -1,24 +1,45 @@
 #!/usr/bin/env bash
-# Shared by single_node.sbatch and multi_node.sbatch: one task per node (srun), and on each node torchrun
-# starting one process per GPU. Rank 0 is the trainer (the single controller); the other ranks are the
-# Megatron workers it drives. Rendezvous comes from Slurm: MASTER_ADDR is the job's first node.
+# Shared by single_node.sbatch and multi_node.sbatch. Inside the container, on the job's nodes:
+#   1. a fresh Ray token for this job in its run folder (mode 0600; the run folder is on the shared CKPT_DIR);
+#   2. a Ray head on the first node and a Ray worker on each other node (token authentication on, no
+#      dashboard, no usage reporting), each a background srun step;
+#   3. `prorl train` on the first node, attached to that cluster (cluster.ray_address); it waits until all
+#      nodes have joined (cluster.ray_timeout_s, then an error naming the nodes that did), places one Megatron
+#      rank per GPU and the rollout engines by the plan (`prorl plan`), and drives them;
+#   4. then the Ray steps are stopped, and a PREEMPTED marker requeues the job (resume=auto).
+# SIGTERM reaches the batch shell only (--signal=B:TERM@...): it is passed to the trainer, which checkpoints
+# while its Ray actors are still up, writes PREEMPTED and exits 0.
 #
 # Settings (environment, with defaults):
 #   CONTAINER_IMAGE  squashfs image or registry tag for pyxis/enroot (containers/README.md)
 #   DATA_DIR, MODEL_DIR, CKPT_DIR   host folders mounted at /data, /models, /checkpoints
 #   RUN_NAME         run folder under /checkpoints (default: the job name)
-#   GPUS_PER_NODE    processes per node (default: SLURM_GPUS_ON_NODE, else 8)
-#   PRORL_DRY_RUN=1  print the srun and torchrun commands instead of running them
+#   GPUS_PER_NODE    GPUs per node (default: SLURM_GPUS_ON_NODE, else 8)
+#   PRORL_DRY_RUN=1  print every command instead of running it
 # Arguments are Hydra overrides, passed to `prorl train` unchanged.
 set -euo pipefail
 
-prorl_first_host() {
-  # The first host of a Slurm node list; scontrol expands ranges (node[01-04]), the fallback takes plain lists.
+prorl_hosts() {
+  # The hosts of a Slurm node list, one per line; scontrol expands ranges (node[01-04]).
   if command -v scontrol >/dev/null 2>&1; then
-    scontrol show hostnames "$1" | head -n 1
+    scontrol show hostnames "$1"
   else
-    printf '%s\n' "${1%%,*}"
+    printf '%s\n' "${1//,/$'\n'}"
   fi
+}
+
+prorl_ip() {
+  # The address the other nodes reach a host at (its name where it cannot be resolved here).
+  getent hosts "$1" 2>/dev/null | awk '{print $1; exit}' | grep . || printf '%s\n' "$1"
+}
+
+prorl_print() {
+  # One command as it would run: a label, then its arguments shell-quoted.
+  local label="$1"
+  shift
+  printf '%s:' "${label}"
+  printf ' %q' "$@"
+  printf '\n'
 }
 
 prorl_launch() {
@@ -27,45 +48,83 @@ prorl_launch() {
   local job_id="${SLURM_JOB_ID:-0}"
   local run_name="${RUN_NAME:-${SLURM_JOB_NAME:-prorl}}"
   local image="${CONTAINER_IMAGE:-nemo_prorl.sqsh}"
-  local mounts="${DATA_DIR:-$PWD/data}:/data,${MODEL_DIR:-$PWD/models}:/models,${CKPT_DIR:-$PWD/checkpoints}:/checkpoints"
+  local ckpt_dir="${CKPT_DIR:-$PWD/checkpoints}"
+  local mounts="${DATA_DIR:-$PWD/data}:/data,${MODEL_DIR:-$PWD/models}:/models,${ckpt_dir}:/checkpoints"
   local run_dir="/checkpoints/${run_name}"
-  local master_addr
-  master_addr="$(prorl_first_host "${SLURM_JOB_NODELIST:-localhost}")"
-  local master_port=$((29500 + job_id % 1000))
+  local token="${run_dir}/ray_token"
+  local -a hosts
+  mapfile -t hosts < <(prorl_hosts "${SLURM_JOB_NODELIST:-localhost}")
+  local head="${hosts[0]}"
+  local head_ip
+  head_ip="$(prorl_ip "${head}")"
+  local port=$((6379 + job_id % 1000))  # the Ray head's GCS port, per job
+  local address="${head_ip}:${port}"
 
-  # Hydra overrides, each quoted for the shell that srun starts on every node.
+  # Hydra overrides, each quoted for the shell that srun starts.
   local overrides="" arg
   for arg in "$@"; do
     overrides+=" $(printf '%q' "$arg")"
   done
-  # Each node fills in its own rank: \${SLURM_NODEID} is expanded by the shell srun starts there.
-  local torchrun="torchrun --nnodes=${nodes} --nproc_per_node=${gpus} --node_rank=\${SLURM_NODEID}"
-  torchrun+=" --master_addr=${master_addr} --master_port=${master_port}"
-  torchrun+=" -m nemo_prorl.cli train resume=auto trainer.output_dir=${run_dir}${overrides}"
+  # Ray reads these when it starts; a shell that ignores TERM/USR1 passes that on, so a preemption signal
+  # to every process of the job leaves Ray up while the trainer checkpoints.
+  local ray_env="trap '' TERM USR1; export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=${token} RAY_USAGE_STATS_ENABLED=0"
+  local ray_common="--num-gpus=${gpus} --disable-usage-stats --block"
+  local head_cmd="${ray_env}; exec ray start --head --node-ip-address=${head_ip} --port=${port} --include-dashboard=false ${ray_common}"
+  local worker_cmd="${ray_env}; exec ray start --address=${address} ${ray_common}"
+  local train_cmd="exec python -m nemo_prorl.cli train resume=auto trainer.output_dir=${run_dir}"
+  train_cmd+=" cluster.device=cuda cluster.num_nodes=${nodes} cluster.gpus_per_node=${gpus}"
+  train_cmd+=" cluster.ray_address=${address} cluster.ray_token_file=${token}${overrides}"
+
   # shellcheck disable=SC2054  # the commas belong to srun's --container-mounts and --export lists
-  local -a srun=(srun --nodes="${nodes}" --ntasks-per-node=1 --kill-on-bad-exit=1
-    --container-image="${image}" --container-mounts="${mounts}" --container-workdir=/workspace
-    --export=ALL,PRORL_DATA_DIR=/data,MASTER_ADDR="${master_addr}",MASTER_PORT="${master_port}"
-    --output="logs/%x-%j-node%n.out" bash -c "${torchrun}")
+  local -a container=(--container-image="${image}" --container-mounts="${mounts}" --container-workdir=/workspace
+    --container-name="prorl-${job_id}" --export=ALL,PRORL_DATA_DIR=/data)
+  local -a head_srun=(srun --nodes=1 --ntasks=1 --nodelist="${head}" --overlap "${container[@]}"
+    --output="logs/%x-%j-ray-head.out" bash -c "${head_cmd}")
+  local -a worker_srun=(srun --nodes=$((nodes - 1)) --ntasks-per-node=1 --exclude="${head}" --overlap "${container[@]}"
+    --output="logs/%x-%j-ray-worker-%n.out" bash -c "${worker_cmd}")
+  local -a train_srun=(srun --nodes=1 --ntasks=1 --nodelist="${head}" --overlap "${container[@]}"
+    --output="logs/%x-%j-train.out" bash -c "${train_cmd}")
+  local -a stop_srun=(srun --nodes="${nodes}" --ntasks-per-node=1 --overlap "${container[@]}"
+    --output="logs/%x-%j-ray-stop-%n.out" bash -c "ray stop --force")
+  local host_token="${ckpt_dir}/${run_name}/ray_token"
 
   if [[ "${PRORL_DRY_RUN:-0}" == "1" ]]; then
-    printf 'srun:'
-    printf ' %q' "${srun[@]}"
-    printf '\n'
-    local rank
-    for ((rank = 0; rank < nodes; rank++)); do
-      printf 'torchrun[node %d]: %s\n' "${rank}" "${torchrun//\$\{SLURM_NODEID\}/${rank}}"
-    done
+    printf 'token: %s (a fresh random token, mode 0600)\n' "${host_token}"
+    prorl_print "ray head" "${head_srun[@]}"
+    if ((nodes > 1)); then
+      prorl_print "ray workers" "${worker_srun[@]}"
+    fi
+    prorl_print "train" "${train_srun[@]}"
+    prorl_print "ray stop" "${stop_srun[@]}"
     return 0
   fi
 
-  mkdir -p logs
-  "${srun[@]}"
-  # SIGTERM (preemption, or --signal before the time limit) made the trainer checkpoint and write
-  # PREEMPTED; requeue the job, which resumes from that checkpoint (resume=auto).
-  local marker="${CKPT_DIR:-$PWD/checkpoints}/${run_name}/PREEMPTED"
+  mkdir -p logs "${ckpt_dir}/${run_name}"
+  (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"${host_token}.tmp" && mv "${host_token}.tmp" "${host_token}")
+  local -a ray_pids=()
+  "${head_srun[@]}" &
+  ray_pids+=($!)
+  if ((nodes > 1)); then
+    "${worker_srun[@]}" &
+    ray_pids+=($!)
+  fi
+  "${train_srun[@]}" &
+  local train_pid=$!
+  # Preemption or the time limit: the trainer checkpoints (srun passes SIGTERM on to it) and exits 0.
+  trap 'kill -TERM "${train_pid}" 2>/dev/null || true' TERM USR1
+  local status=0
+  wait "${train_pid}" || status=$?
+  while kill -0 "${train_pid}" 2>/dev/null; do  # a signal interrupted the wait: wait for the checkpoint
+    wait "${train_pid}" || status=$?
+  done
+  # Ray's daemons ignore TERM (above): stop them on every node, then their srun steps.
+  "${stop_srun[@]}" || true
+  kill -KILL "${ray_pids[@]}" 2>/dev/null || true
+  wait "${ray_pids[@]}" 2>/dev/null || true
+  local marker="${ckpt_dir}/${run_name}/PREEMPTED"
   if [[ -f "${marker}" ]]; then
     rm -f "${marker}"
     scontrol requeue "${job_id}"
   fi
+  return "${status}"
 }

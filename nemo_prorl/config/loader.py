@@ -90,5 +90,22 @@ def load_config(
     assert isinstance(typed, ProRLConfig)
     from nemo_prorl.config.validate import validate_config
 
+    _resolve_layout(typed, cfg)
     validate_config(typed)
     return typed, cfg
+
+
+def _resolve_layout(typed: ProRLConfig, cfg: DictConfig) -> None:
+    """Check that the run can be placed (nemo_prorl/cluster/plan.py), and fill in what the plan decides
+    (`policy.megatron.data_parallel_size: null` -> the number of replicas), in both configs."""
+    from nemo_prorl.cluster.plan import PlacementError, plan_from_config
+    from nemo_prorl.config.validate import _get
+
+    try:
+        plan = plan_from_config(typed)
+    except PlacementError as e:
+        raise ConfigError(f"invalid configuration:\n  {e.key}={_get(typed, e.key)!r}: {str(e).split(': ', 1)[1]}") \
+            from None
+    if typed.policy.backend == "megatron" and typed.policy.megatron.data_parallel_size is None:
+        typed.policy.megatron.data_parallel_size = plan.data_parallel_size
+        cfg.policy.megatron.data_parallel_size = plan.data_parallel_size

@@ -59,12 +59,14 @@ class OptimConfig:
 @dataclass
 class MegatronConfig:
     """policy.backend=megatron: megatron-core GPTModel with TP x PP x DP (policy/parallel.py). The world
-    size is tensor * pipeline * data parallel; one worker process per rank."""
+    size is tensor * pipeline * data parallel; one Ray actor per rank, placed by the cluster plan."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     virtual_pipeline_parallel_size: Optional[int] = None  # interleaved 1F1B: model chunks per pipeline rank
-    data_parallel_size: int = 1
+    # None: as many replicas as the training devices hold (cluster.num_nodes - rollout_nodes nodes x devices
+    # per node, divided by TP x PP); resolved at launch.
+    data_parallel_size: Optional[int] = 1
     sequence_parallel: bool = False  # shard layernorm/dropout activations along the sequence (needs TP > 1)
     use_distributed_optimizer: bool = True  # ZeRO-1: optimizer state sharded over data-parallel ranks
     # Micro-batches are filled with whole sequences up to this many (padded) tokens, longest first, and
@@ -120,6 +122,7 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)  # stop strings, besides the tokenizer's EOS token
     max_num_seqs: int = 256  # sequences decoded together; bounds KV-cache memory
     weight_sync_bucket_mb: float = 256.0
+    num_engines: int = 1  # generation engines (each over rollout.vllm.tensor_parallel_size devices)
     # Compare the engine's sampling logprobs with the policy's on the same tokens every n steps (0: never).
     # With several updates per step it is free: it uses the old-logprob pass, which covers the rows of the
     # updates after the first; with one update it costs a forward pass.
@@ -332,9 +335,26 @@ class EvalConfig:
 
 @dataclass
 class ClusterConfig:
+    """Where a run's processes go (nemo_prorl/cluster/: the placement plan, `prorl plan`, Ray). The embedded
+    default (hf policy, torch engine) is one process and starts no Ray."""
+
     device: str = "cpu"  # cpu | cuda
     num_nodes: int = 1
-    gpus_per_node: int = 0
+    gpus_per_node: int = 0  # cuda: GPUs of each node, one Megatron rank each
+    # cpu: Megatron ranks / engine devices per node ("CPU slots"); None on one node: as many as the run needs
+    cpu_slots_per_node: Optional[int] = None
+    # Split mode: the last `rollout_nodes` nodes only generate, the others only train. 0: colocated (engines
+    # share the training devices and sleep during the update).
+    rollout_nodes: int = 0
+    # Attach to the Ray cluster a launcher started (host:port of its head); None: start a private one on this
+    # machine (loopback only) when the run needs Ray (policy=megatron or rollout=vllm).
+    ray_address: Optional[str] = None
+    # The cluster's token file (Ray token authentication, RAY_AUTH_TOKEN_PATH); None with ray_address:
+    # $RAY_AUTH_TOKEN_PATH. A private cluster gets a fresh token (mode 0600) in its own temp folder.
+    ray_token_file: Optional[str] = None
+    ray_object_store_gb: float = 4.0  # a private cluster's object store (shared memory), per node
+    ray_dashboard: bool = False  # a private cluster's dashboard (on loopback); off: one service less
+    ray_timeout_s: float = 120.0  # starting or attaching to Ray, and placing the actors, within this time
     num_threads: Optional[int] = None  # torch intra-op threads on CPU; None leaves torch's default
 
 

@@ -84,6 +84,7 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(all(isinstance(x, str) and x for x in ro.stop), "rollout.stop", "stop strings must be non-empty")
     if ro.engine == "vllm":
         _check_vllm(cfg, check)
+    _check_cluster(cfg, check)
     from nemo_prorl.algo.offpolicy import ROLLOUT_CORRECTIONS
 
     rc = a.rollout_correction
@@ -218,6 +219,16 @@ def _check_megatron(cfg: ProRLConfig, check) -> None:
     check(m.transformer_impl != "transformer_engine" or te, f"{k}.transformer_impl",
           "transformer_engine does not import here; use auto or local")
     check(cfg.cluster.device == "cuda" or m.dist_backend != "nccl", f"{k}.dist_backend", "nccl needs cluster.device=cuda")
+
+
+def _check_cluster(cfg: ProRLConfig, check) -> None:
+    c = cfg.cluster
+    check(c.cpu_slots_per_node is None or c.cpu_slots_per_node >= 1, "cluster.cpu_slots_per_node", "must be >= 1 or null")
+    check(c.device != "cuda" or c.gpus_per_node >= 1, "cluster.gpus_per_node", "must be >= 1 with cluster.device=cuda")
+    check(c.ray_object_store_gb > 0, "cluster.ray_object_store_gb", "must be > 0")
+    check(c.ray_timeout_s > 0, "cluster.ray_timeout_s", "must be > 0")
+    check(cfg.rollout.num_engines == 1, "rollout.num_engines",
+          "one generation engine per run for now (data-parallel engines are not built yet)")
 
 
 def _check_vllm(cfg: ProRLConfig, check) -> None:

@@ -1,109 +1,41 @@
 """`policy.backend=megatron`: the policy update on megatron-core, behind the same interface as the
 transformers backend.
 
-The trainer stays one process (a single controller, as in verl): this class starts one worker process
-per rank (tensor x pipeline x data parallel, see policy/megatron_worker.py), sends every command to all
-of them and gathers the answers. Data parallelism splits a mini-batch's rows; the loss normalisers are
-the mini-batch totals and gradients are summed over ranks, so the update does not depend on the layout.
+The trainer stays one process (a single controller, as in verl): each rank (tensor x pipeline x data
+parallel, see policy/megatron_worker.py) is a Ray actor placed by the cluster plan (nemo_prorl/cluster);
+this class sends every command to all of them and gathers the answers. Data parallelism splits a
+mini-batch's rows; the loss normalisers are the mini-batch totals and gradients are summed over ranks, so
+the update does not depend on the layout. A rank that fails or dies stops the whole group and raises
+MegatronWorkerError naming the rank, its node and the command.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
-import os
-import pickle
-import queue
-import socket
-import threading
-import time
-from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 
+from nemo_prorl.cluster.actors import ActorError
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.policy.base import POLICY_BACKENDS, STATE_FILE, Batch, LazyWeight, LossFn, PolicyBackend
 from nemo_prorl.policy.megatron_convert import ModelShape, megatron_to_hf_lazy
-from nemo_prorl.policy.megatron_worker import WorkerSpec, worker_main
-from nemo_prorl.policy.parallel import Launch, launch_from_env
-from nemo_prorl.procs import track
-
+from nemo_prorl.policy.megatron_worker import MegatronRank, WorkerSpec
 
 log = logging.getLogger("nemo_prorl")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))  # free on every interface: ranks on other nodes connect to it
-        return sock.getsockname()[1]
-
-
-class MegatronWorkerError(RuntimeError):
+class MegatronWorkerError(ActorError):
     pass
-
-
-# Remote ranks talk plain pickle over TCP: torch's multiprocessing pickler would send tensors as
-# shared-memory handles, which mean nothing on another node.
-def _send(conn: Any, obj: Any) -> None:
-    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def _recv(conn: Any) -> Any:
-    return pickle.loads(conn.recv_bytes())
-
-
-class _Sender:
-    """A connection with a queue's put(), so that remote and local workers look the same."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-
-    def put(self, item: Any) -> None:
-        _send(self.conn, item)
-
-
-class _Receiver:
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-
-    def get(self) -> Any:
-        return _recv(self.conn)
-
-
-def _authkey(launch: Launch) -> bytes:
-    # Shared by all processes of one job without any exchange; PRORL_AUTHKEY adds a secret of the user's.
-    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return hashlib.sha256(f"{launch.master_addr}:{launch.master_port}:{job}:{os.environ.get('PRORL_AUTHKEY', '')}"
-                          .encode()).digest()
-
-
-def serve_remote_worker(launch: Launch, connect_timeout_s: float = 1800.0) -> None:
-    """Ranks 1.. of a launched job: connect to the trainer on rank 0, take a worker spec, serve commands."""
-    from multiprocessing.connection import Client
-
-    deadline = time.monotonic() + connect_timeout_s
-    while True:
-        try:
-            conn = Client((launch.master_addr, launch.master_port + 1), authkey=_authkey(launch))
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise MegatronWorkerError(f"rank {launch.rank}: no trainer at {launch.master_addr}:"
-                                          f"{launch.master_port + 1} after {connect_timeout_s:.0f}s") from None
-            time.sleep(1.0)
-    _send(conn, ("hello", launch.rank))
-    spec = dataclasses.replace(_recv(conn), local_rank=launch.local_rank)
-    log.info("rank %d: serving as megatron worker for the trainer at %s", launch.rank, launch.master_addr)
-    worker_main(spec, _Receiver(conn), _Sender(conn))
-    conn.close()
 
 
 class MegatronPolicy(PolicyBackend):
     def __init__(self, cfg: ProRLConfig, model_dir: Path, *, use_reference: bool) -> None:
         from transformers import AutoConfig
+
+        from nemo_prorl import cluster
+        from nemo_prorl.cluster.actors import start_group
 
         self.cfg = cfg
         self.model_dir = Path(model_dir)
@@ -112,104 +44,41 @@ class MegatronPolicy(PolicyBackend):
         self.shape = ModelShape.from_hf_config(self.hf_config)
         self.world = m.tensor_parallel_size * m.pipeline_parallel_size * m.data_parallel_size
         self.step = 0  # optimizer steps taken, for the warmup
-        launch = launch_from_env()
-        if launch is not None and launch.world_size != self.world:
-            raise MegatronWorkerError(f"launched with {launch.world_size} processes, but policy.megatron asks for "
-                                      f"TP x PP x DP = {self.world}: start one process per rank")
-        # Launched (torchrun / srun, one process per GPU): this process is rank 0, the controller; it starts
-        # rank 0's worker itself and the other ranks' processes connect to it (serve_remote_worker).
-        local_ranks = range(1 if launch else self.world)
-        threads = cfg.cluster.num_threads or max(1, (torch.get_num_threads()) // len(local_ranks))
-        ctx = torch.multiprocessing.get_context("spawn")
-        self._results = ctx.Queue()
-        self._commands: list[Any] = [ctx.Queue() for _ in range(self.world)]
-        port = _free_port()
-        addr = launch.master_addr if launch else "127.0.0.1"
-        specs = [WorkerSpec(rank=rank, world_size=self.world, master_port=port, model_dir=str(model_dir), megatron=m,
+        self.group = None
+        plan = cluster.plan_from_config(cfg, backend="megatron")
+        self._session = cluster.session(cfg, plan)
+        self._placement = self._session.place(plan, cfg.cluster.ray_timeout_s)
+        per_node = max(1, sum(1 for r in plan.ranks if r.node == 0))
+        threads = cfg.cluster.num_threads or max(1, torch.get_num_threads() // per_node)
+        specs = [WorkerSpec(rank=r.rank, world_size=self.world, model_dir=str(model_dir), megatron=m,
                             optim=cfg.policy.optim, dtype=cfg.model.dtype, seed=cfg.trainer.seed,
-                            use_reference=use_reference, num_threads=threads, master_addr=addr,
-                            entropy_grad=cfg.algo.entropy_coef > 0)
-                 for rank in range(self.world)]
-        self._procs = []
-        self._remote: list[Any] = []
-        for rank in local_ranks:
-            # not daemonic: megatron's checkpoint writer starts processes of its own; `track` still kills a
-            # worker left alive at exit, and a worker whose trainer died stops by itself
-            proc = track(ctx.Process(target=worker_main, args=(specs[rank], self._commands[rank], self._results),
-                                     daemon=False, name=f"megatron-rank{rank}"))
-            proc.start()
-            self._procs.append(proc)
-        if launch is not None:
-            self._accept_remote(launch, specs)
-        # (tp, pp, dp) of each rank, as megatron laid out the process groups
-        self.layout: list[tuple[int, int, int]] = self._gather("startup")
-
-    def _accept_remote(self, launch: Launch, specs: list[WorkerSpec]) -> None:
-        """Wait for ranks 1.. to connect, send each its spec, and route its answers into the results queue."""
-        listener = Listener(("0.0.0.0", launch.master_port + 1), authkey=_authkey(launch))
-        conns: dict[int, Any] = {}
-
-        def accept() -> None:
-            while len(conns) < self.world - 1:
-                try:
-                    conn = listener.accept()
-                except OSError:
-                    return  # closed by a timeout below
-                _, rank = _recv(conn)
-                conns[rank] = conn
-
-        t = threading.Thread(target=accept, daemon=True)
-        t.start()
-        t.join(self.m.worker_timeout_s)
-        listener.close()
-        if len(conns) < self.world - 1:
+                            use_reference=use_reference, num_threads=threads, entropy_grad=cfg.algo.entropy_coef > 0)
+                 for r in plan.ranks]
+        engine_devices = {(e.node, d) for e in plan.engines for d in e.devices}
+        # a device shared with an engine (colocated) gives each half of it
+        slots = [(r.node, r.device, 0.5 if (r.node, r.device) in engine_devices else 1.0) for r in plan.ranks]
+        try:
+            self.group = start_group("megatron rank", MegatronRank, self._placement, slots,
+                                     init_args=[(s,) for s in specs], timeout_s=m.worker_timeout_s,
+                                     env={"OMP_NUM_THREADS": str(threads)}, error_type=MegatronWorkerError)
+            master, port = self.group.gather([self.group.actors[0].open_store.remote()], "open_store", 60)[0]
+            # (tp, pp, dp) of each rank, as megatron laid out the process groups
+            self.layout: list[tuple[int, int, int]] = [tuple(x) for x in self._call_all("start", master, port)]
+        except BaseException:
             self.close()
-            missing = sorted(set(range(1, self.world)) - set(conns))
-            raise MegatronWorkerError(f"ranks {missing} did not connect to the trainer at {launch.master_addr}:"
-                                      f"{launch.master_port + 1} within {self.m.worker_timeout_s}s")
-        for rank, conn in sorted(conns.items()):
-            _send(conn, specs[rank])
-            self._commands[rank] = _Sender(conn)
-            threading.Thread(target=self._forward, args=(rank, conn), daemon=True).start()
-            self._remote.append(conn)
+            raise
+        expected = [(r.tp, r.pp, r.dp) for r in plan.ranks]
+        if self.layout != expected:
+            self.close()
+            raise MegatronWorkerError(f"megatron laid the ranks out as {self.layout}, the plan says {expected}")
 
-    def _forward(self, rank: int, conn: Any) -> None:
-        while True:
-            try:
-                item = _recv(conn)
-            except (EOFError, OSError):
-                if self._remote:  # not a shutdown of ours
-                    self._results.put((rank, "error", f"lost the connection to megatron worker rank {rank}"))
-                return
-            self._results.put(item)
-
-    # ------------------------------------------------------------------ talking to the workers
-    def _gather(self, what: str) -> list[Any]:
-        answers: dict[int, Any] = {}
-        deadline = time.monotonic() + self.m.worker_timeout_s
-        while len(answers) < self.world:
-            try:
-                rank, status, value = self._results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p.name for p in self._procs if not p.is_alive()]
-                if dead or time.monotonic() > deadline:
-                    self.close()
-                    why = f"{', '.join(dead)} exited (exit codes {[p.exitcode for p in self._procs]})" if dead \
-                        else f"no answer within policy.megatron.worker_timeout_s={self.m.worker_timeout_s}"
-                    raise MegatronWorkerError(f"megatron workers failed during {what}: {why}") from None
-                continue
-            if status == "error":
-                self.close()
-                raise MegatronWorkerError(f"megatron worker rank {rank} failed during {what}:\n{value}")
-            answers[rank] = value
-        return [answers[r] for r in range(self.world)]
-
+    # ------------------------------------------------------------------ talking to the ranks
     def _call(self, name: str, per_rank_args: list[tuple]) -> list[Any]:
-        if not self._procs and not self._remote:
-            raise MegatronWorkerError("the megatron workers have been shut down")
-        for rank, args in enumerate(per_rank_args):
-            self._commands[rank].put((name, args))
-        return self._gather(name)
+        if self.group is None:
+            raise MegatronWorkerError("the megatron ranks have been shut down")
+        method = "start" if name == "start" else "run"
+        args = per_rank_args if name == "start" else [(name, *a) for a in per_rank_args]
+        return self.group.call(method, args, timeout_s=self.m.worker_timeout_s)
 
     def _call_all(self, name: str, *args: Any) -> list[Any]:
         return self._call(name, [args] * self.world)
@@ -217,10 +86,13 @@ class MegatronPolicy(PolicyBackend):
     def _dp_rows(self, n: int) -> list[torch.Tensor]:
         return list(torch.arange(n).tensor_split(self.m.data_parallel_size))
 
-    def _per_rank_batches(self, batch: Batch) -> list[dict[str, torch.Tensor]]:
-        """Each rank gets the rows of its data-parallel replica (all of its TP/PP peers the same rows)."""
+    def _per_rank_batches(self, batch: Batch) -> list[Any]:
+        """Each rank gets the rows of its data-parallel replica (all of its TP/PP peers the same rows), put
+        into Ray's object store once per replica."""
+        import ray
+
         n = batch["input_ids"].shape[0]
-        parts = [{k: v[rows] for k, v in batch.items()} for rows in self._dp_rows(n)]
+        parts = [ray.put({k: v[rows] for k, v in batch.items()}) for rows in self._dp_rows(n)]
         return [parts[dp] for _, _, dp in self.layout]
 
     def _output_ranks(self) -> list[int]:
@@ -306,7 +178,7 @@ class MegatronPolicy(PolicyBackend):
         torch.save({"step": self.step, "layout": self.layout, "format": "megatron_dist"}, path / STATE_FILE)
 
     def load_state(self, path: Path) -> None:
-        state = torch.load(path / STATE_FILE, weights_only=False)
+        state = torch.load(path / STATE_FILE, weights_only=True)  # step, layout, format: nothing to unpickle
         if [tuple(x) for x in state["layout"]] != self.layout:
             raise ValueError(f"policy state was saved with rank layout {state['layout']}, this run has {self.layout}: "
                              "resume with the same policy.megatron parallel sizes")
@@ -314,25 +186,19 @@ class MegatronPolicy(PolicyBackend):
         self.step = state["step"]
 
     def close(self) -> None:
-        procs, self._procs = self._procs, []
-        remote, self._remote = getattr(self, "_remote", []), []
-        for conn in remote:
-            try:
-                _send(conn, ("stop", ()))
-                conn.close()
-            except OSError:
+        group, self.group = self.group, None
+        if group is not None and group.actors:
+            try:  # leave the process group cleanly; a rank stuck in a collective is killed regardless
+                group.call_all("stop", timeout_s=10)
+            except ActorError:
                 pass
-        for proc, commands in zip(procs, self._commands):
-            if proc.is_alive():
-                commands.put(("stop", ()))
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+            group.kill()
+        placement, self._placement = getattr(self, "_placement", None), None
+        if placement is not None:
+            self._session.release(placement)
 
     def __del__(self) -> None:
-        if getattr(self, "_procs", None):
+        if getattr(self, "group", None) is not None:
             self.close()
 
 

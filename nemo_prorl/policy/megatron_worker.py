@@ -9,15 +9,16 @@ from __future__ import annotations
 import copy
 import math
 import os
-import traceback
 import warnings
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
 
+from nemo_prorl.cluster.actors import ActorBase
 from nemo_prorl.config.schema import MegatronConfig, OptimConfig
 from nemo_prorl.policy.base import Batch, LossFn
 from nemo_prorl.policy.megatron_convert import ModelShape, hf_to_megatron, lazy_hf_weights
@@ -31,7 +32,6 @@ from nemo_prorl.torch_utils import DTYPES
 class WorkerSpec:
     rank: int
     world_size: int
-    master_port: int
     model_dir: str
     megatron: MegatronConfig
     optim: OptimConfig
@@ -39,20 +39,21 @@ class WorkerSpec:
     seed: int
     use_reference: bool
     num_threads: int
-    local_rank: Optional[int] = None  # launched mode: the GPU of this process on its node
-    master_addr: str = "127.0.0.1"  # host of rank 0 (the store of the worker group)
+    master_addr: str = ""  # host and port of the group's torch.distributed store (on rank 0's node)
+    master_port: int = 0
     entropy_grad: bool = False  # algo.entropy_coef > 0: the entropy bonus needs its gradient
 
 
 def _quiet_optional_dependency_warnings() -> None:
     # megatron-core says on import, per module, that apex/TE are absent and it uses the torch paths.
     for msg in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
-                ".*CUDA_DEVICE_MAX_CONNECTIONS.*", ".*is not a leaf Tensor is being accessed.*"):
+                ".*CUDA_DEVICE_MAX_CONNECTIONS.*", ".*is not a leaf Tensor is being accessed.*",
+                ".*full scope is deprecated.*", ".*torch.distributed.* is deprecated.*"):
         warnings.filterwarnings("ignore", message=msg)
 
 
 class MegatronWorker:
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, store_fd: Optional[int] = None) -> None:
         from megatron.core import parallel_state as ps
         from transformers import AutoConfig
 
@@ -62,9 +63,9 @@ class MegatronWorker:
         self.spec = spec
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
-        self.device = parallel.init_distributed(spec.rank, spec.world_size, master_port=spec.master_port,
-                                                backend=m.dist_backend, local_rank=spec.local_rank,
-                                                master_addr=spec.master_addr)
+        self.device = parallel.init_distributed(spec.rank, spec.world_size, master_addr=spec.master_addr,
+                                                master_port=spec.master_port, backend=m.dist_backend,
+                                                store_fd=store_fd)
         parallel.init_model_parallel(m.tensor_parallel_size, m.pipeline_parallel_size, spec.seed,
                                      vp=m.virtual_pipeline_parallel_size)
         self.hf_config = AutoConfig.from_pretrained(spec.model_dir)
@@ -353,40 +354,42 @@ class MegatronWorker:
                     p.copy_(saved)
 
 
-def _next_command(commands: Any) -> tuple[str, tuple]:
-    """The next command; "stop" once the trainer process is gone (killed without a chance to say so)."""
-    import multiprocessing
-    import queue
+class MegatronRank(ActorBase):
+    """One rank as a Ray actor (placed by nemo_prorl.cluster): built by `start` once every rank knows the
+    address of the group's torch.distributed store, then serving the commands of MegatronWorker. A
+    command's exception reaches the controller with its traceback (as a RayTaskError)."""
 
-    parent = multiprocessing.parent_process()
-    while True:
-        try:
-            return commands.get(timeout=5.0) if parent is not None else commands.get()
-        except queue.Empty:
-            if not parent.is_alive():
-                return "stop", ()
+    def __init__(self, spec: WorkerSpec) -> None:
+        _quiet_optional_dependency_warnings()
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        ignore_preemption_signals()  # the controller checkpoints with these ranks first, then stops them
+        self.spec = spec
+        self.worker: Optional[MegatronWorker] = None
 
+    def open_store(self) -> tuple[str, int]:
+        """Rank 0: a listening socket on this node's address for the group's torch.distributed store (bound
+        now, so the port cannot be taken before the store starts); its (address, port)."""
+        import socket
 
-def worker_main(spec: WorkerSpec, commands: Any, results: Any) -> None:
-    """The worker process: build, answer "ready", then run commands until "stop". Errors go back to the
-    controller with their traceback instead of killing the process silently."""
-    _quiet_optional_dependency_warnings()
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    ignore_preemption_signals()  # the controller checkpoints with these workers first, then stops them
-    try:
-        worker = MegatronWorker(spec)
-        results.put((spec.rank, "ok", worker.layout()))
-    except BaseException:
-        results.put((spec.rank, "error", traceback.format_exc()))
-        return
-    while True:
-        name, args = _next_command(commands)
-        if name == "stop":
-            break
-        try:
-            results.put((spec.rank, "ok", getattr(worker, name)(*args)))
-        except BaseException:
-            results.put((spec.rank, "error", traceback.format_exc()))
-    import torch.distributed as dist
+        ip = self.node_info()["ip"]
+        self._store_socket = socket.create_server((ip, 0), backlog=1024)
+        return ip, self._store_socket.getsockname()[1]
 
-    dist.destroy_process_group()
+    def start(self, master_addr: str, master_port: int) -> tuple[int, int, int]:
+        if master_addr in ("127.0.0.1", "localhost"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a loopback cluster: gloo's pairs on loopback too
+        sock = getattr(self, "_store_socket", None)
+        self.worker = MegatronWorker(dataclasses.replace(self.spec, master_addr=master_addr, master_port=master_port),
+                                     store_fd=sock.fileno() if sock is not None else None)
+        return self.worker.layout()
+
+    def run(self, name: str, *args: Any) -> Any:
+        if self.worker is None:
+            raise RuntimeError("this rank has not been started")
+        return getattr(self.worker, name)(*args)
+
+    def stop(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

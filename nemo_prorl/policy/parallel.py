@@ -20,8 +20,6 @@ FP8 (Transformer Engine on Hopper/Blackwell GPUs). Transformer Engine and apex a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import contextlib
 import types
 from typing import Any, Optional
@@ -155,59 +153,32 @@ def init_model_parallel(tp: int, pp: int, seed: int = 0, vp: Optional[int] = Non
 
     enable_cpu_megatron()
     if not parallel_state.model_parallel_is_initialized():
+        # rank order TP, then PP, then DP (megatron's default puts DP before PP): the placement plan keeps
+        # TP groups inside a node and pipeline stages next to each other (nemo_prorl/cluster/plan.py)
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                                 virtual_pipeline_model_parallel_size=vp)
+                                                 virtual_pipeline_model_parallel_size=vp, order="tp-cp-ep-pp-dp")
     seed_model_parallel(seed)
 
 
-@dataclass(frozen=True)
-class Launch:
-    """This process's place in a multi-process launch (torchrun, or srun with one task per GPU)."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str  # the host of rank 0, where the trainer (the single controller) runs
-    master_port: int
-
-
-def launch_from_env(env: Optional[dict[str, str]] = None) -> Optional[Launch]:
-    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID,
-    with MASTER_ADDR / MASTER_PORT (the launchers export them); None for a plain single-process start."""
-    import os
-
-    env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
-        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    else:
-        return None
-    if world <= 1:
-        return None
-    return Launch(rank, world, local, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
-
-
-def init_distributed(rank: int, world_size: int, *, master_port: int, backend: str = "auto",
-                     local_rank: Optional[int] = None, master_addr: str = "127.0.0.1") -> torch.device:
-    """torch.distributed for one worker: NCCL and the GPU of its local rank on CUDA machines, gloo on the
-    CPU. Returns the rank's device. The group has its own store on `master_addr:master_port` (a port the
-    trainer picked free), never torchrun's agent store."""
-    import os
+def init_distributed(rank: int, world_size: int, *, master_addr: str, master_port: int, backend: str = "auto",
+                     store_fd: Optional[int] = None, timeout_s: float = 1800.0) -> torch.device:
+    """torch.distributed for one rank: NCCL and the GPU Ray gave this actor on CUDA machines, gloo on the
+    CPU. Returns the rank's device. Rank 0 serves the group's store on the socket `store_fd` (bound to its
+    node's address only, not every interface); the others connect to `master_addr:master_port`."""
+    import datetime
 
     import torch.distributed as dist
 
     cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
-    local = rank if local_rank is None else local_rank
-    device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES per actor
     if cuda:
         torch.cuda.set_device(device)
-    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
-    os.environ["MASTER_ADDR"] = master_addr
-    os.environ["MASTER_PORT"] = str(master_port)
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout,
+                          master_listen_fd=store_fd if rank == 0 else None)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return device
 
 

@@ -1,35 +1,36 @@
-"""rollout.engine=vllm: generation in vLLM, running in its own process (see vllm_server.py).
+"""rollout.engine=vllm: generation in vLLM, as a Ray actor (see vllm_server.py).
 
-The trainer side imports no vLLM: it starts the engine process with the configured interpreter (the
-trainer's own, or a separate virtualenv such as the CPU build's), talks to it over an authenticated
-local socket, and passes weights through a transfer buffer that both processes map (shared memory; CUDA
-IPC when the trainer runs on GPU). A dead or failing engine process raises `VLLMEngineError` with the
-command, the exit code or traceback, and the tail of the engine's log."""
+The trainer side imports no vLLM: the engine actor is placed by the cluster plan (nemo_prorl/cluster) and
+started with the configured interpreter (`rollout.vllm.python`: the CPU build's `.venv-vllm` here, the
+container's vLLM environment on GPU), and weights pass through a transfer buffer that both processes map
+(shared memory; CUDA IPC when the trainer runs on GPU). A failing or dead engine raises `VLLMEngineError`
+naming the engine, its node and the command, with the traceback or Ray's reason and the tail of the
+engine's log (`<output_dir>/vllm_engine.log`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
-from multiprocessing.connection import Client
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from nemo_prorl.cluster.actors import ActorError
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.rollout.base import ROLLOUT_ENGINES, Completion, RolloutEngine, SamplingParams
 from nemo_prorl.torch_utils import DTYPES
 
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MODULE = "prorl_vllm_server"
 
 
-class VLLMEngineError(RuntimeError):
+class VLLMEngineError(ActorError):
     pass
 
 
@@ -40,76 +41,88 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def _server_module(folder: Path) -> Any:
+    """vllm_server.py as the top-level module `prorl_vllm_server` from `folder` (the name under which the
+    engine's environment imports it, and under which Ray refers to its actor class)."""
+    shutil.copy(Path(__file__).with_name("vllm_server.py"), folder / f"{_MODULE}.py")
+    spec = importlib.util.spec_from_file_location(_MODULE, folder / f"{_MODULE}.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[_MODULE] = module
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def check_interpreter(python: str) -> None:
+    """The engine's interpreter must start and run this Python and this Ray (its worker joins our cluster):
+    said here, naming the interpreter, where Ray would retry starting the worker until the start-up timeout."""
+    import subprocess
+
+    import ray
+
+    probe = "import sys, ray; print('%d.%d' % sys.version_info[:2], ray.__version__)"
+    try:
+        out = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise VLLMEngineError(f"rollout.vllm.python={python!r} cannot be started: {e}", role="vllm engine") from None
+    want = f"{sys.version_info.major}.{sys.version_info.minor} {ray.__version__}"
+    if out.returncode != 0 or out.stdout.strip() != want:
+        why = out.stderr.strip().splitlines()[-1:] or [f"exit code {out.returncode}"]
+        raise VLLMEngineError(f"rollout.vllm.python={python!r} must run Python and Ray as the trainer does "
+                              f"({want}); it gave {out.stdout.strip() or why[0]!r}", role="vllm engine")
+
+
 class VLLMRolloutEngine(RolloutEngine):
-    def __init__(self, spec: dict[str, Any], *, python: str, log_path: Path, device: str = "cpu",
-                 startup_timeout_s: float = 900.0, request_timeout_s: float = 7200.0) -> None:
+    def __init__(self, cfg: ProRLConfig, spec: dict[str, Any], *, python: str, log_path: Path) -> None:
+        from nemo_prorl import cluster
+        from nemo_prorl.cluster.actors import start_group
+
+        v = cfg.rollout.vllm
         self.weight_dtype = DTYPES[spec["dtype"]]
-        self.request_timeout_s = request_timeout_s
+        self.request_timeout_s = v.request_timeout_s
         self.log_path = log_path
-        self._device = torch.device(device)
+        self.python = python
+        self._device = torch.device(cfg.cluster.device)
         self._buf: Optional[torch.Tensor] = None
         self._handle: Optional[tuple] = None
         self._shm_path: Optional[str] = None
-        self._conn = None
+        self.group = None
+        self._dir = None
+        check_interpreter(python)
         self._dir = Path(tempfile.mkdtemp(prefix="prorl-vllm-"))
-        shutil.copy(Path(__file__).with_name("vllm_server.py"), self._dir / "prorl_vllm_server.py")
-        authkey = os.urandom(32)
-        env = dict(os.environ, PRORL_VLLM_AUTHKEY=authkey.hex(),
-                   PYTHONPATH=os.pathsep.join(p for p in (str(self._dir), os.environ.get("PYTHONPATH")) if p))
-        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in the server process: one hop less
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        address = str(self._dir / "engine.sock")
-        with open(log_path, "ab") as log:
-            try:
-                self._proc = subprocess.Popen([python, "-m", "prorl_vllm_server", address], stdout=log,
-                                              stderr=subprocess.STDOUT, env=env, cwd=self._dir)
-            except OSError as e:
-                raise VLLMEngineError(f"rollout.vllm.python={python!r} cannot be started: {e}") from e
-        deadline = time.monotonic() + startup_timeout_s
-        while self._conn is None:
-            self._check_alive("startup")
-            try:
-                self._conn = Client(address, family="AF_UNIX", authkey=authkey)
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    self.close()
-                    raise VLLMEngineError(f"vLLM engine did not start within {startup_timeout_s:.0f}s; "
-                                          f"see {log_path}") from None
-                time.sleep(0.2)
-        try:
-            self._call("init", spec, timeout=max(deadline - time.monotonic(), 1.0))
-        except VLLMEngineError as e:
+        server = _server_module(self._dir)
+        plan = cluster.plan_from_config(cfg, engine="vllm")
+        self._session = cluster.session(cfg, plan)
+        self._placement = self._session.place(plan, cfg.cluster.ray_timeout_s)
+        e = plan.engines[0]
+        if plan.layout.kind == "gpu" and len(e.devices) > 1:
             self.close()
-            raise VLLMEngineError(f"{e}\n(engine interpreter: {python}; log: {log_path})") from None
+            raise VLLMEngineError(f"rollout.vllm.tensor_parallel_size={len(e.devices)}: an engine actor over several "
+                                  "GPUs is not started by this runtime yet; use 1", role="vllm engine")
+        shared = any((r.node, r.device) == (e.node, e.devices[0]) for r in plan.ranks)
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (str(self._dir), os.environ.get("PYTHONPATH")) if p),
+               "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.group = start_group("vllm engine", server.EngineServer, self._placement,
+                                     [(e.node, e.devices[0], 0.5 if shared else 1.0)], init_args=[(str(log_path),)],
+                                     env=env, runtime_env={"py_executable": python}, timeout_s=v.startup_timeout_s,
+                                     error_type=VLLMEngineError)
+            self.pid = self.group.call_all("node_info", timeout_s=60)[0]["pid"]
+            self._call("init", spec, timeout=v.startup_timeout_s)
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ transport
-    def _check_alive(self, what: str) -> None:
-        code = self._proc.poll()
-        if code is not None:
-            raise VLLMEngineError(f"vLLM engine process exited with code {code} during {what}; "
-                                  f"last lines of {self.log_path}:\n{_tail(self.log_path)}")
-
     def _call(self, cmd: str, *args: Any, timeout: Optional[float] = None) -> Any:
-        if self._conn is None:
-            raise VLLMEngineError("the vLLM engine has been closed")
-        deadline = time.monotonic() + (timeout or self.request_timeout_s)
+        if self.group is None:
+            raise VLLMEngineError("the vLLM engine has been closed", role="vllm engine", command=cmd)
         try:
-            self._conn.send((cmd, args))
-            while not self._conn.poll(1.0):
-                self._check_alive(cmd)
-                if time.monotonic() > deadline:
-                    raise VLLMEngineError(f"vLLM engine: {cmd} took longer than {timeout or self.request_timeout_s:.0f}s")
-            status, payload = self._conn.recv()
-        except (EOFError, BrokenPipeError, ConnectionResetError) as e:
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            self._check_alive(cmd)
-            raise VLLMEngineError(f"vLLM engine: connection lost during {cmd}; see {self.log_path}") from e
-        if status != "ok":
-            raise VLLMEngineError(f"vLLM engine: {cmd} failed:\n{payload}")
-        return payload
+            return self.group.call_all(cmd, *args, timeout_s=timeout or self.request_timeout_s)
+        except VLLMEngineError as e:
+            raise VLLMEngineError(f"{e}\n(engine interpreter: {self.python}); last lines of {self.log_path}:\n"
+                                  f"{_tail(self.log_path)}", role=e.role, index=e.index, node=e.node,
+                                  command=e.command) from None
 
     def staging_buffer(self, nbytes: int) -> torch.Tensor:
         if self._buf is None or self._buf.numel() < nbytes:
@@ -141,7 +154,7 @@ class VLLMRolloutEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ RolloutEngine
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-        out = self._call("generate", [list(p) for p in prompts], dataclasses.asdict(params))
+        out = self._call("generate", [list(p) for p in prompts], dataclasses.asdict(params))[0]
         return [Completion(prompt_index=i, token_ids=ids, logprobs=lps, finish_reason=fr) for i, ids, lps, fr in out]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -155,7 +168,7 @@ class VLLMRolloutEngine(RolloutEngine):
         metas = [(name, self._offset(t), list(t.shape), _DTYPE_NAMES[t.dtype]) for name, t in items]
         if self._device.type == "cuda":
             torch.cuda.current_stream(self._device).synchronize()  # the engine reads it on its own stream
-        self._call("load_bucket", self._handle, metas)
+        self._call("load_bucket", self._handle, metas)[0]
 
     def begin_weight_update(self) -> None:
         self._call("begin_weight_update")
@@ -170,26 +183,19 @@ class VLLMRolloutEngine(RolloutEngine):
         self._call("wake_up")
 
     def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.send(("stop", ()))
-                conn.poll(30)
-            except (OSError, EOFError):
-                pass
-            conn.close()
-        proc = getattr(self, "_proc", None)
-        if proc is not None and proc.poll() is None:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        group, self.group = getattr(self, "group", None), None
+        if group is not None:
+            group.kill()
+        placement, self._placement = getattr(self, "_placement", None), None
+        if placement is not None:
+            self._session.release(placement)
         self._release_buffer()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if getattr(self, "_dir", None) is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     def __del__(self) -> None:
-        if getattr(self, "_dir", None) is not None and getattr(self, "_conn", None) is not None:
+        if getattr(self, "group", None) is not None:
             self.close()
 
 
@@ -216,6 +222,4 @@ def build_vllm_engine(cfg: ProRLConfig, model_dir: Path) -> RolloutEngine:
                 kv_cache_bytes=int(kv_gb * 2**30) if kv_gb else None,
                 sleep_mode=v.sleep_during_update and on_gpu)  # vLLM's CPU build has no sleep mode
     python = v.python or os.environ.get("PRORL_VLLM_PYTHON") or sys.executable
-    return VLLMRolloutEngine(spec, python=python, log_path=Path(cfg.trainer.output_dir) / "vllm_engine.log",
-                             device=cfg.cluster.device, startup_timeout_s=v.startup_timeout_s,
-                             request_timeout_s=v.request_timeout_s)
+    return VLLMRolloutEngine(cfg, spec, python=python, log_path=Path(cfg.trainer.output_dir) / "vllm_engine.log")

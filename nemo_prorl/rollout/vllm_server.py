@@ -1,25 +1,22 @@
-"""The vLLM engine process. It owns one offline `vllm.LLM` and answers the trainer's `VLLMRolloutEngine`
-over a local socket.
+"""The vLLM engine actor. It owns one offline `vllm.LLM` and serves the trainer's `VLLMRolloutEngine`
+as a Ray actor, placed by the cluster plan and started in vLLM's own Python environment (Ray's
+`py_executable`: `.venv-vllm` on CPU, the vLLM environment of the container on GPU), so vLLM's pins never
+touch the trainer's.
 
-It may run in another Python environment (vLLM's CPU build pins its own transformers), so this file is
-self-contained: it needs only torch and vllm, imports nothing from nemo_prorl, and the trainer runs it
-as the top-level module `prorl_vllm_server` (a copy in a private folder on PYTHONPATH, which vLLM's
-worker processes inherit, so that they can import `ProRLWorkerExtension` too).
+That environment has no nemo_prorl, so this file is self-contained: it needs only torch, vllm and ray,
+and the trainer ships it as the top-level module `prorl_vllm_server` (a copy in a private folder on
+PYTHONPATH, which vLLM's worker processes inherit, so that they can import `ProRLWorkerExtension` too).
 
 Weights arrive in the trainer's transfer buffer (shared memory, or CUDA IPC on GPU) as HF-named full
 tensors; `ProRLWorkerExtension` hands them to the model's own `load_weights` (which applies vLLM's TP
 sharding and QKV / gate-up fusion) inside vLLM's layerwise reload, so kernels that repack weights after
 loading (the CPU build's oneDNN / SGL packing) are redone for the new values.
-
-Protocol: the trainer sends (command, args) and gets ("ok", result) or ("error", traceback)."""
+"""
 
 from __future__ import annotations
 
 import os
-import sys
-import traceback
-from multiprocessing.connection import Listener
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -88,7 +85,29 @@ def _prompt_seed(seed: int, index: int) -> int:
 
 
 class EngineServer:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    """The actor: `init` builds the engine (so that a failure comes back as that command's traceback),
+    then generate / weight updates / sleep. Its output goes to the run's engine log."""
+
+    def __init__(self, log_path: str) -> None:
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm signals every process; the trainer checkpoints
+            signal.signal(sig, signal.SIG_IGN)      # first and then stops this engine itself
+        if log_path:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+
+    def node_info(self) -> dict[str, Any]:
+        import socket
+
+        import ray
+
+        return {"ip": ray.util.get_node_ip_address(), "host": socket.gethostname(), "pid": os.getpid(),
+                "gpus": [str(g) for g in ray.get_gpu_ids()], "node_id": ray.get_runtime_context().get_node_id()}
+
+    def init(self, spec: dict[str, Any]) -> None:
         from vllm import LLM
 
         self.sleep_mode = bool(spec["sleep_mode"])
@@ -149,35 +168,3 @@ class EngineServer:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
-
-
-def serve(address: str, authkey: bytes) -> None:
-    server: Optional[EngineServer] = None
-    with Listener(address, family="AF_UNIX", authkey=authkey) as listener:
-        conn = listener.accept()
-    with conn:
-        while True:
-            try:
-                cmd, args = conn.recv()
-            except EOFError:  # the trainer is gone
-                return
-            try:
-                if cmd == "stop":
-                    conn.send(("ok", None))
-                    return
-                if cmd == "init":
-                    server = EngineServer(*args)
-                    result = None
-                else:
-                    result = getattr(server, cmd)(*args)
-                conn.send(("ok", result))
-            except Exception:
-                conn.send(("error", traceback.format_exc()))
-
-
-if __name__ == "__main__":
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm signals every process; the trainer checkpoints
-        signal.signal(sig, signal.SIG_IGN)      # first and then stops this engine itself
-    serve(sys.argv[1], bytes.fromhex(os.environ.pop("PRORL_VLLM_AUTHKEY")))

@@ -1,0 +1,96 @@
+"""Process placement and actors: the placement plan (plan.py), Ray start/attach with token authentication
+(runtime.py) and actor groups placed by the plan (actors.py). Backends and the trainer ask this package for
+actors; they do not start processes themselves.
+
+One `ClusterSession` per process holds the run's Ray and is reused by the backends of that process (a
+test that builds several policies starts Ray once); it is closed at exit, or by `close_session()`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from nemo_prorl.cluster.plan import Plan, PlacementError, format_plan, plan_from_config  # noqa: F401
+from nemo_prorl.cluster.runtime import CPU_SLOT, RayRuntime, RayStartError, attach, start_private, wait_for_nodes
+
+log = logging.getLogger("nemo_prorl")
+
+
+@dataclass
+class ClusterSession:
+    runtime: RayRuntime
+    # placement groups per plan, shared by the actors of one run (the policy's ranks and the engines sit
+    # on the same devices), with the number of users
+    placements: dict[Plan, list[Any]] = field(default_factory=dict)
+
+    def place(self, plan: Plan, timeout_s: float) -> Any:
+        """The placement groups of `plan` (one per node), created on first use; `release` when done."""
+        from nemo_prorl.cluster.actors import NodePlacement
+
+        if plan not in self.placements:
+            self.placements[plan] = [NodePlacement(plan, timeout_s), 0]
+        self.placements[plan][1] += 1
+        return self.placements[plan][0]
+
+    def release(self, placement: Any) -> None:
+        for plan, entry in list(self.placements.items()):
+            if entry[0] is placement:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    placement.close()
+                    del self.placements[plan]
+
+    def close(self) -> None:
+        for placement, _ in list(self.placements.values()):
+            placement.close()
+        self.placements.clear()
+        self.runtime.close()
+
+
+_SESSION: Optional[ClusterSession] = None
+
+
+def session(cfg: Any, plan: Plan) -> ClusterSession:
+    """This process's Ray session for `cfg`: reused if it is on the same cluster (cluster.ray_address, or
+    a private one), else replaced."""
+    global _SESSION
+    want = cfg.cluster.ray_address
+    if _SESSION is not None:
+        same = (not want and _SESSION.runtime.private) or want == _SESSION.runtime.address
+        if same:
+            return _SESSION
+        close_session()
+    c = cfg.cluster
+    if want:
+        rt = attach(want, c.ray_token_file)
+        lay = plan.layout
+        try:  # a launcher's nodes join one by one: all of them, or a named error
+            wait_for_nodes(lay.num_nodes, c.ray_timeout_s, resource="GPU" if lay.kind == "gpu" else CPU_SLOT,
+                           per_node=float(lay.devices_per_node))
+        except RayStartError:
+            rt.close()
+            raise
+    else:
+        lay = plan.layout
+        # CPU slots are counted, not pinned: a private cluster offers plenty, so that one process can run
+        # plans of several sizes (the plan's placement groups take exactly what they need).
+        resources = {} if lay.kind == "gpu" else {CPU_SLOT: float(max(lay.devices_per_node, 64))}
+        rt = start_private(resources=resources, object_store_gb=c.ray_object_store_gb, dashboard=c.ray_dashboard)
+    _SESSION = ClusterSession(rt)
+    return _SESSION
+
+
+def current_session() -> Optional[ClusterSession]:
+    return _SESSION
+
+
+@atexit.register
+def close_session() -> None:
+    """Stop this process's actors and placement groups, and its private Ray cluster (if it started one)."""
+    global _SESSION
+    s, _SESSION = _SESSION, None
+    if s is not None:
+        s.close()

@@ -1,0 +1,192 @@
+"""Actors on Ray, placed by the plan: one placement group per node (a bundle per device, packed on one node;
+node 0's group on the Ray head, where the controller runs), actor groups driven together, and the errors
+that name the actor, its node and the command when one fails or dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from nemo_prorl.cluster.plan import Plan
+from nemo_prorl.cluster.runtime import CPU_SLOT
+
+log = logging.getLogger("nemo_prorl")
+
+HEAD = "node:__internal_head__"  # a resource only the Ray head node has
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its tracebacks
+
+
+class ActorError(RuntimeError):
+    """An actor of a group failed or died; the message names role, index, node and command."""
+
+    def __init__(self, message: str, *, role: str = "", index: int = -1, node: str = "", command: str = "") -> None:
+        super().__init__(message)
+        self.role, self.index, self.node, self.command = role, index, node, command
+
+
+class ActorBase:
+    """What every actor of ours answers: where it runs."""
+
+    def node_info(self) -> dict[str, Any]:
+        """Where this actor runs (for error messages and the torch.distributed store)."""
+        import ray
+
+        return {"ip": ray.util.get_node_ip_address(), "host": socket.gethostname(), "pid": os.getpid(),
+                "gpus": [str(g) for g in ray.get_gpu_ids()], "node_id": ray.get_runtime_context().get_node_id()}
+
+
+class NodePlacement:
+    """One placement group per node of the plan: node i's devices as bundles on one Ray node."""
+
+    def __init__(self, plan: Plan, timeout_s: float) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.plan = plan
+        self.used: dict[tuple[int, int], float] = {}
+        lay = plan.layout
+        unit = {"GPU": 1.0} if lay.kind == "gpu" else {CPU_SLOT: 1.0}
+        self.groups = []
+        for n in range(lay.num_nodes):
+            bundles = [dict(unit) for _ in range(lay.devices_per_node)]
+            if n == 0:
+                bundles[0][HEAD] = 0.001  # node 0 is the controller's: engine 0 maps its shared memory
+            self.groups.append(placement_group(bundles, strategy="STRICT_PACK"))
+        ready = [g.ready() for g in self.groups]
+        done, _ = ray.wait(ready, num_returns=len(ready), timeout=timeout_s)
+        if len(done) < len(ready):
+            missing = [n for n, r in enumerate(ready) if r not in done]
+            self.close()
+            have = ", ".join(f"{x['NodeManagerAddress']}: {x['Resources']}" for x in ray.nodes() if x.get("Alive"))
+            raise ActorError(f"cannot place node(s) {missing} of the plan ({lay.num_nodes} x {lay.devices_per_node} "
+                             f"{'GPU' if lay.kind == 'gpu' else CPU_SLOT}) within cluster.ray_timeout_s="
+                             f"{timeout_s:g}: the Ray cluster has {have}", role="placement")
+
+    def options(self, node: int, device: int, share: float) -> dict[str, Any]:
+        """Ray actor options for an actor on (node, device) that takes `share` of the device. A GPU cannot
+        be given out beyond its whole (Ray would leave the actor waiting forever): that fails here, by
+        name. CPU slots only say which node: every actor takes a token share of one."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = PlacementGroupSchedulingStrategy(self.groups[node], placement_group_bundle_index=device)
+        opts: dict[str, Any] = {"scheduling_strategy": strategy, "num_cpus": 0, "max_restarts": 0}
+        if self.plan.layout.kind == "gpu":
+            used = self.used.get((node, device), 0.0) + share
+            if used > 1.0 + 1e-9:
+                raise ActorError(f"GPU {device} of node {node} is taken already ({used - share:g} of it); "
+                                 "one rank and one engine share a GPU at most", role="placement")
+            self.used[(node, device)] = used
+            opts["num_gpus"] = share
+        else:
+            opts["resources"] = {CPU_SLOT: 0.01}
+        return opts
+
+    def free(self, node: int, device: int, share: float) -> None:
+        if (node, device) in self.used:
+            self.used[(node, device)] = max(0.0, self.used[(node, device)] - share)
+
+    def close(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for g in self.groups:
+            try:
+                remove_placement_group(g)
+            except Exception:  # noqa: BLE001  already gone with the cluster
+                pass
+        self.groups = []
+
+
+@dataclass
+class ActorGroup:
+    """Actors of one role driven together: every command goes to all of them and their answers come back
+    in order. The first failure or death kills the whole group (its peers would wait in a collective
+    forever) and raises `error_type` naming the actor, its node and the command."""
+
+    role: str
+    actors: list[Any]
+    nodes: list[str]  # "node N (ip)" of each actor
+    error_type: Callable[..., ActorError] = ActorError
+    placement: Optional[NodePlacement] = None
+    slots: Sequence[tuple[int, int, float]] = ()
+
+    def call(self, method: str, per_actor_args: Sequence[tuple], *, timeout_s: float) -> list[Any]:
+        refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_actor_args)]
+        return self.gather(refs, method, timeout_s)
+
+    def call_all(self, method: str, *args: Any, timeout_s: float) -> list[Any]:
+        return self.call(method, [args] * len(self.actors), timeout_s=timeout_s)
+
+    def gather(self, refs: list[Any], command: str, timeout_s: float) -> list[Any]:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        if not self.actors:
+            raise self.error_type(f"the {self.role} actors have been shut down", role=self.role, command=command)
+        index = {r: i for i, r in enumerate(refs)}
+        out: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            for ref in ready:
+                i = index[ref]
+                try:
+                    out[i] = ray.get(ref)
+                except RayTaskError as e:  # the command raised: its traceback says why
+                    self._fail(i, command, "failed", str(e))
+                except RayActorError as e:  # the process is gone (killed, crashed, out of memory)
+                    self._fail(i, command, "died", str(getattr(e, "error_msg", e)))
+            if pending and time.monotonic() > deadline:
+                self._fail(index[pending[0]], command, "gave no answer", f"nothing within {timeout_s:g}s")
+        return out
+
+    def _fail(self, i: int, command: str, what: str, detail: str) -> None:
+        self.kill()
+        detail = _ANSI.sub("", detail).strip()
+        raise self.error_type(f"{self.role} {i} on {self.nodes[i]} {what} during {command}:\n{detail}",
+                              role=self.role, index=i, node=self.nodes[i], command=command) from None
+
+    def kill(self) -> None:
+        import ray
+
+        actors, self.actors = self.actors, []
+        for a in actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001  already dead
+                pass
+        if actors and self.placement is not None:
+            for slot in self.slots:
+                self.placement.free(*slot)
+
+
+def start_group(role: str, actor_cls: Any, placement: NodePlacement, slots: Sequence[tuple[int, int, float]],
+                *, init_args: Sequence[tuple], env: Optional[dict[str, str]] = None, timeout_s: float,
+                runtime_env: Optional[dict[str, Any]] = None, error_type: Callable[..., ActorError] = ActorError,
+                ) -> ActorGroup:
+    """Start one `actor_cls` per (node, device, share) slot, with its init args; wait until every one
+    answers `node_info` (so a failed start is named here, not at the first command)."""
+    import ray
+
+    remote = ray.remote(actor_cls)
+    renv = dict(runtime_env or {})
+    renv["env_vars"] = {**renv.get("env_vars", {}), **(env or {})}
+    options: list[dict[str, Any]] = []
+    try:
+        for n, d, share in slots:
+            options.append(placement.options(n, d, share))
+    except ActorError:
+        for slot in slots[: len(options)]:
+            placement.free(*slot)
+        raise
+    actors = [remote.options(**o, runtime_env=renv).remote(*args) for o, args in zip(options, init_args)]
+    group = ActorGroup(role, actors, [f"node {n}" for n, _, _ in slots], error_type, placement, list(slots))
+    infos = group.call_all("node_info", timeout_s=timeout_s)
+    group.nodes = [f"node {n} ({info['host']}, {info['ip']}, pid {info['pid']})" for (n, _, _), info in zip(slots, infos)]
+    return group

@@ -1,0 +1,204 @@
+"""The placement plan: which node and device hosts each Megatron rank, each rollout engine and the reward
+workers. A pure function of the configuration (`plan_from_config`), printed by `prorl plan`; everything
+that starts processes only reads it.
+
+Rules:
+- Megatron ranks follow megatron-core's rank order (TP fastest, then PP, then DP) over the training
+  devices, node by node: on GPUs a TP group never leaves its node (TP must divide the GPUs per node),
+  pipeline stages come next, and data-parallel replicas spread over the nodes. CPU slots are logical, so
+  there a TP group may span nodes (the tests use that to run TP's collectives across simulated nodes).
+- Colocated (cluster.rollout_nodes=0): engines of E devices each take E consecutive training devices of
+  one node; they share the GPUs with the Megatron ranks and sleep during the update.
+- Split: the last `rollout_nodes` nodes only generate; engines fill them.
+- Reward workers run on the controller's node (node 0), in the controller's process pools.
+An impossible layout raises PlacementError naming the config key to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+class PlacementError(ValueError):
+    """A layout that cannot be placed; `key` is the config key to change."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a run asks for, in devices (GPUs, or CPU slots on a CPU cluster)."""
+
+    kind: str  # "gpu" | "cpu"
+    num_nodes: int
+    devices_per_node: int
+    rollout_nodes: int = 0
+    megatron: Optional[tuple[int, int, Optional[int]]] = None  # (TP, PP, DP or None: fill); None: hf backend
+    engine: str = "torch"  # rollout.engine
+    engine_tp: int = 1
+    num_engines: int = 1
+    reward_workers: int = 0  # processes of the controller's reward pools
+
+
+@dataclass(frozen=True)
+class RankSlot:
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    node: int
+    device: int
+
+
+@dataclass(frozen=True)
+class EngineSlot:
+    index: int
+    node: int
+    devices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    layout: Layout
+    ranks: tuple[RankSlot, ...]  # empty: the policy lives in the controller (hf backend)
+    engines: tuple[EngineSlot, ...]  # empty: the engine lives in the controller (torch engine, one process)
+    data_parallel_size: Optional[int]
+
+    @property
+    def mode(self) -> str:
+        return "split" if self.layout.rollout_nodes else "colocated"
+
+    @property
+    def needs_ray(self) -> bool:
+        """Anything beyond the controller's own process (Megatron ranks, engine actors) runs on Ray."""
+        return bool(self.ranks or self.engines)
+
+    def node_of_rank(self, rank: int) -> int:
+        return self.ranks[rank].node
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise PlacementError(key, message)
+
+
+def data_parallel_size(layout: Layout) -> int:
+    """DP of the Megatron layout: as given, or as many replicas as the training devices hold."""
+    assert layout.megatron is not None
+    tp, pp, dp = layout.megatron
+    per = layout.devices_per_node
+    unit = "GPUs" if layout.kind == "gpu" else "CPU slots"
+    key_dev = "cluster.gpus_per_node" if layout.kind == "gpu" else "cluster.cpu_slots_per_node"
+    if layout.kind == "gpu":  # TP's all-reduces need a node's NVLink; CPU slots have no such bound
+        _check(tp <= per, "policy.megatron.tensor_parallel_size",
+               f"TP={tp} is larger than a node ({key_dev}={per}): a TP group must stay inside one node")
+        _check(per % tp == 0, "policy.megatron.tensor_parallel_size",
+               f"TP={tp} does not divide the {per} {unit} of a node: TP groups would straddle nodes")
+    train = (layout.num_nodes - layout.rollout_nodes) * per
+    if dp is None:
+        _check(train % (tp * pp) == 0, "policy.megatron.data_parallel_size",
+               f"null (fill the training {unit}): {train} {unit} are not a multiple of TP x PP = {tp * pp}")
+        return train // (tp * pp)
+    _check(tp * pp * dp <= train, "policy.megatron.data_parallel_size",
+           f"TP x PP x DP = {tp * pp * dp} ranks, but the training nodes have {train} {unit}")
+    return dp
+
+
+def _engine_slots(layout: Layout) -> tuple[EngineSlot, ...]:
+    if layout.engine != "vllm":
+        return ()  # the torch engine runs in the controller's process
+    per, e = layout.devices_per_node, layout.engine_tp
+    key_dev = "cluster.gpus_per_node" if layout.kind == "gpu" else "cluster.cpu_slots_per_node"
+    _check(e <= per, "rollout.vllm.tensor_parallel_size",
+           f"an engine of {e} devices is larger than a node ({key_dev}={per})")
+    _check(per % e == 0, "rollout.vllm.tensor_parallel_size",
+           f"engines of {e} devices do not tile the {per} devices of a node")
+    nodes = range(layout.num_nodes - layout.rollout_nodes, layout.num_nodes) if layout.rollout_nodes \
+        else range(layout.num_nodes - layout.rollout_nodes)
+    fit = [(n, d) for n in nodes for d in range(0, per, e)]
+    where = f"the {layout.rollout_nodes} rollout node(s)" if layout.rollout_nodes else "the training devices"
+    _check(1 <= layout.num_engines <= len(fit), "rollout.num_engines",
+           f"{layout.num_engines} engines of {e} device(s): {len(fit)} fit on {where}")
+    return tuple(EngineSlot(i, n, tuple(range(d, d + e))) for i, (n, d) in enumerate(fit[: layout.num_engines]))
+
+
+def make_plan(layout: Layout) -> Plan:
+    """The placement of every actor of a run (see the module docstring for the rules)."""
+    _check(layout.num_nodes >= 1, "cluster.num_nodes", "must be >= 1")
+    key_dev = "cluster.gpus_per_node" if layout.kind == "gpu" else "cluster.cpu_slots_per_node"
+    _check(layout.devices_per_node >= 1, key_dev, "must be >= 1")
+    _check(0 <= layout.rollout_nodes < layout.num_nodes, "cluster.rollout_nodes",
+           f"must be in [0, cluster.num_nodes={layout.num_nodes}): at least one node trains")
+    _check(not layout.rollout_nodes or layout.engine == "vllm", "cluster.rollout_nodes",
+           "split mode needs rollout engines as actors (rollout=vllm)")
+    ranks: list[RankSlot] = []
+    dp = None
+    if layout.megatron is not None:
+        tp, pp, _ = layout.megatron
+        dp = data_parallel_size(layout)
+        per = layout.devices_per_node
+        for r in range(tp * pp * dp):  # megatron-core's order: TP fastest, then PP, then DP
+            ranks.append(RankSlot(r, tp=r % tp, pp=(r // tp) % pp, dp=r // (tp * pp), node=r // per, device=r % per))
+    return Plan(layout, tuple(ranks), _engine_slots(layout), dp)
+
+
+def layout_from_config(cfg: Any, *, backend: Optional[str] = None, engine: Optional[str] = None) -> Layout:
+    """The Layout of a ProRLConfig (or its DictConfig); `backend` / `engine` stand in for policy.backend
+    and rollout.engine (a backend built directly, as the tests do)."""
+    c, m = cfg.cluster, cfg.policy.megatron
+    backend, engine = backend or cfg.policy.backend, engine or cfg.rollout.engine
+    kind = "gpu" if str(c.device).startswith("cuda") else "cpu"
+    meg = (m.tensor_parallel_size, m.pipeline_parallel_size, m.data_parallel_size) if backend == "megatron" else None
+    engine_tp = cfg.rollout.vllm.tensor_parallel_size if engine == "vllm" else 1
+    if kind == "gpu":
+        per = c.gpus_per_node
+    elif c.cpu_slots_per_node is not None:
+        per = c.cpu_slots_per_node
+    else:  # one CPU machine: as many slots as the run needs
+        _check(c.num_nodes == 1, "cluster.cpu_slots_per_node", "must be set for a CPU cluster of several nodes")
+        need = meg[0] * meg[1] * (meg[2] or 1) if meg else 1
+        per = max(need, engine_tp * cfg.rollout.num_engines if engine == "vllm" else 1, 1)
+    r = cfg.reward
+    workers = r.math.num_workers + r.reasoning_gym.num_workers + r.sandbox.num_workers
+    return Layout(kind=kind, num_nodes=c.num_nodes, devices_per_node=per, rollout_nodes=c.rollout_nodes,
+                  megatron=meg, engine=engine, engine_tp=engine_tp, num_engines=cfg.rollout.num_engines,
+                  reward_workers=workers)
+
+
+def plan_from_config(cfg: Any, **kw: Any) -> Plan:
+    return make_plan(layout_from_config(cfg, **kw))
+
+
+def format_plan(plan: Plan) -> str:
+    """The table `prorl plan` prints: one line per device in use, then the engines and reward workers."""
+    lay = plan.layout
+    dev = "gpu" if lay.kind == "gpu" else "cpu"
+    unit = "GPUs" if lay.kind == "gpu" else "CPU slots"
+    lines = [f"cluster: {lay.num_nodes} node(s) x {lay.devices_per_node} {unit}; "
+             + ("split: the last %d node(s) only generate" % lay.rollout_nodes if lay.rollout_nodes else
+                "colocated: engines share the training devices and sleep during the update")]
+    if plan.ranks:
+        tp, pp, _ = lay.megatron  # type: ignore[misc]
+        lines.append(f"policy: megatron, TP={tp} PP={pp} DP={plan.data_parallel_size}: {len(plan.ranks)} ranks "
+                     "(Ray actors)")
+    else:
+        lines.append("policy: hf, in the controller's process (node 0)")
+    if plan.engines:
+        lines.append(f"rollout: {len(plan.engines)} {lay.engine} engine(s) of {lay.engine_tp} device(s) (Ray actors)")
+    else:
+        lines.append(f"rollout: the {lay.engine} engine, in the controller's process (node 0)")
+    lines.append(f"controller: node 0; reward workers: {lay.reward_workers} processes on node 0")
+    engine_at = {(e.node, d): e.index for e in plan.engines for d in e.devices}
+    rank_at = {(r.node, r.device): r for r in plan.ranks}
+    lines.append(f"{'node':>4}  {'device':<7} {'megatron rank (tp,pp,dp)':<26} engine")
+    for n in range(lay.num_nodes):
+        for d in range(lay.devices_per_node):
+            r, e = rank_at.get((n, d)), engine_at.get((n, d))
+            if r is None and e is None:
+                continue
+            rank = f"{r.rank} ({r.tp},{r.pp},{r.dp})" if r else "-"
+            lines.append(f"{n:>4}  {dev}{d:<4} {rank:<26} {'-' if e is None else e}")
+    return "\n".join(lines)

@@ -1,0 +1,256 @@
+"""The runtime on real Ray, with two simulated nodes (`ray.cluster_utils.Cluster`) on this machine: loopback
+only, token authentication, Megatron ranks placed on different nodes, the trainer on two nodes equal to the
+single-machine run, and a killed rank: a named error, no process left, and an exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from nemo_prorl import cluster
+from nemo_prorl.config import load_config
+from nemo_prorl.policy import POLICY_BACKENDS
+from tests.checks import assert_every_step_updated, assert_same_state, assert_update_matches
+from tests.conftest import TINY_OVERRIDES
+
+VLLM_PYTHON = os.environ.get("PRORL_VLLM_PYTHON")
+NOISY = ("time/", "throughput/gen")
+
+
+def _ours() -> list[psutil.Process]:
+    """This test session's descendants (Ray's daemons and workers among them)."""
+    return psutil.Process().children(recursive=True)
+
+
+def _actors(kind: str) -> list[psutil.Process]:
+    out = []
+    for p in _ours():
+        try:
+            if p.cmdline() and p.cmdline()[0].startswith(f"ray::{kind}"):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _gone(*kinds: str, within_s: float = 120) -> None:
+    """Wait until no actor process of these kinds is left (Ray ends them asynchronously after a kill)."""
+    deadline = time.monotonic() + within_s
+    while any(_actors(k) for k in kinds):
+        assert time.monotonic() < deadline, [p.cmdline() for k in kinds for p in _actors(k)]
+        time.sleep(0.2)
+
+
+def _listening(procs) -> list[tuple[str, int, str]]:
+    out = []
+    for p in procs:
+        try:
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    out.append((c.laddr.ip, c.laddr.port, p.name()))
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head and a worker node, one CPU slot each, on loopback, with the session's token."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from nemo_prorl.cluster.runtime import loopback_only
+
+    cluster.close_session()  # a private cluster of an earlier test
+    temp = tempfile.mkdtemp(prefix="prorl-2n-")
+    os.environ["RAY_TMPDIR"] = temp
+    loopback_only()
+    node = dict(num_cpus=4, resources={"prorl_slot": 1}, object_store_memory=150 * 2**20)
+    c = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    c.add_node(**node)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    cluster.close_session()
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_the_cluster_binds_loopback_only_and_refuses_clients_without_the_token(two_nodes):
+    ports = _listening(_ours())
+    assert ports and all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _, _ in ports), ports
+    probe = ("import ray, sys\ntry:\n    ray.init(address=sys.argv[1], log_to_driver=False)\nexcept Exception as e:\n"
+             "    print('REFUSED', type(e).__name__, e)\nelse:\n    print('JOINED', len(ray.nodes()))\n")
+
+    def join(**env):
+        e = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        out = subprocess.run([sys.executable, "-c", probe, two_nodes.address], env={**e, **env}, capture_output=True,
+                             text=True, timeout=120)
+        return out.stdout + out.stderr
+
+    assert "REFUSED" in join(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)  # a wrong token
+    assert "REFUSED" in join()  # no token at all
+    assert "JOINED 2" in join(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=os.environ["RAY_AUTH_TOKEN_PATH"])
+
+
+def _stray_connections(stop: threading.Event, hits: list) -> None:
+    """Connect to every port the ranks listen on (the torch.distributed store, gloo) and to Ray's, send junk."""
+    while not stop.is_set():
+        for ip, port, _ in _listening(_actors("MegatronRank") + _ours()[:4]):
+            try:
+                with socket.create_connection((ip.replace("::ffff:", ""), port), timeout=0.2) as s:
+                    s.sendall(b"GET / HTTP/1.0\r\n\r\n" + os.urandom(64))
+                    hits.append(port)
+            except OSError:
+                pass
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("layout", ["tensor_parallel_size=2", "data_parallel_size=2"])
+def test_megatron_ranks_on_two_nodes_update_like_transformers(two_nodes, tiny_model_dir, layout):
+    from tests.test_megatron_policy import _batch_and_loss
+
+    cfg, _ = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "policy=megatron", f"policy.megatron.{layout}",
+                          "cluster.num_nodes=2", "cluster.cpu_slots_per_node=1", f"cluster.ray_address={two_nodes.address}",
+                          "policy.optim.eps=1.0", "policy.optim.lr=0.1", "policy.optim.weight_decay=0.0",
+                          "policy.megatron.micro_batch_tokens=48"])
+    batch, loss = _batch_and_loss(cfg, tiny_model_dir)
+    hf = POLICY_BACKENDS.get("hf")(cfg, tiny_model_dir)
+    before = hf.logprobs(batch, temperature=1.0)
+    hf_metrics = hf.train_minibatch(batch, loss, temperature=1.0)
+    stop, hits = threading.Event(), []
+    scanner = threading.Thread(target=_stray_connections, args=(stop, hits), daemon=True)
+    scanner.start()  # a port scan during start-up must not break it
+    try:
+        policy = POLICY_BACKENDS.get("megatron")(cfg, tiny_model_dir)
+    finally:
+        stop.set()
+        scanner.join()
+    try:
+        infos = policy.group.call_all("node_info", timeout_s=60)
+        assert len({i["node_id"] for i in infos}) == 2  # one rank on each node
+        assert hits  # the scan reached open ports
+        torch.testing.assert_close(policy.logprobs(batch, temperature=1.0), before, atol=1e-5, rtol=0)
+        m = policy.train_minibatch(batch, loss, temperature=1.0)
+        weights = dict(policy.named_weights())
+    finally:
+        policy.close()
+    assert_update_matches(m, hf_metrics, weights, hf.model.state_dict())
+    _gone("MegatronRank")  # closed: no rank left
+
+
+# ---------------------------------------------------------------- prorl train on two nodes
+
+@pytest.fixture(scope="module")
+def vllm_tiny_dir(tmp_path_factory):
+    from tests.test_vllm_engine import VLLM_TINY
+    from nemo_prorl.demo.warmstart import warm_started_model
+
+    cfg, _ = load_config([*VLLM_TINY, f"model.warm_start.cache_dir={tmp_path_factory.mktemp('ws')}"])
+    return warm_started_model(cfg)
+
+
+def _train(model_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
+    from tests.test_vllm_engine import VLLM_TINY
+
+    args = [*VLLM_TINY, f"model.path={model_dir}", f"trainer.output_dir={out}", f"rollout.vllm.python={VLLM_PYTHON}",
+            "policy=megatron", "policy.megatron.tensor_parallel_size=2", "trainer.num_steps=3",
+            "trainer.checkpoint_every_n_steps=1", "trainer.keep_last_checkpoints=5", "validation.every_n_steps=2",
+            "trainer.plot=false", "trainer.tensorboard=false", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    return subprocess.Popen([sys.executable, "-m", "nemo_prorl.cli", "train", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _rows(out: Path) -> dict[int, dict]:
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(NOISY)}
+            for r in map(json.loads, open(out / "metrics.jsonl"))}
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="no vLLM interpreter (PRORL_VLLM_PYTHON; make vllm-env)")
+def test_prorl_train_on_two_nodes_equals_one_machine_and_survives_a_killed_rank(two_nodes, vllm_tiny_dir, tmp_path):
+    on_two = ["cluster.num_nodes=2", "cluster.cpu_slots_per_node=1", f"cluster.ray_address={two_nodes.address}"]
+    # the reference: one machine, the trainer's own private Ray
+    single = _train(vllm_tiny_dir, tmp_path / "single")
+    out, err = single.communicate(timeout=900)
+    assert single.returncode == 0, err[-3000:]
+    expected = _rows(tmp_path / "single")
+    assert sorted(expected) == [0, 1, 2, 3] and any("val/pass@1" in r for r in expected.values())
+    assert_every_step_updated(expected.values())
+    # the same run on two nodes: identical metrics
+    whole = _train(vllm_tiny_dir, tmp_path / "whole", *on_two)
+    out, err = whole.communicate(timeout=900)
+    assert whole.returncode == 0, err[-3000:]
+    assert _rows(tmp_path / "whole") == expected
+    # a rank killed in the middle of step 2: a named error soon after, and nothing left running
+    run = tmp_path / "run"
+    proc = _train(vllm_tiny_dir, run, *on_two)
+    deadline = time.monotonic() + 600
+    while not (run / "checkpoints" / "step_000001" / "COMPLETE").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    victim = _actors("MegatronRank")[-1]
+    victim.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    out, err = proc.communicate(timeout=300)
+    stopped_s = time.monotonic() - killed
+    assert proc.returncode == 4, err[-3000:]
+    assert "megatron rank" in err and "died during" in err and "resume with resume=auto" in err, err[-3000:]
+    print(f"killed rank -> trainer stopped with a named error in {stopped_s:.1f}s")
+    _gone("MegatronRank", "EngineServer")
+    # resume=auto continues from the last checkpoint, exactly
+    resumed = _train(vllm_tiny_dir, run, *on_two, "resume=auto")
+    out, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, err[-3000:]
+    assert _rows(run) == expected
+    last = Path("checkpoints") / "step_000003"
+    assert (run / last / "megatron").is_dir()
+    assert_same_state(tmp_path / "whole" / last, run / last, _policy_for(vllm_tiny_dir, on_two))
+
+
+def _policy_for(model_dir: Path, on_two: list[str]):
+    from tests.test_vllm_engine import VLLM_TINY
+
+    cfg, _ = load_config([*VLLM_TINY, f"model.path={model_dir}", "policy=megatron", "rollout=torch",
+                          "policy.megatron.tensor_parallel_size=2", *on_two])
+    return _Closing(POLICY_BACKENDS.get("megatron")(cfg, model_dir))
+
+
+class _Closing:
+    """A policy for assert_same_state that closes once both checkpoints are loaded."""
+
+    def __init__(self, policy) -> None:
+        self.policy, self.loads = policy, 0
+
+    def load_state(self, path: Path) -> None:
+        self.policy.load_state(path)
+
+    def state_dict(self):
+        state = self.policy.state_dict()
+        self.loads += 1
+        if self.loads == 2:
+            self.policy.close()
+        return state
+
+
+def test_a_missing_node_is_named_after_the_wait(two_nodes, tiny_model_dir):
+    cfg, _ = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "policy=megatron", "cluster.num_nodes=3",
+                          "cluster.cpu_slots_per_node=1", f"cluster.ray_address={two_nodes.address}",
+                          "cluster.ray_timeout_s=3"])
+    cluster.close_session()
+    with pytest.raises(cluster.RayStartError, match=r"only 2 of cluster.num_nodes=3 nodes with 1 prorl_slot joined "
+                                                    r"the Ray cluster within 3s; alive: 127.0.0.1"):
+        POLICY_BACKENDS.get("megatron")(cfg, tiny_model_dir)
+    assert _actors("MegatronRank") == []
