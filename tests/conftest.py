@@ -21,6 +21,7 @@ def _ray_token_for_the_session() -> None:
 
     from nemo_prorl.cluster.runtime import auth_env, write_token
 
+    os.environ.pop("RAY_AUTH_TOKEN", None)
     folder = Path(tempfile.mkdtemp(prefix="prorl-test-ray-"))
     atexit.register(shutil.rmtree, folder, True)
     os.environ.update(auth_env(write_token(folder / "token")))
@@ -53,6 +54,7 @@ TINY_OVERRIDES = [
     "trainer.num_steps=3",
     "trainer.checkpoint_every_n_steps=2",
     "trainer.progress_bar=false",
+    "cluster.ray_object_store_gb=0.5",  # a private Ray cluster of a test: a small object store
 ]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -207,7 +208,8 @@ def test_prorl_train_on_two_nodes_equals_one_machine_and_survives_a_killed_rank(
     out, err = proc.communicate(timeout=300)
     stopped_s = time.monotonic() - killed
     assert proc.returncode == 4, err[-3000:]
-    assert "megatron rank" in err and "died during" in err and "resume with resume=auto" in err, err[-3000:]
+    assert re.search(r"megatron rank \d on node \d \(.*pid \d+\) died during (logprobs|train_minibatch|export_shards|"
+                     r"save_state)", err) and "resume with resume=auto" in err, err[-3000:]
     print(f"killed rank -> trainer stopped with a named error in {stopped_s:.1f}s")
     _gone("MegatronRank", "EngineServer")
     # resume=auto continues from the last checkpoint, exactly
@@ -254,3 +256,55 @@ def test_a_missing_node_is_named_after_the_wait(two_nodes, tiny_model_dir):
                                                     r"the Ray cluster within 3s; alive: 127.0.0.1"):
         POLICY_BACKENDS.get("megatron")(cfg, tiny_model_dir)
     assert _actors("MegatronRank") == []
+
+
+def test_attaching_to_a_cluster_without_token_authentication_is_refused(tmp_path):
+    """A cluster that serves clients without a token is refused by name, before the trainer joins it."""
+    short = Path(tempfile.mkdtemp(prefix="prorl-na-"))  # Ray's socket paths must stay under 108 bytes
+    try:
+        _refused_without_auth(tmp_path, short)
+    finally:
+        import shutil
+
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def _refused_without_auth(tmp_path: Path, short: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             "--include-dashboard=false", "--num-cpus=1", "--object-store-memory=80000000",
+                             f"--temp-dir={short / 'ray'}", "--block"], env=env, stdout=open(tmp_path / "head.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = ("import sys\nfrom nemo_prorl.cluster.runtime import attach\ntry:\n"
+                "    attach(sys.argv[1], sys.argv[2], timeout_s=120)\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+        out = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{port}", os.environ["RAY_AUTH_TOKEN_PATH"]],
+                             env={**os.environ, "RAY_TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+        assert "RayStartError" in out.stdout and "does not require its token" in out.stdout, \
+            out.stdout + out.stderr + (tmp_path / "head.log").read_text()[-2000:]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
+        head.wait(60)
+    _gone_session(short / "ray")
+
+
+def _gone_session(temp: Path, within_s: float = 60) -> None:
+    """No process of the Ray session under `temp` is left."""
+    deadline = time.monotonic() + within_s
+    while True:
+        left = []
+        for p in psutil.process_iter(["cmdline"]):
+            if str(temp) in " ".join(p.info["cmdline"] or []):
+                left.append(p)
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            for p in left:
+                p.kill()
+            raise AssertionError(f"left running: {[p.info['cmdline'][:2] for p in left]}")
+        time.sleep(0.5)

@@ -82,9 +82,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_pa
     assert_same_state(ref / last, run / last)  # weights, Adam moments and step counts, bit for bit
 
 
-def test_sigterm_checkpoints_exits_cleanly_and_resumes(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("backend", [(), ("policy=megatron", "policy.megatron.tensor_parallel_size=2")],
+                         ids=["hf", "megatron-on-ray"])
+def test_sigterm_checkpoints_exits_cleanly_and_resumes(tiny_model_dir, tmp_path, backend):
+    """With Megatron, the ranks are Ray actors of a private cluster: they ignore the signal, so the trainer
+    checkpoints with them before it stops them."""
     run = tmp_path / "run"
-    args = _args(tiny_model_dir, run, "trainer.num_steps=50", "trainer.checkpoint_every_n_steps=100")
+    base = _args(tiny_model_dir, run, *backend)
+    args = [*base, "trainer.num_steps=50", "trainer.checkpoint_every_n_steps=100"]
     proc = _start(args)
     deadline = time.monotonic() + 300
     while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 2:
@@ -99,7 +104,7 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(tiny_model_dir, tmp_path)
     events = [json.loads(line) for line in open(run / "events.jsonl")]
     assert [e["event"] for e in events][-2:] == ["checkpoint", "preempted"]
     (run / "PREEMPTED").unlink()
-    _finish(_start([*args[:-2], f"trainer.num_steps={marker['step'] + 1}", "trainer.checkpoint_every_n_steps=100",
+    _finish(_start([*base, f"trainer.num_steps={marker['step'] + 1}", "trainer.checkpoint_every_n_steps=100",
                     "resume=auto"]))
     assert max(_rows(run)) == marker["step"] + 1
 

@@ -252,3 +252,15 @@ def test_remote_sandbox_speaks_the_documented_protocol():
     dead = CodeReward(RewardConfig(sandbox=SandboxConfig(backend="remote", url=url)))
     res = _score(dead, GOOD)
     assert res.status == "error" and "sandbox server" in res.reason
+
+
+def test_rays_token_and_session_folders_are_hidden_from_programs(monkeypatch):
+    """A program that read the cluster's token (a launcher keeps it in the run folder) could join the cluster."""
+    from nemo_prorl.rewards.sandbox import _hidden_dirs
+
+    before = _hidden_dirs([])
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/etc/prorl-run/ray_token")  # folders no other rule hides
+    monkeypatch.setenv("RAY_TMPDIR", "/usr/share")
+    monkeypatch.setattr("os.path.isdir", lambda p: p in ("/etc/prorl-run", "/usr/share") or Path(p).is_dir())
+    hidden = _hidden_dirs([])
+    assert "/etc/prorl-run" not in before and {"/etc/prorl-run", "/usr/share"} <= set(hidden)

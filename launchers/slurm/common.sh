@@ -29,8 +29,15 @@ prorl_hosts() {
 }
 
 prorl_ip() {
-  # The address the other nodes reach a host at (its name where it cannot be resolved here).
-  getent hosts "$1" 2>/dev/null | awk '{print $1; exit}' | grep . || printf '%s\n' "$1"
+  # The address the other nodes reach a host at (its name where it cannot be resolved here). Debian-style
+  # /etc/hosts maps a machine's own name to 127.0.1.1: then its first interface address (this script runs
+  # on the job's first node, the host asked about).
+  local ip
+  ip="$(getent hosts "$1" 2>/dev/null | awk '{print $1; exit}')" || true
+  if [[ "${ip}" == 127.* ]]; then
+    ip="$(hostname -I 2>/dev/null | awk '{print $1}')" || true
+  fi
+  printf '%s\n' "${ip:-$1}"
 }
 
 prorl_print() {
@@ -67,13 +74,22 @@ prorl_launch() {
   done
   # Ray reads these when it starts; a shell that ignores TERM/USR1 passes that on, so a preemption signal
   # to every process of the job leaves Ray up while the trainer checkpoints.
-  local ray_env="trap '' TERM USR1; export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=${token} RAY_USAGE_STATS_ENABLED=0"
-  local ray_common="--num-gpus=${gpus} --disable-usage-stats --block"
-  local head_cmd="${ray_env}; exec ray start --head --node-ip-address=${head_ip} --port=${port} --include-dashboard=false ${ray_common}"
-  local worker_cmd="${ray_env}; exec ray start --address=${address} ${ray_common}"
-  local train_cmd="exec python -m nemo_prorl.cli train resume=auto trainer.output_dir=${run_dir}"
+  # Values go into the shells srun starts: quoted, so that a run name cannot break (or add to) a command.
+  local q_token q_address q_run_dir q_head_ip
+  q_head_ip="$(printf '%q' "${head_ip}")"
+  q_token="$(printf '%q' "${token}")"
+  q_address="$(printf '%q' "${address}")"
+  q_run_dir="$(printf '%q' "${run_dir}")"
+  # Ray's session folder inside a fresh 0700 folder of this node: its Unix sockets carry no token.
+  local ray_env="trap '' TERM USR1; export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=${q_token} RAY_USAGE_STATS_ENABLED=0"
+  ray_env+="; unset RAY_AUTH_TOKEN; tmp=\$(mktemp -d /tmp/prorl-ray-XXXXXX)"
+  local ray_common="--temp-dir=\${tmp}/ray --num-gpus=${gpus} --disable-usage-stats --block"
+  local head_cmd="${ray_env}; exec ray start --head --node-ip-address=${q_head_ip} --port=${port}"
+  head_cmd+=" --include-dashboard=false ${ray_common}"
+  local worker_cmd="${ray_env}; exec ray start --address=${q_address} ${ray_common}"
+  local train_cmd="exec python -m nemo_prorl.cli train resume=auto trainer.output_dir=${q_run_dir}"
   train_cmd+=" cluster.device=cuda cluster.num_nodes=${nodes} cluster.gpus_per_node=${gpus}"
-  train_cmd+=" cluster.ray_address=${address} cluster.ray_token_file=${token}${overrides}"
+  train_cmd+=" cluster.ray_address=${q_address} cluster.ray_token_file=${q_token}${overrides}"
 
   # shellcheck disable=SC2054  # the commas belong to srun's --container-mounts and --export lists
   local -a container=(--container-image="${image}" --container-mounts="${mounts}" --container-workdir=/workspace
@@ -99,8 +115,16 @@ prorl_launch() {
     return 0
   fi
 
-  mkdir -p logs "${ckpt_dir}/${run_name}"
-  (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"${host_token}.tmp" && mv "${host_token}.tmp" "${host_token}")
+  # A signal from here on: passed to the trainer once it runs; before that, the job just requeues.
+  local train_pid="" early=0
+  trap 'if [[ -n "${train_pid}" ]]; then kill -TERM "${train_pid}" 2>/dev/null || true; else early=1; fi' TERM USR1
+  mkdir -p logs
+  (umask 077 && mkdir -p "${ckpt_dir}/${run_name}")
+  # a fresh token: mktemp makes a new file of mode 0600 (never one somebody left at a known name)
+  local tmp_token
+  tmp_token="$(mktemp "${ckpt_dir}/${run_name}/.ray_token.XXXXXX")"
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"${tmp_token}"
+  mv -f "${tmp_token}" "${host_token}"
   local -a ray_pids=()
   "${head_srun[@]}" &
   ray_pids+=($!)
@@ -108,21 +132,23 @@ prorl_launch() {
     "${worker_srun[@]}" &
     ray_pids+=($!)
   fi
-  "${train_srun[@]}" &
-  local train_pid=$!
-  # Preemption or the time limit: the trainer checkpoints (srun passes SIGTERM on to it) and exits 0.
-  trap 'kill -TERM "${train_pid}" 2>/dev/null || true' TERM USR1
   local status=0
-  wait "${train_pid}" || status=$?
-  while kill -0 "${train_pid}" 2>/dev/null; do  # a signal interrupted the wait: wait for the checkpoint
-    wait "${train_pid}" || status=$?
-  done
+  if ((early == 0)); then
+    "${train_srun[@]}" &
+    train_pid=$!
+    # Preemption or the time limit: the trainer checkpoints (srun passes SIGTERM on to it) and exits 0. A
+    # trapped signal ends `wait` early: wait again until the trainer has really stopped.
+    while true; do
+      if wait "${train_pid}"; then status=0; else status=$?; fi
+      kill -0 "${train_pid}" 2>/dev/null || break
+    done
+  fi
   # Ray's daemons ignore TERM (above): stop them on every node, then their srun steps.
   "${stop_srun[@]}" || true
   kill -KILL "${ray_pids[@]}" 2>/dev/null || true
   wait "${ray_pids[@]}" 2>/dev/null || true
   local marker="${ckpt_dir}/${run_name}/PREEMPTED"
-  if [[ -f "${marker}" ]]; then
+  if [[ -f "${marker}" ]] || ((early)); then
     rm -f "${marker}"
     scontrol requeue "${job_id}"
   fi

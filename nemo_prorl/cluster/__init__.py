@@ -65,7 +65,7 @@ def session(cfg: Any, plan: Plan) -> ClusterSession:
         close_session()
     c = cfg.cluster
     if want:
-        rt = attach(want, c.ray_token_file)
+        rt = attach(want, c.ray_token_file, c.ray_timeout_s)
         lay = plan.layout
         try:  # a launcher's nodes join one by one: all of them, or a named error
             wait_for_nodes(lay.num_nodes, c.ray_timeout_s, resource="GPU" if lay.kind == "gpu" else CPU_SLOT,

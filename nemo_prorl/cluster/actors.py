@@ -115,9 +115,11 @@ class ActorGroup:
     placement: Optional[NodePlacement] = None
     slots: Sequence[tuple[int, int, float]] = ()
 
-    def call(self, method: str, per_actor_args: Sequence[tuple], *, timeout_s: float) -> list[Any]:
+    def call(self, method: str, per_actor_args: Sequence[tuple], *, timeout_s: float,
+             label: Optional[str] = None) -> list[Any]:
+        """`method` on every actor with its args; `label` names the command in errors (default: method)."""
         refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_actor_args)]
-        return self.gather(refs, method, timeout_s)
+        return self.gather(refs, label or method, timeout_s)
 
     def call_all(self, method: str, *args: Any, timeout_s: float) -> list[Any]:
         return self.call(method, [args] * len(self.actors), timeout_s=timeout_s)

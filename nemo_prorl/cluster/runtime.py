@@ -90,12 +90,15 @@ def _token_for_this_process() -> Path:
     token per process, so: a fresh one (0600, in a private folder removed at exit) if Ray is not imported
     yet, else the one already configured (a test session's, set up before anything imported Ray)."""
     if "ray" not in sys.modules:
+        os.environ.pop("RAY_AUTH_TOKEN", None)  # Ray would prefer it to the file: no token of unknown origin
         folder = Path(tempfile.mkdtemp(prefix="prorl-ray-token-"))
         atexit.register(shutil.rmtree, folder, True)
         token = write_token(folder / "token")
         os.environ.update(auth_env(token))
         return token
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        raise RayStartError("RAY_AUTH_TOKEN is set: Ray would use it instead of the token file; unset it")
     if os.environ.get("RAY_AUTH_MODE") != "token" or not path or not Path(path).is_file():
         raise RayStartError("Ray was imported before token authentication was set up: set RAY_AUTH_MODE=token "
                             "and RAY_AUTH_TOKEN_PATH (a file of mode 0600) before importing ray")
@@ -133,10 +136,38 @@ def start_private(*, resources: dict[str, float], object_store_gb: float, dashbo
     return rt
 
 
-def attach(address: str, token_file: Optional[str]) -> RayRuntime:
-    """Join the Ray cluster a launcher started; its token file must be given (or in $RAY_AUTH_TOKEN_PATH)."""
+def _check_private(path: Path) -> None:
+    st = path.stat()
+    if st.st_mode & 0o077 or st.st_uid != os.getuid():
+        raise RayStartError(f"the Ray token file {path} must be yours and readable by you alone (chmod 600)")
+
+
+def require_token_auth(address: str, timeout_s: float = 60.0) -> None:
+    """Refuse a cluster that answers a client without a token: one that does not authenticate would take
+    work from anyone who reaches it, and what it returns is unpickled by Ray."""
+    import subprocess
+
+    probe = ("import sys\nfrom ray._raylet import GcsClient\ntry:\n    c = GcsClient(address=sys.argv[1])\n"
+             "    c.internal_kv_keys(b'', namespace=None, timeout=5)\n    print('OPEN')\n"
+             "except Exception as e:\n    print('REFUSED', type(e).__name__)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    out = subprocess.run([sys.executable, "-c", probe, address], env={**env, "RAY_AUTH_MODE": "disabled"},
+                         capture_output=True, text=True, timeout=timeout_s)
+    if "REFUSED AuthenticationError" in out.stdout:
+        return
+    if "OPEN" not in out.stdout:  # nothing answered (yet): the caller may retry
+        raise ConnectionError(f"no Ray cluster answers at {address}: {out.stdout.strip() or out.stderr.strip()[-300:]}")
+    raise RayStartError(f"the Ray cluster at cluster.ray_address={address!r} does not require its token (a client "
+                        "without one was served): start it with RAY_AUTH_MODE=token (the launchers do)")
+
+
+def attach(address: str, token_file: Optional[str], timeout_s: float = 120.0) -> RayRuntime:
+    """Join the Ray cluster a launcher started (retrying while its head comes up, up to `timeout_s`); its
+    token file must be given (or in $RAY_AUTH_TOKEN_PATH), private to this user, and the cluster must
+    refuse clients without it."""
     path = token_file or os.environ.get("RAY_AUTH_TOKEN_PATH")
     if "ray" not in sys.modules and path:  # Ray reads its auth settings when first imported
+        os.environ.pop("RAY_AUTH_TOKEN", None)
         os.environ.update(auth_env(Path(path)))
     import ray
 
@@ -149,13 +180,19 @@ def attach(address: str, token_file: Optional[str]) -> RayRuntime:
     if not path or not Path(path).is_file():
         raise RayStartError(f"cluster.ray_address={address!r} needs the cluster's token: cluster.ray_token_file or "
                             f"$RAY_AUTH_TOKEN_PATH (got {path!r})")
+    _check_private(Path(path))
     os.environ.update(auth_env(Path(path)))
     t0 = time.monotonic()
-    try:
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING, configure_logging=False)
-    except Exception as e:  # noqa: BLE001  Ray's own errors: wrong token, nothing listening, version skew
-        raise RayStartError(f"cannot attach to the Ray cluster at cluster.ray_address={address!r} with the token "
-                            f"in {path}: {type(e).__name__}: {e}") from None
+    while True:
+        try:
+            require_token_auth(address)
+            ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING, configure_logging=False)
+            break
+        except Exception as e:  # noqa: BLE001  Ray's own errors: wrong token, nothing listening (yet), version skew
+            if isinstance(e, RayStartError) or time.monotonic() - t0 > timeout_s:
+                raise RayStartError(f"cannot attach to the Ray cluster at cluster.ray_address={address!r} with the "
+                                    f"token in {path} within {timeout_s:g}s: {type(e).__name__}: {e}") from None
+            time.sleep(2.0)
     return RayRuntime(address=address, token_file=Path(path), private=False, started_s=time.monotonic() - t0)
 
 
@@ -168,6 +205,13 @@ def wait_for_nodes(num_nodes: int, timeout_s: float, *, resource: str = "GPU", p
     while True:
         nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get(resource, 0.0) >= per_node]
         if len(nodes) >= num_nodes:
+            # a node with room for two of the plan's nodes could get both placement groups: the plan's
+            # "node 1" would share a machine with "node 0" while a real node idles
+            big = [n for n in nodes if per_node and n["Resources"][resource] >= 2 * per_node]
+            if big:
+                raise RayStartError(f"node {big[0]['NodeManagerAddress']} has {big[0]['Resources'][resource]:g} "
+                                    f"{resource}, at least twice the {per_node:g} per node of the plan: start Ray with "
+                                    f"--num-gpus / --resources equal to cluster.gpus_per_node / cpu_slots_per_node")
             return nodes
         if time.monotonic() > deadline:
             have = ", ".join(f"{n['NodeManagerAddress']} ({n['Resources'].get(resource, 0):g} {resource})"

@@ -12,6 +12,7 @@ MegatronWorkerError naming the rank, its node and the command.
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -42,10 +43,11 @@ class MegatronPolicy(PolicyBackend):
         m = self.m = cfg.policy.megatron
         self.hf_config = AutoConfig.from_pretrained(model_dir)
         self.shape = ModelShape.from_hf_config(self.hf_config)
-        self.world = m.tensor_parallel_size * m.pipeline_parallel_size * m.data_parallel_size
         self.step = 0  # optimizer steps taken, for the warmup
         self.group = None
         plan = cluster.plan_from_config(cfg, backend="megatron")
+        self.world = len(plan.ranks)
+        self.dp = plan.data_parallel_size
         self._session = cluster.session(cfg, plan)
         self._placement = self._session.place(plan, cfg.cluster.ray_timeout_s)
         per_node = max(1, sum(1 for r in plan.ranks if r.node == 0))
@@ -63,7 +65,8 @@ class MegatronPolicy(PolicyBackend):
                                      env={"OMP_NUM_THREADS": str(threads)}, error_type=MegatronWorkerError)
             master, port = self.group.gather([self.group.actors[0].open_store.remote()], "open_store", 60)[0]
             # (tp, pp, dp) of each rank, as megatron laid out the process groups
-            self.layout: list[tuple[int, int, int]] = [tuple(x) for x in self._call_all("start", master, port)]
+            secret = secrets.token_hex(16)  # the group's keys in the (unauthenticated) torch.distributed store
+            self.layout: list[tuple[int, int, int]] = [tuple(x) for x in self._call_all("start", master, port, secret)]
         except BaseException:
             self.close()
             raise
@@ -78,13 +81,13 @@ class MegatronPolicy(PolicyBackend):
             raise MegatronWorkerError("the megatron ranks have been shut down")
         method = "start" if name == "start" else "run"
         args = per_rank_args if name == "start" else [(name, *a) for a in per_rank_args]
-        return self.group.call(method, args, timeout_s=self.m.worker_timeout_s)
+        return self.group.call(method, args, timeout_s=self.m.worker_timeout_s, label=name)
 
     def _call_all(self, name: str, *args: Any) -> list[Any]:
         return self._call(name, [args] * self.world)
 
     def _dp_rows(self, n: int) -> list[torch.Tensor]:
-        return list(torch.arange(n).tensor_split(self.m.data_parallel_size))
+        return list(torch.arange(n).tensor_split(self.dp))
 
     def _per_rank_batches(self, batch: Batch) -> list[Any]:
         """Each rank gets the rows of its data-parallel replica (all of its TP/PP peers the same rows), put
@@ -99,7 +102,7 @@ class MegatronPolicy(PolicyBackend):
         """Per DP replica, in DP order, the rank that holds the loss: last pipeline stage, TP rank 0."""
         last = self.m.pipeline_parallel_size - 1
         by_dp = {dp: r for r, (tp, pp, dp) in enumerate(self.layout) if tp == 0 and pp == last}
-        return [by_dp[d] for d in range(self.m.data_parallel_size)]
+        return [by_dp[d] for d in range(self.dp)]
 
     # ------------------------------------------------------------------ PolicyBackend
     def logprobs(self, batch: Batch, *, temperature: float, reference: bool = False) -> torch.Tensor:

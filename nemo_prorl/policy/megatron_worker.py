@@ -41,6 +41,7 @@ class WorkerSpec:
     num_threads: int
     master_addr: str = ""  # host and port of the group's torch.distributed store (on rank 0's node)
     master_port: int = 0
+    store_secret: str = ""  # prefix of every key of the group in that store (see parallel.init_distributed)
     entropy_grad: bool = False  # algo.entropy_coef > 0: the entropy bonus needs its gradient
 
 
@@ -65,7 +66,7 @@ class MegatronWorker:
             torch.set_num_threads(spec.num_threads)
         self.device = parallel.init_distributed(spec.rank, spec.world_size, master_addr=spec.master_addr,
                                                 master_port=spec.master_port, backend=m.dist_backend,
-                                                store_fd=store_fd)
+                                                store_fd=store_fd, secret=spec.store_secret)
         parallel.init_model_parallel(m.tensor_parallel_size, m.pipeline_parallel_size, spec.seed,
                                      vp=m.virtual_pipeline_parallel_size)
         self.hf_config = AutoConfig.from_pretrained(spec.model_dir)
@@ -258,9 +259,8 @@ class MegatronWorker:
 
     def export_shards(self) -> Optional[list[dict[str, torch.Tensor]]]:
         """This rank's Megatron weights (one dict per model chunk) for the weight sync; DP replicas stay
-        silent. Views, not copies: sending them moves the parameter storage into shared memory once, and
-        from then on the controller maps the live weights without copying (it reads them only between
-        updates)."""
+        silent. They reach the controller through Ray's object store (a copy per sync, across the network
+        from other nodes): a sync that bypasses the controller is still to come."""
         if self.dp_rank:
             return None
         return [{k: v.detach().cpu() for k, v in self._module(c).state_dict().items() if not k.endswith("_extra_state")}
@@ -375,12 +375,12 @@ class MegatronRank(ActorBase):
         self._store_socket = socket.create_server((ip, 0), backlog=1024)
         return ip, self._store_socket.getsockname()[1]
 
-    def start(self, master_addr: str, master_port: int) -> tuple[int, int, int]:
+    def start(self, master_addr: str, master_port: int, secret: str) -> tuple[int, int, int]:
         if master_addr in ("127.0.0.1", "localhost"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a loopback cluster: gloo's pairs on loopback too
         sock = getattr(self, "_store_socket", None)
-        self.worker = MegatronWorker(dataclasses.replace(self.spec, master_addr=master_addr, master_port=master_port),
-                                     store_fd=sock.fileno() if sock is not None else None)
+        spec = dataclasses.replace(self.spec, master_addr=master_addr, master_port=master_port, store_secret=secret)
+        self.worker = MegatronWorker(spec, store_fd=sock.fileno() if sock is not None else None)
         return self.worker.layout()
 
     def run(self, name: str, *args: Any) -> Any:

@@ -161,10 +161,14 @@ def init_model_parallel(tp: int, pp: int, seed: int = 0, vp: Optional[int] = Non
 
 
 def init_distributed(rank: int, world_size: int, *, master_addr: str, master_port: int, backend: str = "auto",
-                     store_fd: Optional[int] = None, timeout_s: float = 1800.0) -> torch.device:
+                     store_fd: Optional[int] = None, secret: str = "", timeout_s: float = 1800.0) -> torch.device:
     """torch.distributed for one rank: NCCL and the GPU Ray gave this actor on CUDA machines, gloo on the
     CPU. Returns the rank's device. Rank 0 serves the group's store on the socket `store_fd` (bound to its
-    node's address only, not every interface); the others connect to `master_addr:master_port`."""
+    node's address only, not every interface); the others connect to `master_addr:master_port`.
+
+    torch's store has no authentication: every key of the group lives under `secret` (random per group,
+    handed out over the token-authenticated Ray cluster), so a stranger who connects to the port can
+    neither read nor overwrite the rendezvous (gloo's peer addresses, NCCL's id)."""
     import datetime
 
     import torch.distributed as dist
@@ -178,6 +182,8 @@ def init_distributed(rank: int, world_size: int, *, master_addr: str, master_por
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout,
                           master_listen_fd=store_fd if rank == 0 else None)
+    if secret:
+        store = dist.PrefixStore(f"prorl-{secret}", store)  # keys: prorl-<secret>/<key>
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return device
 

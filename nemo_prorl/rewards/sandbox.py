@@ -81,8 +81,10 @@ def _hidden_dirs(extra: Sequence[str]) -> list[str]:
     environment, and the world-writable temp dirs (the run's own work dir is bound back inside).
     Nested entries are merged; never `/`."""
     pkg_root = Path(__file__).resolve().parents[2]
+    # Ray's token and session folder (its sockets): a program that reached them could join the cluster
+    ray = [os.path.dirname(os.environ.get("RAY_AUTH_TOKEN_PATH", "")), os.environ.get("RAY_TMPDIR", "")]
     cands = {os.path.expanduser("~"), os.getcwd(), str(pkg_root), sys.prefix, tempfile.gettempdir(),
-             "/tmp", "/var/tmp", "/dev/shm", *extra}
+             "/tmp", "/var/tmp", "/dev/shm", *ray, *extra}
     out: list[str] = []
     for c in sorted({os.path.realpath(c) for c in cands if c and os.path.isdir(c)}):
         if c != "/" and not any(c.startswith(o + "/") for o in out):

@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -94,6 +95,11 @@ class VLLMRolloutEngine(RolloutEngine):
         self._session = cluster.session(cfg, plan)
         self._placement = self._session.place(plan, cfg.cluster.ray_timeout_s)
         e = plan.engines[0]
+        if e.node != 0:
+            self.close()
+            raise VLLMEngineError(f"cluster.rollout_nodes={plan.layout.rollout_nodes}: an engine on node {e.node} needs "
+                                  "weights sent across nodes, which this runtime does not do yet; use 0 (colocated)",
+                                  role="vllm engine")
         if plan.layout.kind == "gpu" and len(e.devices) > 1:
             self.close()
             raise VLLMEngineError(f"rollout.vllm.tensor_parallel_size={len(e.devices)}: an engine actor over several "
@@ -134,7 +140,9 @@ class VLLMRolloutEngine(RolloutEngine):
                 self._handle = ("cuda", reduce_tensor(self._buf))
             else:
                 shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else self._dir
-                self._shm_path = str(shm / f"prorl-vllm-{os.getpid()}-{id(self)}-{nbytes}")
+                self._shm_path = str(shm / f"prorl-vllm-{os.getpid()}-{secrets.token_hex(8)}-{nbytes}")
+                # created here, ours alone: never a file (or a link) someone put at that name beforehand
+                os.close(os.open(self._shm_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
                 self._buf = torch.from_file(self._shm_path, shared=True, size=nbytes, dtype=torch.uint8)
                 self._handle = ("shm", self._shm_path, nbytes)
         return self._buf
