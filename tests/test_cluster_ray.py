@@ -77,6 +77,7 @@ def two_nodes():
     cluster.close_session()  # a private cluster of an earlier test
     temp = tempfile.mkdtemp(prefix="prorl-2n-")
     os.environ["RAY_TMPDIR"] = temp
+    os.environ["RAY_worker_niceness"] = "0"  # as the launchers start Ray (see runtime.NORMAL_PRIORITY)
     loopback_only()
     node = dict(num_cpus=4, resources={"prorl_slot": 1}, object_store_memory=150 * 2**20)
     c = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})

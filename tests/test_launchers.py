@@ -64,7 +64,7 @@ def test_slurm_dry_run_prints_every_command(script, nodes):
         assert {"--container-image=/img/nemo_prorl.sqsh", "--container-mounts=/d:/data,/m:/models,/c:/checkpoints",
                 "--container-name=prorl-4321", "--overlap"} <= set(opts)
     env = ("trap '' TERM USR1; export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/checkpoints/r1/ray_token "
-           "RAY_USAGE_STATS_ENABLED=0; unset RAY_AUTH_TOKEN; tmp=$(mktemp -d /tmp/prorl-ray-XXXXXX); exec ray start ")
+           "RAY_USAGE_STATS_ENABLED=0 RAY_worker_niceness=0; unset RAY_AUTH_TOKEN; tmp=$(mktemp -d /tmp/prorl-ray-XXXXXX); exec ray start ")
     common = "--temp-dir=${tmp}/ray --num-gpus=8 --disable-usage-stats --block"
     opts, cmd = commands["ray head"]
     assert opts[1:4] == ["--nodes=1", "--ntasks=1", "--nodelist=gpu-0"]

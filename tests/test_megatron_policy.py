@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import megatron.core  # noqa: F401  a project dependency: fail, never skip, if it is missing
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -113,6 +114,8 @@ def test_megatron_logprobs_and_update_match_transformers(step_setup, layout):
     cfg, model_dir, batch, loss, lp_before, hf_metrics, hf_weights = step_setup
     policy = _megatron(cfg, model_dir, **LAYOUTS[layout])
     try:
+        # the ranks run at normal priority (Ray's default niceness of 15 starves them beside any busy process)
+        assert {psutil.Process(i["pid"]).nice() for i in policy.group.call_all("node_info", timeout_s=60)} == {0}
         # float32 on CPU, summed in a different order than transformers: agreement to ~1e-6
         torch.testing.assert_close(policy.logprobs(batch, temperature=1.0), lp_before, atol=1e-5, rtol=0)
         m = policy.train_minibatch(batch, loss, temperature=1.0)

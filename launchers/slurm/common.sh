@@ -81,7 +81,9 @@ prorl_launch() {
   q_address="$(printf '%q' "${address}")"
   q_run_dir="$(printf '%q' "${run_dir}")"
   # Ray's session folder inside a fresh 0700 folder of this node: its Unix sockets carry no token.
+  # RAY_worker_niceness=0: Ray would start the ranks and engines at niceness 15, as if they were background work.
   local ray_env="trap '' TERM USR1; export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=${q_token} RAY_USAGE_STATS_ENABLED=0"
+  ray_env+=" RAY_worker_niceness=0"
   ray_env+="; unset RAY_AUTH_TOKEN; tmp=\$(mktemp -d /tmp/prorl-ray-XXXXXX)"
   local ray_common="--temp-dir=\${tmp}/ray --num-gpus=${gpus} --disable-usage-stats --block"
   local head_cmd="${ray_env}; exec ray start --head --node-ip-address=${q_head_ip} --port=${port}"
