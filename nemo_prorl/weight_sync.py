@@ -1,22 +1,35 @@
-"""The one path from trainer weights into a rollout engine, used after every policy update.
+"""The one path from trainer weights into rollout engines, used after every policy update.
 
-Weights travel as full tensors under Hugging Face names, in size-bounded buckets. The policy hands them
-over unmaterialised (`LazyWeight`: views of its tensor-parallel shards, gathered from every pipeline
-stage), and each one is built directly in the engine's transfer buffer when the engine has one (vLLM:
-shared memory its process maps, or CUDA IPC). So the trainer copies each byte once, and the peak extra
-memory is one bucket, whatever the model size. Engines that shard again (vLLM TP) do so in their own
-`load_weights`, from these full tensors."""
+Weights travel as full tensors under Hugging Face names, in size-bounded buckets, built directly in a
+transfer buffer that the engines map (shared memory on CPU, CUDA IPC on GPU): each byte is copied once on
+the sending side, and the peak extra memory is one bucket, whatever the model size. Engines that shard
+again (vLLM TP) do so in their own `load_weights`, from these full tensors.
+
+Two senders:
+- the controller (`load_into_engine`): the hf policy, or evaluation, with the engine in this process or
+  in actors on this node;
+- the Megatron ranks themselves (`sync_node_local`), when the engines are actors: one rank per node fills
+  its node's buffer for the node's engines, and only shards that no rank of the node holds cross nodes
+  (torch.distributed point-to-point). No weight byte passes through the controller.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
+import tempfile
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from nemo_prorl.policy.base import LazyWeight, PolicyBackend
-from nemo_prorl.rollout.base import RolloutEngine
+if TYPE_CHECKING:  # (policy/megatron.py imports this module: no import of the policy package here)
+    from nemo_prorl.policy.base import LazyWeight, PolicyBackend
+    from nemo_prorl.rollout.base import RolloutEngine
+    from nemo_prorl.rollout.pool import EnginePool
 
 ALIGN = 64  # bytes; every packed tensor starts on a cache line, and any dtype view of it is aligned
 
@@ -28,9 +41,65 @@ def aligned(n: int) -> int:
 @dataclass(frozen=True)
 class SyncStats:
     num_tensors: int
-    num_bytes: int
+    num_bytes: int  # bytes loaded into engines' transfer buffers (one buffer per node)
     num_buckets: int
     seconds: float
+    cross_node_bytes: int = 0  # bytes that crossed nodes on their way (torch.distributed, never the controller)
+
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class TransferBuffer:
+    """A flat uint8 buffer that engine actors on this node map: a shared-memory file on CPU (created here
+    with O_EXCL, mode 0600, unlinked when replaced or closed), CUDA memory shared by IPC on GPU. Its
+    `handle` is what an engine needs to map it (vllm_server._open_buffer); `metas` describe the tensors
+    packed in it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.tensor: Optional[torch.Tensor] = None
+        self.handle: Optional[tuple] = None
+        self._path: Optional[str] = None
+
+    def ensure(self, nbytes: int) -> torch.Tensor:
+        if self.tensor is None or self.tensor.numel() < nbytes:
+            self.close()
+            if self.device.type == "cuda":
+                from torch.multiprocessing.reductions import reduce_tensor
+
+                self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                self.handle = ("cuda", reduce_tensor(self.tensor))
+            else:
+                shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+                self._path = os.path.join(shm, f"prorl-weights-{os.getpid()}-{secrets.token_hex(8)}-{nbytes}")
+                # created here, ours alone: never a file (or a link) someone put at that name beforehand
+                os.close(os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+                self.tensor = torch.from_file(self._path, shared=True, size=nbytes, dtype=torch.uint8)
+                self.handle = ("shm", self._path, nbytes)
+        return self.tensor
+
+    def offset(self, t: torch.Tensor) -> Optional[int]:
+        """Byte offset of `t` in the buffer, or None when it lies elsewhere."""
+        buf = self.tensor
+        if buf is None or t.device != buf.device or not t.is_contiguous():
+            return None
+        off = t.data_ptr() - buf.data_ptr()
+        return off if 0 <= off and off + t.numel() * t.element_size() <= buf.numel() else None
+
+    def metas(self, items: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, int, list[int], str]]:
+        return [(name, self.offset(t), list(t.shape), DTYPE_NAMES[t.dtype]) for name, t in items]
+
+    def ready(self) -> None:
+        """Before an engine reads the buffer: on GPU it reads on its own stream."""
+        if self.tensor is not None and self.tensor.device.type == "cuda":
+            torch.cuda.current_stream(self.tensor.device).synchronize()
+
+    def close(self) -> None:
+        self.tensor = self.handle = None
+        if self._path is not None:
+            Path(self._path).unlink(missing_ok=True)  # an engine's mapping lives on until it remaps
+            self._path = None
 
 
 def module_of(name: str) -> str:
@@ -89,7 +158,14 @@ def pack(bucket: Iterable[LazyWeight], buffer: torch.Tensor,
 
 
 def sync_weights(policy: PolicyBackend, engine: RolloutEngine, *, bucket_mb: float) -> SyncStats:
-    """Load the policy's current weights into the engine (after every update, and once at start)."""
+    """Load the policy's current weights into the engine (after every update, and once at start): from
+    the Megatron ranks on each engine's node when the engines are actors (`sync_node_local`), else through
+    this process."""
+    from nemo_prorl.rollout.base import RolloutEngine
+    from nemo_prorl.rollout.pool import EnginePool
+
+    if isinstance(engine, EnginePool) and isinstance(policy, NodeLocalSource):
+        return sync_node_local(policy, engine, bucket_mb=bucket_mb)
     return load_into_engine(policy.lazy_weights(), engine, bucket_mb=bucket_mb)
 
 
@@ -111,3 +187,148 @@ def load_into_engine(weights: Iterable[LazyWeight], engine: RolloutEngine, *, bu
         n_bytes += sum(w.nbytes(dtype) for w in bucket)
     engine.finish_weight_update()
     return SyncStats(n_tensors, n_bytes, n_buckets, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------- node-local sync (engines as actors)
+# A shard is identified by (stage, tensor-parallel rank); stage = model chunk * PP + pipeline rank.
+ShardKey = tuple[int, int]
+ShardMeta = list[tuple[str, list[int], str]]  # (name, shape, dtype name) of each tensor of a shard
+
+
+class NodeLocalSource(ABC):
+    """A policy whose ranks fill their own node's transfer buffer (the Megatron backend): the rank side is
+    `NodeLocalSender`, driven by `sync_node_local`."""
+
+    @abstractmethod
+    def shard_layout(self) -> tuple[list[list[ShardKey]], list[int], dict[ShardKey, ShardMeta]]:
+        """The shards each rank holds, each rank's node, and each shard's tensors."""
+
+    @abstractmethod
+    def sync_prepare(self, transfers: list[tuple[int, int, ShardKey]], leaders: dict[int, int], bucket_bytes: int,
+                     dtype: str) -> list[int]:
+        """All ranks: the transfers, then each leader plans its buckets; the number of buckets per rank."""
+
+    @abstractmethod
+    def sync_pack(self, k: int) -> dict[int, tuple[tuple, list]]:
+        """Leaders pack bucket k into their node's buffer: {node: (buffer handle, metas)}."""
+
+    @abstractmethod
+    def sync_end(self) -> None: ...
+
+
+def transfer_plan(held: Sequence[Sequence[ShardKey]], rank_nodes: Sequence[int],
+                  engine_nodes: Iterable[int]) -> tuple[dict[int, int], list[tuple[int, int, ShardKey]]]:
+    """The node-local sync's plan: a leader per engine node (its lowest rank) and the transfers (source
+    rank, leader, shard) that give each leader the shards it lacks: from a rank of its own node wherever
+    one holds the shard, else from the lowest rank that holds it (the only bytes that cross nodes). With
+    TP inside a node and DP over nodes, every node holds a whole replica: nothing crosses."""
+    leaders: dict[int, int] = {}
+    for node in sorted(set(engine_nodes)):
+        on_node = [r for r, n in enumerate(rank_nodes) if n == node]
+        if not on_node:
+            raise ValueError(f"node {node} hosts an engine but no Megatron rank: its weights have no local source")
+        leaders[node] = on_node[0]
+    holders: dict[ShardKey, list[int]] = {}
+    for rank, keys in enumerate(held):
+        for key in keys:
+            holders.setdefault(key, []).append(rank)
+    transfers = []
+    for node, leader in leaders.items():
+        for key in sorted(holders):
+            if leader in holders[key]:
+                continue
+            local = [r for r in holders[key] if rank_nodes[r] == node]
+            transfers.append((local[0] if local else holders[key][0], leader, key))
+    return leaders, transfers
+
+
+def _meta_bytes(meta: ShardMeta) -> int:
+    total = 0
+    for _, shape, dtype in meta:
+        n = DTYPES_BY_NAME[dtype].itemsize
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def sync_node_local(source: NodeLocalSource, engine: "EnginePool", *, bucket_mb: float) -> SyncStats:
+    """Each engine gets its weights from the Megatron ranks of its own node: a leader rank per node
+    collects the shards it lacks (from its node's peers; across nodes only what no local rank holds, by
+    torch.distributed point-to-point), converts them to Hugging Face tensors straight into its node's
+    transfer buffer, bucket by bucket, and the node's engines load each bucket from there. The controller
+    sends commands and metadata only."""
+    start = time.perf_counter()
+    held, rank_nodes, metas = source.shard_layout()
+    leaders, transfers = transfer_plan(held, rank_nodes, engine.engine_nodes())
+    cross = sum(_meta_bytes(metas[key]) for src, dst, key in transfers if rank_nodes[src] != rank_nodes[dst])
+    dtype = DTYPE_NAMES[engine.weight_dtype] if engine.weight_dtype is not None else ""
+    counts = source.sync_prepare(transfers, leaders, int(bucket_mb * 2**20), dtype)
+    n_buckets = max(counts[r] for r in leaders.values())
+    n_tensors = n_bytes = 0
+    try:
+        engine.begin_weight_update()
+        for k in range(n_buckets):
+            packed = source.sync_pack(k)
+            engine.load_from_nodes(packed)
+            for _, metas_k in packed.values():
+                n_tensors += len(metas_k)
+                n_bytes += sum(_meta_bytes([(n, shape, dt)]) for n, _, shape, dt in metas_k)
+        engine.finish_weight_update()
+    finally:
+        source.sync_end()
+    return SyncStats(n_tensors, n_bytes, n_buckets, time.perf_counter() - start, cross_node_bytes=cross)
+
+
+class NodeLocalSender:
+    """The rank side of `sync_node_local`: this rank's shards (live parameter tensors, no copy), and on a
+    node's leader the shards received from peers, the buckets and the node's transfer buffer."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffer = TransferBuffer(device)
+        self.buckets: list[list[LazyWeight]] = []
+        self.dtype: Optional[torch.dtype] = None
+        self.received: dict[ShardKey, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def metas(own: dict[ShardKey, dict[str, torch.Tensor]]) -> dict[ShardKey, ShardMeta]:
+        return {key: [(n, list(t.shape), DTYPE_NAMES[t.dtype]) for n, t in sd.items()] for key, sd in own.items()}
+
+    def exchange(self, rank: int, own: dict[ShardKey, dict[str, torch.Tensor]],
+                 transfers: list[tuple[int, int, ShardKey]], metas: dict[ShardKey, ShardMeta]) -> None:
+        """Every rank walks the same list in the same order, sending or receiving where it takes part, so
+        the point-to-point pairs always match (no cycles: one global order)."""
+        import torch.distributed as dist
+
+        self.received = {}
+        for src, dst, key in transfers:
+            if rank == src:
+                for name, _, _ in metas[key]:
+                    dist.send(own[key][name].contiguous(), dst)
+            elif rank == dst:
+                got = {}
+                for name, shape, dtype in metas[key]:
+                    t = torch.empty(shape, dtype=DTYPES_BY_NAME[dtype], device=self.device)
+                    dist.recv(t, src)
+                    got[name] = t
+                self.received[key] = got
+
+    def plan_buckets(self, weights: Iterable[LazyWeight], bucket_bytes: int, dtype: str) -> int:
+        self.dtype = DTYPES_BY_NAME[dtype] if dtype else None
+        self.buckets = list(iter_buckets(weights, bucket_bytes, self.dtype))
+        return len(self.buckets)
+
+    def pack(self, k: int) -> tuple[tuple, list]:
+        bucket = self.buckets[k]
+        buf = self.buffer.ensure(max(packed_size(b, self.dtype) for b in self.buckets))
+        items = pack(bucket, buf, self.dtype)
+        self.buffer.ready()
+        return self.buffer.handle, self.buffer.metas(items)
+
+    def end(self) -> None:
+        """Drop what the sync gathered; the buffer stays for the next sync."""
+        self.buckets, self.received = [], {}

@@ -49,6 +49,33 @@ def test_prorl_cluster_4x8_colocated():
     assert engines(plan) == [(i, i // 8, (i % 8,)) for i in range(32)]
 
 
+def test_engines_fill_the_devices_unless_given():
+    # null: vLLM engines on every training GPU (with megatron); the hf policy keeps one, on its node
+    assert len(make_plan(Layout("gpu", 4, 8, megatron=(2, 1, None), engine="vllm", num_engines=None)).engines) == 32
+    cfg, _ = load_config(["policy=megatron", "rollout=vllm", "cluster.cpu_slots_per_node=3"])
+    assert engines(plan_from_config(cfg)) == [(0, 0, (0,)), (1, 0, (1,)), (2, 0, (2,))]
+    cfg, _ = load_config(["policy=megatron", "policy.megatron.data_parallel_size=2", "rollout=vllm"])
+    assert engines(plan_from_config(cfg)) == [(0, 0, (0,))]  # one CPU machine, slots as the ranks need: one
+    cfg, _ = load_config(["rollout=vllm", "cluster.device=cuda", "cluster.gpus_per_node=8"])
+    assert engines(plan_from_config(cfg)) == [(0, 0, (0,))]
+
+
+def test_torch_engines_are_actors_when_there_are_several():
+    cfg, _ = load_config(["rollout.num_engines=3"])
+    plan = plan_from_config(cfg)
+    assert engines(plan) == [(0, 0, (0,)), (1, 0, (1,)), (2, 0, (2,))] and plan.needs_ray
+    assert "rollout: 3 torch engine(s) of 1 device(s) (Ray actors)" in format_plan(plan)
+    assert plan_from_config(load_config(["rollout.num_engines=1"])[0]).engines == ()  # in the controller
+
+
+def test_hf_policy_engines_stay_on_the_controllers_node():
+    with pytest.raises(PlacementError, match="with policy=hf the weights live in the controller") as e:
+        make_plan(Layout("cpu", 2, 1, engine="torch", num_engines=2))
+    assert e.value.key == "rollout.num_engines"
+    assert engines(make_plan(Layout("cpu", 2, 1, megatron=(1, 1, None), engine="torch", num_engines=2))) == \
+        [(0, 0, (0,)), (1, 1, (0,))]
+
+
 def test_4x8_with_one_rollout_node_is_split():
     plan = make_plan(Layout("gpu", 4, 8, rollout_nodes=1, megatron=(2, 1, None), engine="vllm", num_engines=8))
     assert plan.mode == "split" and plan.data_parallel_size == 12
@@ -87,8 +114,10 @@ def test_config_errors_name_the_key_and_value():
         load_config(["experiment=prorl_1p5b", "policy.megatron.tensor_parallel_size=16"])
     with pytest.raises(ConfigError, match=r"cluster.cpu_slots_per_node=None: must be set for a CPU cluster"):
         load_config(["policy=megatron", "cluster.num_nodes=2"])
-    with pytest.raises(ConfigError, match=r"rollout.num_engines=2: one generation engine per run"):
-        load_config(["rollout=vllm", "rollout.num_engines=2"])
+    with pytest.raises(ConfigError, match=r"rollout.num_engines=0: (must be >= 1, or null|0 engines of 1 device)"):
+        load_config(["rollout=vllm", "rollout.num_engines=0"])
+    with pytest.raises(ConfigError, match=r"rollout.num_engines=9: 9 engines of 1 device\(s\): 8 fit"):
+        load_config(["experiment=prorl_1p5b", "cluster.num_nodes=1", "rollout.num_engines=9"])
 
 
 def test_prorl_1p5b_fills_the_4x8_cluster_and_prorl_plan_prints_it(capsys):
@@ -98,6 +127,7 @@ def test_prorl_1p5b_fills_the_4x8_cluster_and_prorl_plan_prints_it(capsys):
     assert main(["plan", "experiment=prorl_1p5b"]) == 0
     out = capsys.readouterr().out
     assert "policy: megatron, TP=1 PP=1 DP=32: 32 ranks" in out
+    assert "rollout: 32 vllm engine(s) of 1 device(s)" in out  # rollout.num_engines=null: one per GPU
     assert "   3  gpu7    31 (0,0,31)" in out and "   0  gpu0    0 (0,0,0)                  0" in out
     assert main(["plan", "experiment=prorl_1p5b", "cluster.num_nodes=2"]) == 0
     assert "DP=16: 16 ranks" in capsys.readouterr().out

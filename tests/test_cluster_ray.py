@@ -168,7 +168,7 @@ def _train(model_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
     from tests.test_vllm_engine import VLLM_TINY
 
     args = [*VLLM_TINY, f"model.path={model_dir}", f"trainer.output_dir={out}", f"rollout.vllm.python={VLLM_PYTHON}",
-            "policy=megatron", "policy.megatron.tensor_parallel_size=2", "trainer.num_steps=3",
+            "policy=megatron", "policy.megatron.data_parallel_size=2", "trainer.num_steps=3",
             "trainer.checkpoint_every_n_steps=1", "trainer.keep_last_checkpoints=5", "validation.every_n_steps=2",
             "trainer.plot=false", "trainer.tensorboard=false", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
@@ -181,43 +181,63 @@ def _rows(out: Path) -> dict[int, dict]:
             for r in map(json.loads, open(out / "metrics.jsonl"))}
 
 
+def _kill_after_checkpoint(proc: subprocess.Popen, run: Path, step: int, kind: str) -> tuple[str, float]:
+    """Kill the last actor of `kind` once checkpoint `step` is complete: the trainer's stderr and how long
+    it took to stop."""
+    deadline = time.monotonic() + 600
+    while not (run / "checkpoints" / f"step_{step:06d}" / "COMPLETE").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    _actors(kind)[-1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 4, err[-3000:]
+    _gone("MegatronRank", "EngineServer")  # nothing left running
+    return err, time.monotonic() - killed
+
+
 @pytest.mark.skipif(not VLLM_PYTHON, reason="no vLLM interpreter (PRORL_VLLM_PYTHON; make vllm-env)")
-def test_prorl_train_on_two_nodes_equals_one_machine_and_survives_a_killed_rank(two_nodes, vllm_tiny_dir, tmp_path):
-    on_two = ["cluster.num_nodes=2", "cluster.cpu_slots_per_node=1", f"cluster.ray_address={two_nodes.address}"]
-    # the reference: one machine, the trainer's own private Ray
-    single = _train(vllm_tiny_dir, tmp_path / "single")
+def test_prorl_train_on_two_nodes_equals_one_machine_and_survives_killed_actors(two_nodes, vllm_tiny_dir, tmp_path):
+    """Megatron DP=2 and a vLLM engine on each of two nodes (weights synced node-locally) trains exactly as
+    one machine with one engine; a killed rank, then a killed engine, stop the run with a named error and
+    resume=auto continues exactly."""
+    on_two = ["cluster.num_nodes=2", "cluster.cpu_slots_per_node=1", f"cluster.ray_address={two_nodes.address}",
+              "rollout.num_engines=2"]
+    # the reference: one machine, one engine, the trainer's own private Ray
+    single = _train(vllm_tiny_dir, tmp_path / "single", "rollout.num_engines=1")
     out, err = single.communicate(timeout=900)
     assert single.returncode == 0, err[-3000:]
     expected = _rows(tmp_path / "single")
     assert sorted(expected) == [0, 1, 2, 3] and any("val/pass@1" in r for r in expected.values())
     assert_every_step_updated(expected.values())
-    # the same run on two nodes: identical metrics
+    # rewards of several domains (the synthetic tasks: exact-match and arithmetic verifiers)
+    assert len({k for k in expected[1] if k.split("/")[-1] in ("reverse", "sort", "arithmetic")}) >= 2
+    # the same run on two nodes with two engines: identical metrics, and no weight byte across nodes
     whole = _train(vllm_tiny_dir, tmp_path / "whole", *on_two)
     out, err = whole.communicate(timeout=900)
     assert whole.returncode == 0, err[-3000:]
-    assert _rows(tmp_path / "whole") == expected
-    # a rank killed in the middle of step 2: a named error soon after, and nothing left running
+    rows = _rows(tmp_path / "whole")
+    assert all(rows[s].pop("sync/cross_node_megabytes") == 0.0 for s in (1, 2, 3))
+    assert all(rows[s]["sync/megabytes"] == 2 * expected[s]["sync/megabytes"] for s in (1, 2, 3))  # 1 copy per node
+    for s in (1, 2, 3):
+        rows[s]["sync/megabytes"] = expected[s]["sync/megabytes"]
+        expected[s].pop("sync/cross_node_megabytes")
+    assert rows == expected
+    assert (tmp_path / "whole" / "vllm_engine_1.log").is_file()
+    # a rank killed during step 2, then an engine during step 3: named errors soon after; resumes exactly
     run = tmp_path / "run"
-    proc = _train(vllm_tiny_dir, run, *on_two)
-    deadline = time.monotonic() + 600
-    while not (run / "checkpoints" / "step_000001" / "COMPLETE").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    victim = _actors("MegatronRank")[-1]
-    victim.send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    out, err = proc.communicate(timeout=300)
-    stopped_s = time.monotonic() - killed
-    assert proc.returncode == 4, err[-3000:]
-    assert re.search(r"megatron rank \d on node \d \(.*pid \d+\) died during (logprobs|train_minibatch|export_shards|"
+    err, stopped_s = _kill_after_checkpoint(_train(vllm_tiny_dir, run, *on_two), run, 1, "MegatronRank")
+    assert re.search(r"megatron rank \d on node \d \(.*pid \d+\) died during (logprobs|train_minibatch|sync_\w+|"
                      r"save_state)", err) and "resume with resume=auto" in err, err[-3000:]
     print(f"killed rank -> trainer stopped with a named error in {stopped_s:.1f}s")
-    _gone("MegatronRank", "EngineServer")
-    # resume=auto continues from the last checkpoint, exactly
+    err, stopped_s = _kill_after_checkpoint(_train(vllm_tiny_dir, run, *on_two, "resume=auto"), run, 2, "EngineServer")
+    assert re.search(r"vllm engine \d on node \d \(.*pid \d+\) died during (generate|\w+weight_update|load_bucket)",
+                     err) and "resume with resume=auto" in err, err[-3000:]
+    print(f"killed engine -> trainer stopped with a named error in {stopped_s:.1f}s")
     resumed = _train(vllm_tiny_dir, run, *on_two, "resume=auto")
     out, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, err[-3000:]
-    assert _rows(run) == expected
+    assert _rows(run) == _rows(tmp_path / "whole")
     last = Path("checkpoints") / "step_000003"
     assert (run / last / "megatron").is_dir()
     assert_same_state(tmp_path / "whole" / last, run / last, _policy_for(vllm_tiny_dir, on_two))
@@ -227,7 +247,7 @@ def _policy_for(model_dir: Path, on_two: list[str]):
     from tests.test_vllm_engine import VLLM_TINY
 
     cfg, _ = load_config([*VLLM_TINY, f"model.path={model_dir}", "policy=megatron", "rollout=torch",
-                          "policy.megatron.tensor_parallel_size=2", *on_two])
+                          "policy.megatron.data_parallel_size=2", *on_two[:-1]])
     return _Closing(POLICY_BACKENDS.get("megatron")(cfg, model_dir))
 
 
@@ -309,3 +329,64 @@ def _gone_session(temp: Path, within_s: float = 60) -> None:
                 p.kill()
             raise AssertionError(f"left running: {[p.info['cmdline'][:2] for p in left]}")
         time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- engines on every node, node-local sync
+
+@pytest.mark.parametrize("layout,cross", [("data_parallel_size=2", False), ("tensor_parallel_size=2", True)])
+def test_each_node_syncs_its_engine_from_its_own_ranks(two_nodes, tiny_model_dir, layout, cross, monkeypatch):
+    """Megatron over two nodes, a torch engine actor on each: after a training step each engine samples
+    with the policy's new weights (its logprobs match the policy's), the weights never pass through the
+    controller, and with DP over the nodes (a whole replica on each) not one byte crosses nodes; with TP
+    across the nodes, exactly the half of each layer a node lacks does."""
+    from transformers import AutoTokenizer
+
+    from nemo_prorl.policy.megatron import MegatronPolicy
+    from nemo_prorl.rollout import ROLLOUT_ENGINES, SamplingParams
+    from nemo_prorl.trainer.batching import build_batch
+    from nemo_prorl.weight_sync import sync_weights
+    from tests.test_megatron_policy import _batch_and_loss
+
+    cfg, _ = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "policy=megatron", f"policy.megatron.{layout}",
+                          "cluster.num_nodes=2", "cluster.cpu_slots_per_node=1", f"cluster.ray_address={two_nodes.address}",
+                          "rollout.num_engines=2", "policy.optim.lr=0.05"])
+    batch, loss = _batch_and_loss(cfg, tiny_model_dir)
+
+    def through_the_controller(self):
+        raise AssertionError("weights were gathered in the controller")
+
+    monkeypatch.setattr(MegatronPolicy, "lazy_weights", through_the_controller)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [tok.encode(f"count to {i}") for i in range(6)]
+    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_tokens=8, stop_token_ids=(tok.eos_token_id,), seed=1)
+    policy = POLICY_BACKENDS.get("megatron")(cfg, tiny_model_dir)
+    engines = ROLLOUT_ENGINES.get("torch")(cfg, tiny_model_dir)
+    try:
+        nodes = {i["node_id"] for i in engines.group.call_all("node_info", timeout_s=60)}
+        assert engines.engine_nodes() == [0, 1] and len(nodes) == 2
+
+        def gap() -> float:
+            comps = engines.generate(prompts, params)
+            b = build_batch(prompts, comps, tok.pad_token_id)
+            lp = policy.logprobs(b, temperature=1.0)
+            return float(((lp - b["rollout_logprobs"]).abs() * b["response_mask"]).max())
+
+        policy.train_minibatch(batch, loss, temperature=1.0)
+        assert gap() > 1e-2  # the engines still have the starting weights: the check can fail
+        stats = sync_weights(policy, engines, bucket_mb=0.05)
+        assert gap() < 1e-4
+        shard_bytes = {k: sum(torch.Size(shape).numel() * 4 for _, shape, _ in m)
+                       for k, m in policy.shard_layout()[2].items()}
+    finally:
+        engines.close()
+        policy.close()
+    hf = POLICY_BACKENDS.get("hf")(cfg, tiny_model_dir)
+    assert stats.num_bytes == 2 * sum(t.numel() * t.element_size() for _, t in hf.named_weights())  # a copy per node
+    assert stats.num_buckets > 1
+    print(f"{layout}: {stats.num_bytes / 2**20:.2f} MB into 2 nodes' buffers, {stats.cross_node_bytes / 2**20:.3f} MB "
+          f"across nodes, {stats.seconds:.2f}s")
+    if cross:  # each node's leader receives the other node's TP shard, whole
+        assert stats.cross_node_bytes == sum(shard_bytes.values()) > 0
+    else:
+        assert stats.cross_node_bytes == 0
+    _gone("MegatronRank", "TorchEngineServer")

@@ -42,18 +42,23 @@ def test_engine_logprobs_match_policy(parts):
     assert (lp * (1 - batch["response_mask"])).abs().sum() == 0
 
 
-def test_shared_prefill_equals_one_prefill_per_sample(parts):
-    """The n samples of a prompt share one prefill; sampling them as n separate prompts (no sharing, same
-    row order, so the same random draws) must give the same tokens and logprobs. max_num_seqs=6 also
-    splits a prompt's samples across two chunks."""
+def test_a_prompts_samples_do_not_depend_on_its_batch(parts):
+    """Batch invariance (what lets several engines split a step): a prompt's samples are the same whether
+    it is decoded with the other prompt in one chunk (max_num_seqs=256), in chunks of its own (4, 6: one
+    prompt each), or alone (with its seed), and its samples share one prefill."""
+    from nemo_prorl.rollout.base import prompt_seed
+
     _, tok, _, engine, prompts = parts
-    engine.max_num_seqs = 6
-    shared = engine.generate(prompts, params(tok))
-    separate = engine.generate([p for p in prompts for _ in range(4)], params(tok, n=1))
-    assert [c.token_ids for c in shared] == [c.token_ids for c in separate]
-    assert len({tuple(c.token_ids) for c in shared}) > 2  # real sampling, not one repeated answer
-    for a, b in zip(shared, separate):
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+    prompts = prompts + [prompts[0][:-3]]  # a third prompt, in the same length bucket as the first
+    runs = []
+    for size in (256, 6, 4):
+        engine.max_num_seqs = size
+        runs.append([(c.prompt_index, c.token_ids, c.logprobs) for c in engine.generate(prompts, params(tok))])
+    engine.max_num_seqs = 256
+    alone = engine.generate(prompts[2:], params(tok), seeds=[prompt_seed(3, 2)])
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+    assert [c.token_ids for c in alone] == [t for i, t, _ in runs[0] if i == 2]
+    assert len({tuple(t) for _, t, _ in runs[0]}) > 2  # real sampling, not one repeated answer
 
 
 def test_length_grouped_micro_batches_cut_padding_and_keep_row_order(parts):

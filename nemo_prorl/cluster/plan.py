@@ -39,7 +39,7 @@ class Layout:
     megatron: Optional[tuple[int, int, Optional[int]]] = None  # (TP, PP, DP or None: fill); None: hf backend
     engine: str = "torch"  # rollout.engine
     engine_tp: int = 1
-    num_engines: int = 1
+    num_engines: Optional[int] = 1  # None: as many as fit (vllm), 1 (torch)
     reward_workers: int = 0  # processes of the controller's reward pools
 
 
@@ -107,9 +107,14 @@ def data_parallel_size(layout: Layout) -> int:
     return dp
 
 
+def engines_are_actors(layout: Layout) -> bool:
+    """vLLM engines always are; the torch engine runs in the controller's process unless there are several."""
+    return layout.engine == "vllm" or (layout.num_engines or 1) > 1
+
+
 def _engine_slots(layout: Layout) -> tuple[EngineSlot, ...]:
-    if layout.engine != "vllm":
-        return ()  # the torch engine runs in the controller's process
+    if not engines_are_actors(layout):
+        return ()  # one torch engine, in the controller's process
     per, e = layout.devices_per_node, layout.engine_tp
     key_dev = "cluster.gpus_per_node" if layout.kind == "gpu" else "cluster.cpu_slots_per_node"
     _check(e <= per, "rollout.vllm.tensor_parallel_size",
@@ -120,9 +125,13 @@ def _engine_slots(layout: Layout) -> tuple[EngineSlot, ...]:
         else range(layout.num_nodes - layout.rollout_nodes)
     fit = [(n, d) for n in nodes for d in range(0, per, e)]
     where = f"the {layout.rollout_nodes} rollout node(s)" if layout.rollout_nodes else "the training devices"
-    _check(1 <= layout.num_engines <= len(fit), "rollout.num_engines",
-           f"{layout.num_engines} engines of {e} device(s): {len(fit)} fit on {where}")
-    return tuple(EngineSlot(i, n, tuple(range(d, d + e))) for i, (n, d) in enumerate(fit[: layout.num_engines]))
+    num = len(fit) if layout.num_engines is None else layout.num_engines
+    _check(1 <= num <= len(fit), "rollout.num_engines", f"{num} engines of {e} device(s): {len(fit)} fit on {where}")
+    if layout.megatron is None:  # the hf policy's weights are in the controller: its engines share its node
+        _check(all(n == 0 for n, _ in fit[:num]), "rollout.num_engines",
+               f"{num} engines of {e} device(s) do not fit on node 0, and with policy=hf the weights live in the "
+               "controller's process on node 0 (policy=megatron syncs each node from its own ranks)")
+    return tuple(EngineSlot(i, n, tuple(range(d, d + e))) for i, (n, d) in enumerate(fit[:num]))
 
 
 def make_plan(layout: Layout) -> Plan:
@@ -160,11 +169,14 @@ def layout_from_config(cfg: Any, *, backend: Optional[str] = None, engine: Optio
     else:  # one CPU machine: as many slots as the run needs
         _check(c.num_nodes == 1, "cluster.cpu_slots_per_node", "must be set for a CPU cluster of several nodes")
         need = meg[0] * meg[1] * (meg[2] or 1) if meg else 1
-        per = max(need, engine_tp * cfg.rollout.num_engines if engine == "vllm" else 1, 1)
+        per = max(need, engine_tp * (cfg.rollout.num_engines or 1), 1)
+    num_engines = cfg.rollout.num_engines
+    if num_engines is None and (engine != "vllm" or meg is None or (kind == "cpu" and c.cpu_slots_per_node is None)):
+        num_engines = 1  # the torch engine in the controller; the hf policy's one device; one CPU machine
     r = cfg.reward
     workers = r.math.num_workers + r.reasoning_gym.num_workers + r.sandbox.num_workers
     return Layout(kind=kind, num_nodes=c.num_nodes, devices_per_node=per, rollout_nodes=c.rollout_nodes,
-                  megatron=meg, engine=engine, engine_tp=engine_tp, num_engines=cfg.rollout.num_engines,
+                  megatron=meg, engine=engine, engine_tp=engine_tp, num_engines=num_engines,
                   reward_workers=workers)
 
 

@@ -111,6 +111,10 @@ class VLLMConfig:
     sleep_during_update: bool = True
     startup_timeout_s: float = 900.0
     request_timeout_s: float = 7200.0  # one generate() call of a whole step
+    # GPU: vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1), so that a prompt's completions do not
+    # depend on the batch it is decoded in, hence not on rollout.num_engines; false trades that for speed.
+    # The CPU build has no such kernels (README "Several rollout engines").
+    batch_invariant: bool = True
 
 
 @dataclass
@@ -122,7 +126,12 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)  # stop strings, besides the tokenizer's EOS token
     max_num_seqs: int = 256  # sequences decoded together; bounds KV-cache memory
     weight_sync_bucket_mb: float = 256.0
-    num_engines: int = 1  # generation engines (each over rollout.vllm.tensor_parallel_size devices)
+    # Data-parallel generation engines (each over rollout.vllm.tensor_parallel_size devices), Ray actors
+    # placed by the cluster plan. null: with policy=megatron, vllm fills the training devices (ProRL 1.5B on
+    # 4 x 8 GPUs: 32), except on one CPU machine without cluster.cpu_slots_per_node; otherwise 1 (the torch
+    # engine then runs in the controller's process). torch with more than 1: actors too (a CPU-only
+    # cluster spreads its rollouts).
+    num_engines: Optional[int] = None
     # Compare the engine's sampling logprobs with the policy's on the same tokens every n steps (0: never).
     # With several updates per step it is free: it uses the old-logprob pass, which covers the rows of the
     # updates after the first; with one update it costs a forward pass.

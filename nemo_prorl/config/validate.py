@@ -227,8 +227,8 @@ def _check_cluster(cfg: ProRLConfig, check) -> None:
     check(c.device != "cuda" or c.gpus_per_node >= 1, "cluster.gpus_per_node", "must be >= 1 with cluster.device=cuda")
     check(c.ray_object_store_gb > 0, "cluster.ray_object_store_gb", "must be > 0")
     check(c.ray_timeout_s > 0, "cluster.ray_timeout_s", "must be > 0")
-    check(cfg.rollout.num_engines == 1, "rollout.num_engines",
-          "one generation engine per run for now (data-parallel engines are not built yet)")
+    check(cfg.rollout.num_engines is None or cfg.rollout.num_engines >= 1, "rollout.num_engines",
+          "must be >= 1, or null (as many as the placement plan fits)")
 
 
 def _check_vllm(cfg: ProRLConfig, check) -> None:

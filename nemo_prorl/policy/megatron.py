@@ -23,6 +23,7 @@ from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.policy.base import POLICY_BACKENDS, STATE_FILE, Batch, LazyWeight, LossFn, PolicyBackend
 from nemo_prorl.policy.megatron_convert import ModelShape, megatron_to_hf_lazy
 from nemo_prorl.policy.megatron_worker import MegatronRank, WorkerSpec
+from nemo_prorl.weight_sync import NodeLocalSource, ShardKey, ShardMeta
 
 log = logging.getLogger("nemo_prorl")
 
@@ -31,7 +32,7 @@ class MegatronWorkerError(ActorError):
     pass
 
 
-class MegatronPolicy(PolicyBackend):
+class MegatronPolicy(PolicyBackend, NodeLocalSource):
     def __init__(self, cfg: ProRLConfig, model_dir: Path, *, use_reference: bool) -> None:
         from transformers import AutoConfig
 
@@ -48,6 +49,9 @@ class MegatronPolicy(PolicyBackend):
         plan = cluster.plan_from_config(cfg, backend="megatron")
         self.world = len(plan.ranks)
         self.dp = plan.data_parallel_size
+        self.rank_nodes = [r.node for r in plan.ranks]
+        self._sync_layout: Optional[tuple] = None
+        self._sync_leaders: dict[int, int] = {}
         self._session = cluster.session(cfg, plan)
         self._placement = self._session.place(plan, cfg.cluster.ray_timeout_s)
         per_node = max(1, sum(1 for r in plan.ranks if r.node == 0))
@@ -150,6 +154,27 @@ class MegatronPolicy(PolicyBackend):
         # The shards are the workers' live parameters, mapped through shared memory (no copy after the
         # first sync), so each full tensor is built exactly once, in the rollout engine's buffer.
         yield from megatron_to_hf_lazy(self._shards(), self.shape)
+
+    # ------------------------------------------------------------------ NodeLocalSource (weight_sync.py)
+    def shard_layout(self) -> tuple[list[list[ShardKey]], list[int], dict[ShardKey, ShardMeta]]:
+        if self._sync_layout is None:  # the shapes never change: asked once
+            per_rank = self._call_all("sync_meta")
+            self._sync_layout = ([list(m) for m in per_rank], self.rank_nodes,
+                                 {k: v for m in per_rank for k, v in m.items()})
+        return self._sync_layout
+
+    def sync_prepare(self, transfers: list[tuple[int, int, ShardKey]], leaders: dict[int, int], bucket_bytes: int,
+                     dtype: str) -> list[int]:
+        self._sync_leaders = dict(leaders)
+        return self._call_all("sync_prepare", transfers, set(leaders.values()), bucket_bytes, dtype,
+                              self.shard_layout()[2])
+
+    def sync_pack(self, k: int) -> dict[int, tuple[tuple, list]]:
+        out = self._call_all("sync_pack", k)
+        return {node: out[rank] for node, rank in self._sync_leaders.items()}
+
+    def sync_end(self) -> None:
+        self._call_all("sync_end")
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for w in self.lazy_weights():

@@ -266,6 +266,48 @@ class MegatronWorker:
         return [{k: v.detach().cpu() for k, v in self._module(c).state_dict().items() if not k.endswith("_extra_state")}
                 for c in self.model]
 
+    # ------------------------------------------------------------------ node-local weight sync
+    def _own_shards(self) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+        """This rank's live weights by (stage, TP rank), stage = chunk * PP + pipeline rank: no copies."""
+        pp = self.m.pipeline_parallel_size
+        return {(i * pp + self.pp_rank, self.tp_rank): {k: v.detach() for k, v in self._module(c).state_dict().items()
+                                                        if not k.endswith("_extra_state")}
+                for i, c in enumerate(self.model)}
+
+    def _sender(self) -> Any:
+        from nemo_prorl.weight_sync import NodeLocalSender
+
+        if getattr(self, "_weight_sender", None) is None:
+            self._weight_sender = NodeLocalSender(self.device)
+        return self._weight_sender
+
+    def sync_meta(self) -> dict[tuple[int, int], list]:
+        from nemo_prorl.weight_sync import NodeLocalSender
+
+        return NodeLocalSender.metas(self._own_shards())
+
+    def sync_prepare(self, transfers: list, leaders: set[int], bucket_bytes: int, dtype: str, metas: dict) -> int:
+        """weight_sync.sync_node_local on this rank: take part in the shard transfers; a leader then plans
+        its node's buckets (the number of them)."""
+        from nemo_prorl.policy.megatron_convert import megatron_to_hf_lazy
+
+        own, sender = self._own_shards(), self._sender()
+        sender.exchange(self.spec.rank, own, transfers, metas)
+        if self.spec.rank not in leaders:
+            return 0
+        tp, pp = self.m.tensor_parallel_size, self.m.pipeline_parallel_size
+        stages: list[list[Any]] = [[None] * tp for _ in range(pp * (self.m.virtual_pipeline_parallel_size or 1))]
+        for (stage, t), sd in {**own, **sender.received}.items():
+            stages[stage][t] = sd
+        return sender.plan_buckets(megatron_to_hf_lazy(stages, self.shape), bucket_bytes, dtype)
+
+    def sync_pack(self, k: int) -> Optional[tuple[tuple, list]]:
+        sender = self._sender()
+        return sender.pack(k) if sender.buckets else None
+
+    def sync_end(self) -> None:
+        self._sender().end()
+
     def state_dict(self) -> dict[str, Any]:
         """Everything for an exact resume on the same layout: weights, reference, optimizer state and the
         optimizer's own (main) copies of its parameters."""

@@ -33,13 +33,36 @@ class Completion:
     finish_reason: str  # "stop" (stop token or string) or "length"
 
 
+def prompt_seed(seed: int, index: int) -> int:
+    """The random stream of prompt `index` of a generate() call seeded `seed` (vLLM draws its n samples from
+    seed, seed + 1, ...: prompts are spread far apart so that no two samples of a call share a stream).
+    Engines that split a call's prompts between them pass each prompt's seed along, so that a completion
+    does not depend on the engine it lands on."""
+    return (seed * 1_000_003 + index * 65_537) % (2**31)
+
+
+def split_prompts(lengths: Sequence[int], num_parts: int) -> list[list[int]]:
+    """Whole prompts for each of `num_parts` engines: counts differ by at most one, and long prompts are
+    dealt out in snake order (longest first: 0, 1, .., k-1, k-1, .., 0) so every part gets a similar share
+    of the tokens. Each part lists its prompt indices in increasing order."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    parts: list[list[int]] = [[] for _ in range(num_parts)]
+    for pos, i in enumerate(order):
+        lap, k = divmod(pos, num_parts)
+        parts[k if lap % 2 == 0 else num_parts - 1 - k].append(i)
+    return [sorted(p) for p in parts]
+
+
 class RolloutEngine(ABC):
     # dtype the engine holds its weights in; the weight sync converts to it while packing (None: as sent)
     weight_dtype: Optional[torch.dtype] = None
 
     @abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-        """params.n completions per prompt, ordered prompt-major (prompt 0's n samples first)."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> list[Completion]:
+        """params.n completions per prompt, ordered prompt-major (prompt 0's n samples first). `seeds`: one
+        per prompt (default: `prompt_seed(params.seed, i)` for prompt i); a prompt's completions depend on
+        its seed only, not on the other prompts of the call."""
 
     @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

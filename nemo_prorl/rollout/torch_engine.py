@@ -6,14 +6,17 @@ update; that keeps the embedded path faithful to the distributed one."""
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from nemo_prorl.cluster.actors import ActorBase
 from nemo_prorl.config.schema import ProRLConfig
-from nemo_prorl.rollout.base import ROLLOUT_ENGINES, Completion, RolloutEngine, SamplingParams
+from nemo_prorl.procs import ignore_preemption_signals
+from nemo_prorl.rollout.base import ROLLOUT_ENGINES, Completion, RolloutEngine, SamplingParams, prompt_seed
 from nemo_prorl.torch_utils import DTYPES
 
 
@@ -34,6 +37,10 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+# Prompts are left-padded to a multiple of this many tokens (their own length's bucket), see `_chunks`.
+PAD_BUCKET = 16
+
+
 class TorchRolloutEngine(RolloutEngine):
     def __init__(self, model_dir: Path, *, device: str, dtype: str, max_num_seqs: int, pad_token_id: int,
                  tokenizer: Optional[Any] = None) -> None:
@@ -49,39 +56,63 @@ class TorchRolloutEngine(RolloutEngine):
         self._cache_kw = cache_keyword(self.model)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-        jobs = [(i, prompts[i]) for i in range(len(prompts)) for _ in range(params.n)]
-        gen = torch.Generator(device="cpu").manual_seed(params.seed)
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> list[Completion]:
+        seeds = list(seeds) if seeds is not None else [prompt_seed(params.seed, i) for i in range(len(prompts))]
         out: list[Completion] = []
-        for start in range(0, len(jobs), self.max_num_seqs):
-            out.extend(self._generate_chunk(jobs[start : start + self.max_num_seqs], params, gen))
-        return out
+        for chunk in self._chunks(prompts, params.n):
+            out.extend(self._generate_chunk(chunk, prompts, params, seeds))
+        return sorted(out, key=lambda c: c.prompt_index)  # stable: a prompt's samples keep their order
 
-    def _generate_chunk(
-        self, jobs: list[tuple[int, Sequence[int]]], params: SamplingParams, gen: torch.Generator
-    ) -> list[Completion]:
-        B = len(jobs)
-        # The n samples of a prompt share its prefill (vLLM's prefix caching does the same): each distinct
-        # prompt runs once, and its KV cache and last logits are copied to its samples' rows. With n=8
-        # this cuts the prompt tokens the model processes eightfold.
-        first: dict[int, int] = {}
-        for prompt_index, _ in jobs:
-            first.setdefault(prompt_index, len(first))
-        unique = list({i: p for i, p in jobs}.values())  # in order of first appearance, as `first`
-        row_of = torch.tensor([first[i] for i, _ in jobs], device=self.device)
-        P = max(len(p) for p in unique)
-        ids = torch.full((len(unique), P), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(unique), P), dtype=torch.long)
-        for row, p in enumerate(unique):  # left padding: every prompt ends at column P - 1
-            ids[row, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[row, P - len(p) :] = 1
+    def _chunks(self, prompts: Sequence[Sequence[int]], n: int) -> list[list[tuple[int, int, int]]]:
+        """Batches of (prompt index, first sample, samples) pieces. Batch-invariant by construction: a
+        prompt is padded to its own length bucket (never to its batch's longest prompt) and batched only
+        with prompts of that bucket, so a row sees the same shapes and the same numerics whatever else is
+        generated with it (CPU matmuls are row-invariant; measured bit-identical for 1 to 256 rows); its
+        random numbers come from its own generator. So a prompt's completions do not depend on the other
+        prompts of the call, nor on how a step's prompts are split over engines."""
+        pieces = [(i, s, min(self.max_num_seqs, n - s)) for i in range(len(prompts)) for s in range(0, n, self.max_num_seqs)]
+        by_bucket: dict[int, list[tuple[int, int, int]]] = {}
+        for piece in pieces:
+            by_bucket.setdefault(self._bucket(len(prompts[piece[0]])), []).append(piece)
+        chunks = []
+        for bucket in sorted(by_bucket):
+            chunk: list[tuple[int, int, int]] = []
+            for piece in by_bucket[bucket]:
+                if chunk and sum(p[2] for p in chunk) + piece[2] > self.max_num_seqs:
+                    chunks.append(chunk)
+                    chunk = []
+                chunk.append(piece)
+            chunks.append(chunk)
+        return chunks
+
+    @staticmethod
+    def _bucket(length: int) -> int:
+        return -(-length // PAD_BUCKET) * PAD_BUCKET
+
+    def _generate_chunk(self, chunk: list[tuple[int, int, int]], prompts: Sequence[Sequence[int]],
+                        params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
+        # The samples of a prompt share its prefill (vLLM's prefix caching does the same): each prompt runs
+        # once, and its KV cache and last logits are copied to its samples' rows. With n=8 this cuts the
+        # prompt tokens the model processes eightfold.
+        B = sum(k for _, _, k in chunk)
+        row_of = torch.tensor([j for j, (_, _, k) in enumerate(chunk) for _ in range(k)], device=self.device)
+        P = self._bucket(max(len(prompts[i]) for i, _, _ in chunk))
+        ids = torch.full((len(chunk), P), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), P), dtype=torch.long)
+        for row, (i, _, _) in enumerate(chunk):  # left padding: every prompt ends at column P - 1
+            ids[row, P - len(prompts[i]) :] = torch.tensor(prompts[i], dtype=torch.long)
+            mask[row, P - len(prompts[i]) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         stop = torch.tensor(params.stop_token_ids or (-1,), device=self.device)
+        gens = [torch.Generator(device="cpu").manual_seed(seeds[i] + s) for i, s, _ in chunk]
+        spans = [(r - k, r) for r, k in zip(torch.tensor([k for _, _, k in chunk]).cumsum(0).tolist(),
+                                           [k for _, _, k in chunk])]
         cache = DynamicCache()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                             **{self._cache_kw: cache}).logits[:, -1]
-        if len(unique) < B:
+        if len(chunk) < B:
             cache.batch_select_indices(row_of)
             logits, mask, pos = logits[row_of], mask[row_of], pos[row_of]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
@@ -95,8 +126,10 @@ class TorchRolloutEngine(RolloutEngine):
             if not bool(torch.isfinite(probs).all()):
                 raise FloatingPointError("rollout engine: the model's logits are not finite (the synced policy "
                                          "weights have diverged); resume from an earlier checkpoint")
-            nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(self.device)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_token_id), nxt)
+            cpu_probs = probs.cpu()
+            nxt = torch.cat([torch.multinomial(cpu_probs[a:b], 1, generator=g) for (a, b), g in zip(spans, gens)])
+            nxt = torch.where(done, torch.full_like(nxt.squeeze(-1), self.pad_token_id).to(self.device),
+                              nxt.squeeze(-1).to(self.device))
             tokens.append(nxt)
             logps.append(logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
             live = ~done
@@ -110,6 +143,7 @@ class TorchRolloutEngine(RolloutEngine):
             last_pos = last_pos + live.long()
             logits = self.model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=last_pos.unsqueeze(-1),
                                 use_cache=True, **{self._cache_kw: cache}).logits[:, -1]
+        jobs = [i for i, _, k in chunk for _ in range(k)]
         return self._collect(jobs, torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), ends)
 
     def _stop_string_hit(self, tokens: list[torch.Tensor], live: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
@@ -127,9 +161,9 @@ class TorchRolloutEngine(RolloutEngine):
         return hit
 
     @staticmethod
-    def _collect(jobs, tokens: torch.Tensor, logps: torch.Tensor, ends: torch.Tensor) -> list[Completion]:
+    def _collect(jobs: list[int], tokens: torch.Tensor, logps: torch.Tensor, ends: torch.Tensor) -> list[Completion]:
         out = []
-        for row, (prompt_index, _) in enumerate(jobs):
+        for row, prompt_index in enumerate(jobs):
             end = int(ends[row]) or tokens.shape[1]
             out.append(Completion(
                 prompt_index=prompt_index,
@@ -149,11 +183,63 @@ class TorchRolloutEngine(RolloutEngine):
             target.data.copy_(tensor)
 
 
+class TorchEngineServer(ActorBase):
+    """The torch engine as a Ray actor (rollout.num_engines > 1; rollout/pool.py): the same commands as
+    vLLM's engine actor, weights from its node's transfer buffer."""
+
+    def __init__(self, log_path: str) -> None:
+        ignore_preemption_signals()  # the trainer checkpoints first, then stops its engines
+        self.engine: Optional[TorchRolloutEngine] = None
+
+    def init(self, spec: dict[str, Any]) -> None:
+        from transformers import AutoTokenizer
+
+        if spec.get("num_threads"):
+            torch.set_num_threads(spec["num_threads"])
+        tok = AutoTokenizer.from_pretrained(spec["model_dir"])
+        self.engine = TorchRolloutEngine(Path(spec["model_dir"]), device=spec["device"], dtype=spec["dtype"],
+                                         max_num_seqs=spec["max_num_seqs"], pad_token_id=spec["pad_token_id"],
+                                         tokenizer=tok)
+
+    def generate(self, prompts: list[list[int]], p: dict[str, Any],
+                 seeds: list[int]) -> list[tuple[int, list[int], list[float], str]]:
+        out = self.engine.generate(prompts, SamplingParams(**{**p, "stop_token_ids": tuple(p["stop_token_ids"]),
+                                                              "stop": tuple(p["stop"])}), seeds)
+        return [(c.prompt_index, c.token_ids, c.logprobs, c.finish_reason) for c in out]
+
+    def begin_weight_update(self) -> None: ...
+
+    def load_bucket(self, handle: tuple, metas: list[tuple[str, int, list[int], str]]) -> int:
+        from nemo_prorl.rollout.vllm_server import buffer_views
+
+        weights = buffer_views(self, handle, metas)
+        self.engine.load_weights(weights)
+        return len(weights)
+
+    def finish_weight_update(self) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def wake_up(self) -> None: ...
+
+
 @ROLLOUT_ENGINES.register("torch")
 def build_torch_engine(cfg: ProRLConfig, model_dir: Path) -> RolloutEngine:
     from transformers import AutoTokenizer
 
+    from nemo_prorl import cluster
+    from nemo_prorl.rollout.pool import EnginePool, EngineSetup
+
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return TorchRolloutEngine(model_dir, device=cfg.cluster.device, dtype=cfg.model.dtype,
-                              max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad, tokenizer=tok)
+    plan = cluster.plan_from_config(cfg, engine="torch")
+    if not plan.engines:  # one engine: in this process
+        return TorchRolloutEngine(model_dir, device=cfg.cluster.device, dtype=cfg.model.dtype,
+                                  max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad, tokenizer=tok)
+    per_node = max(sum(1 for e in plan.engines if e.node == n) for n in {e.node for e in plan.engines})
+    threads = cfg.cluster.num_threads or max(1, (os.cpu_count() or 1) // per_node)
+    spec = dict(model_dir=str(model_dir), device=cfg.cluster.device, dtype=cfg.model.dtype,
+                max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad, num_threads=threads)
+    logs = [None] * len(plan.engines)
+    return EnginePool(cfg, EngineSetup("torch engine", TorchEngineServer, spec, DTYPES[cfg.model.dtype], logs,
+                                       env={"OMP_NUM_THREADS": str(threads)}), engine="torch")

@@ -33,6 +33,24 @@ def _open_buffer(handle: tuple) -> torch.Tensor:
     return rebuild(*args)
 
 
+def buffer_views(owner: Any, handle: tuple, metas: list[tuple[str, int, list[int], str]]) -> list[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs a bucket's `metas` describe, as views of the transfer buffer `handle` names
+    (mapped once and kept on `owner` until another buffer comes)."""
+    cache = owner.__dict__.setdefault("_prorl_buffers", {})
+    if handle not in cache:
+        cache.clear()  # the sender grew or replaced its buffer: the old mapping is dead
+        cache[handle] = _open_buffer(handle)
+    buf = cache[handle]
+    weights = []
+    for name, offset, shape, dtype in metas:
+        dt = _DTYPES[dtype]
+        n = dt.itemsize
+        for d in shape:
+            n *= d
+        weights.append((name, buf[offset : offset + n].view(dt).view(shape)))
+    return weights
+
+
 def _detach_pending(buf: torch.Tensor) -> None:
     """Layerwise reload holds on to the tensors of a layer until all of its weights have arrived; those
     that still point into the transfer buffer are copied out before the trainer refills it. The trainer
@@ -56,32 +74,15 @@ class ProRLWorkerExtension:
         initialize_layerwise_reload(self.model_runner.get_model())
 
     def prorl_load_bucket(self, handle: tuple, metas: list[tuple[str, int, list[int], str]]) -> int:
-        cache = self.__dict__.setdefault("_prorl_buffers", {})
-        if handle not in cache:
-            cache.clear()  # the trainer grew its buffer: the old mapping is dead
-            cache[handle] = _open_buffer(handle)
-        buf = cache[handle]
-        weights = []
-        for name, offset, shape, dtype in metas:
-            dt = _DTYPES[dtype]
-            n = dt.itemsize
-            for d in shape:
-                n *= d
-            weights.append((name, buf[offset : offset + n].view(dt).view(shape)))
+        weights = buffer_views(self, handle, metas)
         self.model_runner.get_model().load_weights(weights=weights)
-        _detach_pending(buf)
+        _detach_pending(self._prorl_buffers[handle])
         return len(weights)
 
     def prorl_finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
-
-
-def _prompt_seed(seed: int, index: int) -> int:
-    # vLLM seeds the n samples of a request seed, seed + 1, ...; spread prompts far apart so no two
-    # samples of a step share a random stream.
-    return (seed * 1_000_003 + index * 65_537) % (2**31)
 
 
 class EngineServer:
@@ -125,14 +126,19 @@ class EngineServer:
         self.llm = LLM(**kwargs)
         self.asleep = False
 
-    def generate(self, prompts: list[list[int]], p: dict[str, Any]) -> list[tuple[int, list[int], list[float], str]]:
+    def generate(self, prompts: list[list[int]], p: dict[str, Any],
+                 seeds: list[int]) -> list[tuple[int, list[int], list[float], str]]:
+        """n samples of each prompt, prompt i drawn with seeds[i] (the trainer derives it from the step
+        and the prompt's index in the step, so it does not depend on the engine the prompt lands on)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self.wake_up()
+        if not prompts:
+            return []
         params = [SamplingParams(n=p["n"], temperature=p["temperature"], top_p=p["top_p"], max_tokens=p["max_tokens"],
                                  stop_token_ids=list(p["stop_token_ids"]), stop=list(p["stop"]) or None,
-                                 include_stop_str_in_output=True, seed=_prompt_seed(p["seed"], i), logprobs=0,
+                                 include_stop_str_in_output=True, seed=seeds[i], logprobs=0,
                                  skip_special_tokens=False, detokenize=bool(p["stop"]))
                   for i in range(len(prompts))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(x)) for x in prompts], params, use_tqdm=False)

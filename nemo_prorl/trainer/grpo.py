@@ -237,6 +237,8 @@ class ProRLTrainer:
         with timer("sync_weights"):
             stats = sync_weights(self.policy, self.engine, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb)
         metrics["sync/megabytes"] = stats.num_bytes / 2**20
+        # bytes that crossed nodes to reach an engine (0 when every node holds a whole replica)
+        metrics["sync/cross_node_megabytes"] = stats.cross_node_bytes / 2**20
         return metrics
 
     # ---------------------------------------------------------------- phases: validate, reset_reference

@@ -1,0 +1,198 @@
+"""Rollout engines as Ray actors, data-parallel: `rollout.num_engines` engines placed by the cluster plan,
+driven as one `RolloutEngine`.
+
+`generate` deals a call's prompts out to the engines (whole prompts, balanced by count and length,
+`split_prompts`), runs them concurrently and returns the completions in prompt order. Each prompt carries
+its own seed, derived from the call's seed and its index in the call, so what it generates does not
+depend on how many engines there are or which one it lands on (bit-identical where the engine is
+batch-invariant: see README "Several rollout engines").
+
+Weights reach the engines through a transfer buffer that they map on their own node: the controller's
+(`staging_buffer`, when it holds the weights itself: the hf policy, evaluation), or a buffer each node's
+Megatron rank fills (`load_from_nodes`, weight_sync.sync_node_local), so that no weight byte passes
+through the controller. Every engine actor answers the same commands (init, generate, begin_weight_update,
+load_bucket, finish_weight_update, sleep, wake_up): vllm_server.EngineServer and
+torch_engine.TorchEngineServer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from nemo_prorl.cluster.actors import ActorError
+from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams, prompt_seed, split_prompts
+from nemo_prorl.weight_sync import TransferBuffer
+
+
+class RolloutEngineError(ActorError):
+    pass
+
+
+def _tail(path: Optional[Path], lines: int = 30) -> str:
+    if path is None:
+        return ""
+    try:
+        return f"\nlast lines of {path}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"\n(no log at {path})"
+
+
+@dataclasses.dataclass
+class EngineSetup:
+    """What distinguishes one kind of engine actor from another."""
+
+    role: str  # "vllm engine" | "torch engine": names the actors in errors
+    server_cls: Any  # the actor class
+    spec: dict[str, Any]  # the argument of its `init`
+    weight_dtype: torch.dtype
+    log_paths: list[Optional[Path]]  # one per engine: its stdout/stderr (None: Ray's worker log)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    runtime_env: dict[str, Any] = dataclasses.field(default_factory=dict)
+    startup_timeout_s: float = 900.0
+    request_timeout_s: float = 7200.0
+    error_type: Callable[..., ActorError] = RolloutEngineError
+    on_close: Optional[Callable[[], None]] = None
+
+
+class EnginePool(RolloutEngine):
+    def __init__(self, cfg: Any, setup: EngineSetup, *, engine: str) -> None:
+        from nemo_prorl import cluster
+        from nemo_prorl.cluster.actors import start_group
+
+        self.setup = setup
+        self.role = setup.role
+        self.weight_dtype = setup.weight_dtype
+        self.group = None
+        self._placement = None
+        self._buffer: Optional[TransferBuffer] = None
+        self._device = torch.device(cfg.cluster.device)
+        plan = cluster.plan_from_config(cfg, engine=engine)
+        self.plan = plan
+        self._session = cluster.session(cfg, plan)
+        try:
+            self._check_plan(plan)
+            self._placement = self._session.place(plan, cfg.cluster.ray_timeout_s)
+            rank_devices = {(r.node, r.device) for r in plan.ranks}
+            slots = [(e.node, e.devices[0], 0.5 if (e.node, e.devices[0]) in rank_devices else 1.0)
+                     for e in plan.engines]
+            self.group = start_group(setup.role, setup.server_cls, self._placement, slots,
+                                     init_args=[(str(p) if p else "",) for p in setup.log_paths], env=setup.env,
+                                     runtime_env=setup.runtime_env, timeout_s=setup.startup_timeout_s,
+                                     error_type=setup.error_type)
+            self._call_all("init", setup.spec, timeout=setup.startup_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_plan(self, plan: Any) -> None:
+        nodes_with_ranks = {r.node for r in plan.ranks}
+        for e in plan.engines:
+            if e.node != 0 and e.node not in nodes_with_ranks:
+                raise self.setup.error_type(
+                    f"engine {e.index} on node {e.node}: a node without Megatron ranks (split mode, "
+                    f"cluster.rollout_nodes={plan.layout.rollout_nodes}, or policy=hf on several nodes) would get its "
+                    "weights across nodes, which this runtime does not do yet; use cluster.rollout_nodes=0 and "
+                    "policy=megatron", role=self.role, index=e.index, node=f"node {e.node}")
+            if plan.layout.kind == "gpu" and len(e.devices) > 1:
+                raise self.setup.error_type(
+                    f"rollout.vllm.tensor_parallel_size={len(e.devices)}: an engine actor over several GPUs is not "
+                    "started by this runtime yet; use 1", role=self.role, index=e.index)
+
+    @property
+    def num_engines(self) -> int:
+        return len(self.plan.engines)
+
+    def engine_nodes(self) -> list[int]:
+        """The plan's node of each engine, in engine order."""
+        return [e.node for e in self.plan.engines]
+
+    # ------------------------------------------------------------------ transport
+    def _call(self, cmd: str, per_engine_args: Sequence[tuple], *, timeout: Optional[float] = None) -> list[Any]:
+        if self.group is None:
+            raise self.setup.error_type(f"the {self.role}s have been closed", role=self.role, command=cmd)
+        try:
+            return self.group.call(cmd, per_engine_args, timeout_s=timeout or self.setup.request_timeout_s)
+        except ActorError as e:
+            log = self.setup.log_paths[e.index] if 0 <= e.index < len(self.setup.log_paths) else None
+            raise self.setup.error_type(f"{e}{_tail(log)}", role=e.role, index=e.index, node=e.node,
+                                        command=e.command) from None
+
+    def _call_all(self, cmd: str, *args: Any, timeout: Optional[float] = None) -> list[Any]:
+        return self._call(cmd, [args] * self.num_engines, timeout=timeout)
+
+    # ------------------------------------------------------------------ RolloutEngine
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> list[Completion]:
+        seeds = list(seeds) if seeds is not None else [prompt_seed(params.seed, i) for i in range(len(prompts))]
+        parts = split_prompts([len(p) for p in prompts], self.num_engines)
+        p = dataclasses.asdict(params)
+        outs = self._call("generate", [([list(prompts[i]) for i in part], p, [seeds[i] for i in part])
+                                       for part in parts])
+        done = [Completion(prompt_index=part[i], token_ids=ids, logprobs=lps, finish_reason=fr)
+                for part, out in zip(parts, outs) for i, ids, lps, fr in out]
+        return sorted(done, key=lambda c: c.prompt_index)  # stable: each prompt's samples stay in order
+
+    def staging_buffer(self, nbytes: int) -> torch.Tensor:
+        """The controller's transfer buffer (when it holds the weights: hf policy, evaluation); it is
+        shared memory of this machine, so every engine must be on node 0."""
+        away = [e.index for e in self.plan.engines if e.node != 0]
+        if away:
+            raise self.setup.error_type(f"engines {away} are not on the controller's node: they take their weights "
+                                        "from the Megatron ranks of their own node (policy=megatron)", role=self.role)
+        if self._buffer is None:
+            self._buffer = TransferBuffer(self._device)
+        return self._buffer.ensure(nbytes)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        items = list(weights)
+        buf = self._buffer
+        if buf is None or any(buf.offset(t) is None for _, t in items):  # not built in the buffer by the sync
+            from nemo_prorl.policy.base import LazyWeight
+            from nemo_prorl.weight_sync import pack, packed_size
+
+            lazy = [LazyWeight(n, (t.clone() if buf is not None and buf.offset(t) is not None else t,))
+                    for n, t in items]
+            self.staging_buffer(packed_size(lazy, self.weight_dtype))
+            buf = self._buffer
+            items = pack(lazy, buf.tensor, self.weight_dtype)
+        buf.ready()
+        self._call_all("load_bucket", buf.handle, buf.metas(items))
+
+    def load_from_nodes(self, buckets: dict[int, tuple[tuple, list]]) -> None:
+        """Each engine loads the bucket its node's rank packed: {node: (buffer handle, metas)}."""
+        self._call("load_bucket", [buckets[e.node] for e in self.plan.engines])
+
+    def begin_weight_update(self) -> None:
+        self._call_all("begin_weight_update")
+
+    def finish_weight_update(self) -> None:
+        self._call_all("finish_weight_update")
+
+    def sleep(self) -> None:
+        self._call_all("sleep")
+
+    def wake_up(self) -> None:
+        self._call_all("wake_up")
+
+    def close(self) -> None:
+        group, self.group = getattr(self, "group", None), None
+        if group is not None:
+            group.kill()
+        placement, self._placement = getattr(self, "_placement", None), None
+        if placement is not None:
+            self._session.release(placement)
+        buf, self._buffer = getattr(self, "_buffer", None), None
+        if buf is not None:
+            buf.close()
+        on_close = self.setup.on_close if hasattr(self, "setup") else None
+        if on_close is not None:
+            self.setup.on_close = None
+            on_close()
+
+    def __del__(self) -> None:
+        if getattr(self, "group", None) is not None:
+            self.close()
