@@ -390,3 +390,40 @@ def test_each_node_syncs_its_engine_from_its_own_ranks(two_nodes, tiny_model_dir
     else:
         assert stats.cross_node_bytes == 0
     _gone("MegatronRank", "TorchEngineServer")
+
+
+def test_rewards_are_scored_on_every_node_and_a_dead_worker_is_replaced(two_nodes, tiny_model_dir):
+    """cluster.rewards_on_every_node (default on two nodes): a reward-worker actor per node scores its share
+    of the rows, with the same results as the controller's own RewardSuite; a worker killed between two
+    steps is replaced and no row is lost."""
+    from nemo_prorl.cluster.rewards import NodeRewardSuite, reward_suite
+    from nemo_prorl.rewards import RewardInput, RewardSuite
+
+    cfg, _ = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "cluster.num_nodes=2",
+                          "cluster.cpu_slots_per_node=1", f"cluster.ray_address={two_nodes.address}",
+                          "policy=megatron"])
+    rows = [("math", RewardInput(response=f"so \\boxed{{{i}}}", ground_truth=str(i % 3))) for i in range(6)]
+    rows += [("exact_match", RewardInput(response=f"{i}21", ground_truth="121")) for i in range(3)]
+    rows += [("no_such_reward", RewardInput(response="x", ground_truth="x"))]
+    names, inputs = [n for n, _ in rows], [x for _, x in rows]
+    local = RewardSuite(cfg.reward)
+    try:
+        expected = [(r.reward, r.status) for r in local.score_batch(names, inputs)]
+    finally:
+        local.close()
+    assert [r for r, _ in expected[:6]] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0] and expected[-1][1] == "error"
+    suite = reward_suite(cfg)
+    try:
+        assert isinstance(suite, NodeRewardSuite)
+        infos = [g.call_all("node_info", timeout_s=60)[0] for g in suite.workers]
+        assert len({i["node_id"] for i in infos}) == 2  # one worker on each node
+        assert [(r.reward, r.status) for r in suite.score_batch(names, inputs)] == expected
+        victim = [p for p in _actors("RewardNode") if p.pid == infos[1]["pid"]]
+        assert victim
+        victim[0].send_signal(signal.SIGKILL)
+        victim[0].wait(60)
+        assert [(r.reward, r.status) for r in suite.score_batch(names, inputs)] == expected  # every row scored
+        assert suite.replaced == 1
+    finally:
+        suite.close()
+    _gone("RewardNode")

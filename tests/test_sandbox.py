@@ -41,6 +41,20 @@ def _score(reward, code, tests=TESTS):
     return reward.score(RewardInput(response=fenced(code), ground_truth=tests))
 
 
+def _still_serves(reward) -> bool:
+    """A correct program still scores 1 on this sandbox. The fixture's 3 s wall-clock limits end hostile
+    programs quickly; here they are generous, so that a busy machine (slow interpreter starts) cannot fail
+    the check."""
+    import dataclasses
+
+    tight = reward.sandbox.cfg
+    reward.sandbox.cfg = dataclasses.replace(tight, total_timeout_s=300.0, per_test_timeout_s=100.0)
+    try:
+        return _score(reward, GOOD).reward == 1.0
+    finally:
+        reward.sandbox.cfg = tight
+
+
 def _uid(p: Path) -> int:
     try:
         return p.stat().st_uid
@@ -108,7 +122,7 @@ def test_hostile_program_is_contained_and_scored_zero(reward, name):
         assert reward.sandbox.uids_used
         time.sleep(0.1)
         assert [p for p in Path("/proc").iterdir() if p.name.isdigit() and _uid(p) in reward.sandbox.uids_used] == []
-    assert _score(reward, GOOD).reward == 1.0  # we are alive and the pool keeps serving
+    assert _still_serves(reward)  # we are alive and the pool keeps serving
 
 
 @needs_ns

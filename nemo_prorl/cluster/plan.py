@@ -10,7 +10,8 @@ Rules:
 - Colocated (cluster.rollout_nodes=0): engines of E devices each take E consecutive training devices of
   one node; they share the GPUs with the Megatron ranks and sleep during the update.
 - Split: the last `rollout_nodes` nodes only generate; engines fill them.
-- Reward workers run on the controller's node (node 0), in the controller's process pools.
+- Reward workers: the controller's process pools on node 0, or (cluster.rewards_on_every_node, default on
+  several nodes) a reward-worker actor with its own pools on every node.
 An impossible layout raises PlacementError naming the config key to change.
 """
 
@@ -41,6 +42,7 @@ class Layout:
     engine_tp: int = 1
     num_engines: Optional[int] = 1  # None: as many as fit (vllm), 1 (torch)
     reward_workers: int = 0  # processes of the controller's reward pools
+    rewards_on_every_node: bool = False  # a reward-worker actor per node (with those pools) instead
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,8 @@ def layout_from_config(cfg: Any, *, backend: Optional[str] = None, engine: Optio
     workers = r.math.num_workers + r.reasoning_gym.num_workers + r.sandbox.num_workers
     return Layout(kind=kind, num_nodes=c.num_nodes, devices_per_node=per, rollout_nodes=c.rollout_nodes,
                   megatron=meg, engine=engine, engine_tp=engine_tp, num_engines=num_engines,
-                  reward_workers=workers)
+                  reward_workers=workers, rewards_on_every_node=c.num_nodes > 1 if c.rewards_on_every_node is None
+                  else bool(c.rewards_on_every_node))
 
 
 def plan_from_config(cfg: Any, **kw: Any) -> Plan:
@@ -202,7 +205,11 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"rollout: {len(plan.engines)} {lay.engine} engine(s) of {lay.engine_tp} device(s) (Ray actors)")
     else:
         lines.append(f"rollout: the {lay.engine} engine, in the controller's process (node 0)")
-    lines.append(f"controller: node 0; reward workers: {lay.reward_workers} processes on node 0")
+    if lay.rewards_on_every_node:
+        lines.append(f"controller: node 0; rewards: a reward-worker actor on each of the {lay.num_nodes} nodes, "
+                     f"{lay.reward_workers} verifier processes each")
+    else:
+        lines.append(f"controller: node 0; reward workers: {lay.reward_workers} processes on node 0")
     engine_at = {(e.node, d): e.index for e in plan.engines for d in e.devices}
     rank_at = {(r.node, r.device): r for r in plan.ranks}
     lines.append(f"{'node':>4}  {'device':<7} {'megatron rank (tp,pp,dp)':<26} engine")

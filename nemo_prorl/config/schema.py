@@ -365,6 +365,9 @@ class ClusterConfig:
     ray_dashboard: bool = False  # a private cluster's dashboard (on loopback); off: one service less
     ray_timeout_s: float = 120.0  # starting or attaching to Ray, and placing the actors, within this time
     num_threads: Optional[int] = None  # torch intra-op threads on CPU; None leaves torch's default
+    # Score rewards with a worker actor on every node (its own verifier pools and code sandbox), a step's
+    # rows split between them; None: on a cluster of several nodes. false: all in the controller's process.
+    rewards_on_every_node: Optional[bool] = None
 
 
 @dataclass

@@ -22,11 +22,11 @@ from nemo_prorl.algo.loss import policy_loss
 from nemo_prorl.algo.offpolicy import mismatch_metrics
 from nemo_prorl.algo.reset import reference_reset_decision
 from nemo_prorl.algo.sampling import groups_with_signal, take_groups
+from nemo_prorl.cluster.rewards import reward_suite
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.data.records import PromptRecord, PromptSource
 from nemo_prorl.data.templates import encode_prompts
 from nemo_prorl.policy.base import Batch, LossFn, PolicyBackend
-from nemo_prorl.rewards import RewardSuite
 from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams
 from nemo_prorl.trainer.batching import build_batch, select_rows
 from nemo_prorl.trainer.checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint, set_rng_state
@@ -77,7 +77,7 @@ class ProRLTrainer:
         self.val_records, self.val_prompt_ids, _ = self.encode_prompts(source.validation_set())
         self.use_reference = cfg.algo.kl_coef > 0
         self.stop_ids = (tokenizer.eos_token_id,)
-        self.rewards = RewardSuite(cfg.reward)
+        self.rewards = reward_suite(cfg)  # in this process, or a worker actor on every node
         self.reward_failures: list[str] = []  # reasons of verifier errors/time outs since the last log
         self.num_resets = 0
         self.skipped_streak = 0  # consecutive steps whose update was skipped

@@ -1,0 +1,137 @@
+"""Rewards scored on every node: one reward-worker actor per node of the plan, each with its own
+RewardSuite (its own verifier pools and code sandbox, on that node's CPUs), a step's rows split between
+them. A worker that dies is replaced and its rows are scored again; if the replacement fails too, those
+rows are recorded as verifier errors (the reward contract: scoring never raises).
+
+`reward_suite(cfg)` is what the trainer asks for: this, when `cluster.rewards_on_every_node` says so
+(default: on a cluster of several nodes), else a RewardSuite in the controller's process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+from nemo_prorl.cluster.actors import ActorBase, ActorError, ActorGroup
+from nemo_prorl.procs import ignore_preemption_signals
+from nemo_prorl.rewards import RewardInput, RewardSuite
+from nemo_prorl.rewards.base import RewardResult, failed
+
+log = logging.getLogger("nemo_prorl")
+
+SCORE_TIMEOUT_S = 3600.0  # one step's rows on one node; each verifier call has its own, much shorter limit
+
+
+class RewardWorkerError(ActorError):
+    pass
+
+
+class RewardNode(ActorBase):
+    """A node's reward worker: the controller's RewardSuite, on this node."""
+
+    def __init__(self, log_path: str) -> None:
+        ignore_preemption_signals()  # the controller checkpoints first, then stops its actors
+        self.suite: Optional[RewardSuite] = None
+
+    def init(self, reward_cfg: Any) -> None:
+        self.suite = RewardSuite(reward_cfg)
+
+    def score_batch(self, names: list[str], inputs: list[RewardInput]) -> list[RewardResult]:
+        return self.suite.score_batch(names, inputs)
+
+
+def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges of n rows, sizes differing by at most one."""
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + base + (k < extra)
+        out.append((start, end))
+        start = end
+    return out
+
+
+class NodeRewardSuite:
+    """RewardSuite's `score_batch` / `close`, with the rows scored by one worker actor per node."""
+
+    def __init__(self, cfg: Any) -> None:
+        from nemo_prorl import cluster
+
+        self.cfg = cfg
+        plan = cluster.plan_from_config(cfg)
+        self.num_nodes = plan.layout.num_nodes
+        self._session = cluster.session(cfg, plan)
+        self._placement = self._session.place(plan, cfg.cluster.ray_timeout_s)
+        self.workers: list[Optional[ActorGroup]] = [None] * self.num_nodes
+        self.replaced = 0  # workers started again after one died
+        try:
+            for n in range(self.num_nodes):
+                self.workers[n] = self._start(n)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, node: int) -> ActorGroup:
+        from nemo_prorl.cluster.actors import start_group
+
+        group = start_group("reward worker", RewardNode, self._placement, [(node, 0, 0.0)], init_args=[("",)],
+                            timeout_s=self.cfg.cluster.ray_timeout_s, error_type=RewardWorkerError)
+        try:
+            group.call_all("init", self.cfg.reward, timeout_s=self.cfg.cluster.ray_timeout_s)
+        except ActorError:
+            group.kill()
+            raise
+        return group
+
+    def score_batch(self, names: Sequence[str], inputs: Sequence[RewardInput]) -> list[RewardResult]:
+        if len(names) != len(inputs):
+            raise ValueError(f"{len(names)} reward names for {len(inputs)} inputs")
+        spans = split_rows(len(inputs), self.num_nodes)
+        refs = [self._submit(n, a, b, names, inputs) for n, (a, b) in enumerate(spans)]
+        out: list[RewardResult] = []
+        for n, ((a, b), ref) in enumerate(zip(spans, refs)):
+            out += self._collect(n, a, b, names, inputs, ref)
+        return out
+
+    def _submit(self, node: int, a: int, b: int, names: Sequence[str], inputs: Sequence[RewardInput]) -> Any:
+        group = self.workers[node]
+        if group is None or not group.actors:
+            return None
+        return group.actors[0].score_batch.remote(list(names[a:b]), list(inputs[a:b]))
+
+    def _collect(self, node: int, a: int, b: int, names: Sequence[str], inputs: Sequence[RewardInput],
+                 ref: Any) -> list[RewardResult]:
+        """The node's results; after a failure, once more on a fresh worker, then errors for its rows."""
+        for attempt in range(2):
+            try:
+                if ref is None:
+                    raise RewardWorkerError(f"reward worker of node {node} is not running", role="reward worker")
+                return self.workers[node].gather([ref], "score_batch", SCORE_TIMEOUT_S)[0]
+            except ActorError as e:
+                log.warning("reward worker on node %d failed (%s); %s", node, str(e).splitlines()[0],
+                            "starting a new one and scoring its rows again" if attempt == 0 else "giving up")
+                if attempt == 1:
+                    return [failed("error", f"reward worker on node {node}: {str(e).splitlines()[0]}")] * (b - a)
+                try:
+                    self.workers[node] = self._start(node)
+                    self.replaced += 1
+                except ActorError as e2:
+                    return [failed("error", f"reward worker on node {node} cannot be replaced: {e2}")] * (b - a)
+                ref = self._submit(node, a, b, names, inputs)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        workers, self.workers = self.workers, []
+        for g in workers:
+            if g is not None:
+                g.kill()
+        placement, self._placement = getattr(self, "_placement", None), None
+        if placement is not None:
+            self._session.release(placement)
+
+
+def reward_suite(cfg: Any) -> Any:
+    """The run's rewards: scored on every node (NodeRewardSuite) or in this process (RewardSuite)."""
+    from nemo_prorl.cluster.plan import layout_from_config
+
+    return NodeRewardSuite(cfg) if layout_from_config(cfg).rewards_on_every_node else RewardSuite(cfg.reward)
