@@ -22,9 +22,11 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
 import torch
+
+from nemo_prorl.cluster.actors import ActorBase
 
 if TYPE_CHECKING:  # (policy/megatron.py imports this module: no import of the policy package here)
     from nemo_prorl.policy.base import LazyWeight, PolicyBackend
@@ -95,11 +97,16 @@ class TransferBuffer:
         if self.tensor is not None and self.tensor.device.type == "cuda":
             torch.cuda.current_stream(self.tensor.device).synchronize()
 
+    def unlink(self) -> None:
+        """Remove the shared-memory file once the engines have mapped it: the mappings live on (and are
+        reused by later syncs), and a process killed later leaves no model-sized file in /dev/shm."""
+        if self._path is not None:
+            Path(self._path).unlink(missing_ok=True)
+            self._path = None
+
     def close(self) -> None:
         self.tensor = self.handle = None
-        if self._path is not None:
-            Path(self._path).unlink(missing_ok=True)  # an engine's mapping lives on until it remaps
-            self._path = None
+        self.unlink()
 
 
 def module_of(name: str) -> str:
@@ -204,16 +211,21 @@ class NodeLocalSource(ABC):
         """The shards each rank holds, each rank's node, and each shard's tensors."""
 
     @abstractmethod
-    def sync_prepare(self, transfers: list[tuple[int, int, ShardKey]], leaders: dict[int, int], bucket_bytes: int,
-                     dtype: str) -> list[int]:
-        """All ranks: the transfers, then each leader plans its buckets; the number of buckets per rank."""
+    def connect_relays(self, relays: Any) -> None:
+        """Form the transport group with these weight relays (once; split mode)."""
 
     @abstractmethod
-    def sync_pack(self, k: int) -> dict[int, tuple[tuple, list]]:
+    def sync_prepare(self, transfers: list[tuple[int, int, ShardKey]], leaders: dict[int, int], bucket_bytes: int,
+                     dtype: str, relays: Any = None) -> list[int]:
+        """All ranks (and relays): the transfers, then each leader plans its buckets; the number of buckets
+        per rank (relays after the ranks)."""
+
+    @abstractmethod
+    def sync_pack(self, k: int, relays: Any = None) -> dict[int, tuple[tuple, list]]:
         """Leaders pack bucket k into their node's buffer: {node: (buffer handle, metas)}."""
 
     @abstractmethod
-    def sync_end(self) -> None: ...
+    def sync_end(self, relays: Any = None) -> None: ...
 
 
 def transfer_plan(held: Sequence[Sequence[ShardKey]], rank_nodes: Sequence[int],
@@ -259,27 +271,33 @@ def sync_node_local(source: NodeLocalSource, engine: "EnginePool", *, bucket_mb:
     """Each engine gets its weights from the Megatron ranks of its own node: a leader rank per node
     collects the shards it lacks (from its node's peers; across nodes only what no local rank holds, by
     torch.distributed point-to-point), converts them to Hugging Face tensors straight into its node's
-    transfer buffer, bucket by bucket, and the node's engines load each bucket from there. The controller
-    sends commands and metadata only."""
+    transfer buffer, bucket by bucket, and the node's engines load each bucket from there. A node without
+    ranks (split mode) gets a weight relay as its leader, which receives every shard. The controller sends
+    commands and metadata only."""
     start = time.perf_counter()
     held, rank_nodes, metas = source.shard_layout()
-    leaders, transfers = transfer_plan(held, rank_nodes, engine.engine_nodes())
-    cross = sum(_meta_bytes(metas[key]) for src, dst, key in transfers if rank_nodes[src] != rank_nodes[dst])
+    rankless = sorted(set(engine.engine_nodes()) - set(rank_nodes))
+    relays = engine.relays(rankless) if rankless else None
+    if relays is not None:
+        source.connect_relays(relays)
+    nodes = list(rank_nodes) + rankless  # relays take the indices after the ranks
+    leaders, transfers = transfer_plan(list(held) + [[] for _ in rankless], nodes, engine.engine_nodes())
+    cross = sum(_meta_bytes(metas[key]) for src, dst, key in transfers if nodes[src] != nodes[dst])
     dtype = DTYPE_NAMES[engine.weight_dtype] if engine.weight_dtype is not None else ""
-    counts = source.sync_prepare(transfers, leaders, int(bucket_mb * 2**20), dtype)
-    n_buckets = max(counts[r] for r in leaders.values())
-    n_tensors = n_bytes = 0
     try:
+        counts = source.sync_prepare(transfers, leaders, int(bucket_mb * 2**20), dtype, relays)
+        n_buckets = max(counts[r] for r in leaders.values())
+        n_tensors = n_bytes = 0
         engine.begin_weight_update()
         for k in range(n_buckets):
-            packed = source.sync_pack(k)
+            packed = source.sync_pack(k, relays)
             engine.load_from_nodes(packed)
             for _, metas_k in packed.values():
                 n_tensors += len(metas_k)
                 n_bytes += sum(_meta_bytes([(n, shape, dt)]) for n, _, shape, dt in metas_k)
         engine.finish_weight_update()
     finally:
-        source.sync_end()
+        source.sync_end(relays)
     return SyncStats(n_tensors, n_bytes, n_buckets, time.perf_counter() - start, cross_node_bytes=cross)
 
 
@@ -293,6 +311,38 @@ class NodeLocalSender:
         self.buckets: list[list[LazyWeight]] = []
         self.dtype: Optional[torch.dtype] = None
         self.received: dict[ShardKey, dict[str, torch.Tensor]] = {}
+        self.transport: Optional[Any] = None  # the ranks + relays gloo group (split mode); None: torch's default
+
+    def join_transport(self, addr: str, port: int, secret: str, rank: int, size: int, timeout_s: float = 1800.0) -> None:
+        """A gloo group of the Megatron ranks (their own ranks) and the weight relays of rank-less engine
+        nodes (after them), on the Megatron group's store under its own secret prefix: the path of the
+        bytes that go to nodes without ranks (split mode)."""
+        import datetime
+
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.PrefixStore(f"prorl-{secret}", dist.TCPStore(addr, port, is_master=False, timeout=timeout))
+        self.transport = dist.ProcessGroupGloo(store, rank, size, timeout)
+
+    def _send(self, t: torch.Tensor, dst: int) -> None:
+        import torch.distributed as dist
+
+        if self.transport is None:
+            dist.send(t.contiguous(), dst)
+        else:  # gloo: host memory
+            self.transport.send([t.detach().contiguous().cpu()], dst, 0).wait()
+
+    def _recv(self, shape: list[int], dtype: torch.dtype, src: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if self.transport is None:
+            t = torch.empty(shape, dtype=dtype, device=self.device)
+            dist.recv(t, src)
+            return t
+        t = torch.empty(shape, dtype=dtype)
+        self.transport.recv([t], src, 0).wait()
+        return t.to(self.device)
 
     @staticmethod
     def metas(own: dict[ShardKey, dict[str, torch.Tensor]]) -> dict[ShardKey, ShardMeta]:
@@ -302,33 +352,64 @@ class NodeLocalSender:
                  transfers: list[tuple[int, int, ShardKey]], metas: dict[ShardKey, ShardMeta]) -> None:
         """Every rank walks the same list in the same order, sending or receiving where it takes part, so
         the point-to-point pairs always match (no cycles: one global order)."""
-        import torch.distributed as dist
-
         self.received = {}
         for src, dst, key in transfers:
             if rank == src:
                 for name, _, _ in metas[key]:
-                    dist.send(own[key][name].contiguous(), dst)
+                    self._send(own[key][name], dst)
             elif rank == dst:
-                got = {}
-                for name, shape, dtype in metas[key]:
-                    t = torch.empty(shape, dtype=DTYPES_BY_NAME[dtype], device=self.device)
-                    dist.recv(t, src)
-                    got[name] = t
-                self.received[key] = got
+                self.received[key] = {name: self._recv(shape, DTYPES_BY_NAME[dtype], src)
+                                      for name, shape, dtype in metas[key]}
 
     def plan_buckets(self, weights: Iterable[LazyWeight], bucket_bytes: int, dtype: str) -> int:
         self.dtype = DTYPES_BY_NAME[dtype] if dtype else None
         self.buckets = list(iter_buckets(weights, bucket_bytes, self.dtype))
+        self.buffer.ensure(max((packed_size(b, self.dtype) for b in self.buckets), default=1))
         return len(self.buckets)
 
     def pack(self, k: int) -> tuple[tuple, list]:
-        bucket = self.buckets[k]
-        buf = self.buffer.ensure(max(packed_size(b, self.dtype) for b in self.buckets))
-        items = pack(bucket, buf, self.dtype)
+        items = pack(self.buckets[k], self.buffer.tensor, self.dtype)
         self.buffer.ready()
         return self.buffer.handle, self.buffer.metas(items)
 
     def end(self) -> None:
-        """Drop what the sync gathered; the buffer stays for the next sync."""
+        """Drop what the sync gathered; the buffer stays (mapped, its file removed) for the next sync."""
         self.buckets, self.received = [], {}
+        self.buffer.unlink()
+
+
+class WeightRelay(ActorBase):
+    """The node-local sync's leader on a node without Megatron ranks (split mode: cluster.rollout_nodes): a
+    CPU actor that receives the shards over the transport group (`NodeLocalSender.join_transport`),
+    converts them to Hugging Face tensors into its node's shared-memory buffer, bucket by bucket, from
+    which the node's engines load. Started by the engine pool (rollout/pool.py) on each such node."""
+
+    def __init__(self, log_path: str) -> None:
+        from nemo_prorl.procs import ignore_preemption_signals
+
+        ignore_preemption_signals()  # the trainer checkpoints first, then stops its actors
+        self.sender = NodeLocalSender(torch.device("cpu"))
+        self.rank = -1
+
+    def join(self, addr: str, port: int, secret: str, rank: int, size: int) -> None:
+        if addr in ("127.0.0.1", "localhost"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a loopback cluster, as the ranks do
+        self.rank = rank
+        self.sender.join_transport(addr, port, secret, rank, size)
+
+    def sync_prepare(self, transfers: list, leaders: set[int], bucket_bytes: int, dtype: str, metas: dict,
+                     shape: Any, grid: tuple[int, int]) -> int:
+        """Receive the shards this node lacks (all of them), then plan its buckets; `grid` is (stages, TP)."""
+        from nemo_prorl.policy.megatron_convert import megatron_to_hf_lazy
+
+        self.sender.exchange(self.rank, {}, transfers, metas)
+        stages: list[list[Any]] = [[None] * grid[1] for _ in range(grid[0])]
+        for (stage, t), sd in self.sender.received.items():
+            stages[stage][t] = sd
+        return self.sender.plan_buckets(megatron_to_hf_lazy(stages, shape), bucket_bytes, dtype)
+
+    def sync_pack(self, k: int) -> Optional[tuple[tuple, list]]:
+        return self.sender.pack(k) if self.sender.buckets else None
+
+    def sync_end(self) -> None:
+        self.sender.end()

@@ -98,9 +98,10 @@ def test_engines_of_8_gpus():
     (Layout("gpu", 1, 8, megatron=(2, 1, 8)), "policy.megatron.data_parallel_size", "16 ranks, but the training nodes have 8"),
     (Layout("gpu", 1, 8, engine="vllm", engine_tp=16), "rollout.vllm.tensor_parallel_size", "larger than a node"),
     (Layout("gpu", 1, 8, engine="vllm", engine_tp=3), "rollout.vllm.tensor_parallel_size", "do not tile"),
-    (Layout("gpu", 4, 8, rollout_nodes=1, engine="vllm", num_engines=9), "rollout.num_engines", "9 engines of 1 device(s): 8 fit"),
+    (Layout("gpu", 4, 8, rollout_nodes=1, megatron=(1, 1, None), engine="vllm", num_engines=9), "rollout.num_engines",
+     "9 engines of 1 device(s): 8 fit"),
     (Layout("gpu", 2, 8, rollout_nodes=2, engine="vllm"), "cluster.rollout_nodes", "at least one node trains"),
-    (Layout("gpu", 2, 8, rollout_nodes=1, engine="torch"), "cluster.rollout_nodes", "rollout=vllm"),
+    (Layout("gpu", 2, 8, rollout_nodes=1, engine="vllm"), "cluster.rollout_nodes", "split mode needs policy=megatron"),
     (Layout("gpu", 1, 0), "cluster.gpus_per_node", "must be >= 1"),
 ])
 def test_impossible_layouts_name_the_key(layout, key, why):

@@ -359,6 +359,7 @@ def test_each_node_syncs_its_engine_from_its_own_ranks(two_nodes, tiny_model_dir
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [tok.encode(f"count to {i}") for i in range(6)]
     params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_tokens=8, stop_token_ids=(tok.eos_token_id,), seed=1)
+    shm_before = set(Path("/dev/shm").glob("prorl-weights-*"))
     policy = POLICY_BACKENDS.get("megatron")(cfg, tiny_model_dir)
     engines = ROLLOUT_ENGINES.get("torch")(cfg, tiny_model_dir)
     try:
@@ -375,6 +376,8 @@ def test_each_node_syncs_its_engine_from_its_own_ranks(two_nodes, tiny_model_dir
         assert gap() > 1e-2  # the engines still have the starting weights: the check can fail
         stats = sync_weights(policy, engines, bucket_mb=0.05)
         assert gap() < 1e-4
+        # the nodes' buffers stay mapped for the next sync, but no file is left behind (even if killed now)
+        assert set(Path("/dev/shm").glob("prorl-weights-*")) <= shm_before
         shard_bytes = {k: sum(torch.Size(shape).numel() * 4 for _, shape, _ in m)
                        for k, m in policy.shard_layout()[2].items()}
     finally:
@@ -427,3 +430,50 @@ def test_rewards_are_scored_on_every_node_and_a_dead_worker_is_replaced(two_node
     finally:
         suite.close()
     _gone("RewardNode")
+
+
+def test_split_mode_a_rollout_node_gets_the_weights_through_its_relay(two_nodes, tiny_model_dir, monkeypatch):
+    """cluster.rollout_nodes=1: node 0 trains, node 1 only generates. Node 1 has no rank, so a weight relay
+    there receives every shard from the ranks (point-to-point, gloo) and fills the node's buffer; the
+    engine then samples with the trained weights, sync after sync, and the controller never holds them."""
+    from transformers import AutoTokenizer
+
+    from nemo_prorl.policy.megatron import MegatronPolicy
+    from nemo_prorl.rollout import ROLLOUT_ENGINES, SamplingParams
+    from nemo_prorl.trainer.batching import build_batch
+    from nemo_prorl.weight_sync import sync_weights
+    from tests.test_megatron_policy import _batch_and_loss
+
+    cfg, _ = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "policy=megatron", "cluster.num_nodes=2",
+                          "cluster.cpu_slots_per_node=1", "cluster.rollout_nodes=1",
+                          f"cluster.ray_address={two_nodes.address}", "policy.optim.lr=0.05"])
+    batch, loss = _batch_and_loss(cfg, tiny_model_dir)
+    monkeypatch.setattr(MegatronPolicy, "lazy_weights", lambda self: (_ for _ in ()).throw(AssertionError("controller")))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [tok.encode(f"count to {i}") for i in range(4)]
+    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_tokens=8, stop_token_ids=(tok.eos_token_id,), seed=1)
+    policy = POLICY_BACKENDS.get("megatron")(cfg, tiny_model_dir)
+    engines = ROLLOUT_ENGINES.get("torch")(cfg, tiny_model_dir)
+    try:
+        assert engines.engine_nodes() == [1] and policy.rank_nodes == [0]
+
+        def gap() -> float:
+            comps = engines.generate(prompts, params)
+            b = build_batch(prompts, comps, tok.pad_token_id)
+            lp = policy.logprobs(b, temperature=1.0)
+            return float(((lp - b["rollout_logprobs"]).abs() * b["response_mask"]).max())
+
+        for _ in range(2):  # the second sync reuses the relay and its transport group
+            policy.train_minibatch(batch, loss, temperature=1.0)
+            assert gap() > 1e-2
+            stats = sync_weights(policy, engines, bucket_mb=0.05)
+            assert gap() < 1e-4
+        relay = engines._relays.call_all("node_info", timeout_s=60)[0]
+        engine = engines.group.call_all("node_info", timeout_s=60)[0]
+        assert relay["node_id"] == engine["node_id"]  # the relay sits on the engine's node
+        whole = sum(torch.Size(shape).numel() * 4 for m in policy.shard_layout()[2].values() for _, shape, _ in m)
+    finally:
+        engines.close()
+        policy.close()
+    assert stats.cross_node_bytes == whole  # every shard crossed, once
+    _gone("MegatronRank", "TorchEngineServer", "WeightRelay")

@@ -110,8 +110,9 @@ def data_parallel_size(layout: Layout) -> int:
 
 
 def engines_are_actors(layout: Layout) -> bool:
-    """vLLM engines always are; the torch engine runs in the controller's process unless there are several."""
-    return layout.engine == "vllm" or (layout.num_engines or 1) > 1
+    """vLLM engines always are; the torch engine runs in the controller's process unless there are several
+    or they have nodes of their own (split)."""
+    return layout.engine == "vllm" or (layout.num_engines or 1) > 1 or layout.rollout_nodes > 0
 
 
 def _engine_slots(layout: Layout) -> tuple[EngineSlot, ...]:
@@ -143,8 +144,8 @@ def make_plan(layout: Layout) -> Plan:
     _check(layout.devices_per_node >= 1, key_dev, "must be >= 1")
     _check(0 <= layout.rollout_nodes < layout.num_nodes, "cluster.rollout_nodes",
            f"must be in [0, cluster.num_nodes={layout.num_nodes}): at least one node trains")
-    _check(not layout.rollout_nodes or layout.engine == "vllm", "cluster.rollout_nodes",
-           "split mode needs rollout engines as actors (rollout=vllm)")
+    _check(not layout.rollout_nodes or layout.megatron is not None, "cluster.rollout_nodes",
+           "split mode needs policy=megatron (the weights reach the rollout nodes from the Megatron ranks)")
     ranks: list[RankSlot] = []
     dp = None
     if layout.megatron is not None:

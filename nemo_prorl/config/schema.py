@@ -352,7 +352,8 @@ class ClusterConfig:
     gpus_per_node: int = 0  # cuda: GPUs of each node, one Megatron rank each
     # cpu: Megatron ranks / engine devices per node ("CPU slots"); None on one node: as many as the run needs
     cpu_slots_per_node: Optional[int] = None
-    # Split mode: the last `rollout_nodes` nodes only generate, the others only train. 0: colocated (engines
+    # Split mode: the last `rollout_nodes` nodes only generate (their weights arrive through a relay actor on
+    # each, see weight_sync.WeightRelay), the others only train; needs policy=megatron. 0: colocated (engines
     # share the training devices and sleep during the update).
     rollout_nodes: int = 0
     # Attach to the Ray cluster a launcher started (host:port of its head); None: start a private one on this

@@ -52,6 +52,7 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
         self.rank_nodes = [r.node for r in plan.ranks]
         self._sync_layout: Optional[tuple] = None
         self._sync_leaders: dict[int, int] = {}
+        self._relays: Any = None  # the weight relays the ranks share a transport group with (split mode)
         self._session = cluster.session(cfg, plan)
         self._placement = self._session.place(plan, cfg.cluster.ray_timeout_s)
         per_node = max(1, sum(1 for r in plan.ranks if r.node == 0))
@@ -68,6 +69,7 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
                                      init_args=[(s,) for s in specs], timeout_s=m.worker_timeout_s,
                                      env={"OMP_NUM_THREADS": str(threads)}, error_type=MegatronWorkerError)
             master, port = self.group.gather([self.group.actors[0].open_store.remote()], "open_store", 60)[0]
+            self._store_address = (master, port)
             # (tp, pp, dp) of each rank, as megatron laid out the process groups
             secret = secrets.token_hex(16)  # the group's keys in the (unauthenticated) torch.distributed store
             self.layout: list[tuple[int, int, int]] = [tuple(x) for x in self._call_all("start", master, port, secret)]
@@ -163,18 +165,39 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
                                  {k: v for m in per_rank for k, v in m.items()})
         return self._sync_layout
 
-    def sync_prepare(self, transfers: list[tuple[int, int, ShardKey]], leaders: dict[int, int], bucket_bytes: int,
-                     dtype: str) -> list[int]:
-        self._sync_leaders = dict(leaders)
-        return self._call_all("sync_prepare", transfers, set(leaders.values()), bucket_bytes, dtype,
-                              self.shard_layout()[2])
+    def connect_relays(self, relays: Any) -> None:
+        if self._relays is relays:
+            return
+        master, port = self._store_address
+        secret, size = secrets.token_hex(16), self.world + len(relays.actors)
+        ranks = [a.run.remote("join_transport", master, port, secret, size) for a in self.group.actors]
+        joins = [a.join.remote(master, port, secret, self.world + j, size) for j, a in enumerate(relays.actors)]
+        self.group.gather(ranks, "join_transport", self.m.worker_timeout_s)
+        relays.gather(joins, "join", self.m.worker_timeout_s)
+        self._relays = relays
 
-    def sync_pack(self, k: int) -> dict[int, tuple[tuple, list]]:
+    def sync_prepare(self, transfers: list[tuple[int, int, ShardKey]], leaders: dict[int, int], bucket_bytes: int,
+                     dtype: str, relays: Any = None) -> list[int]:
+        self._sync_leaders = dict(leaders)
+        lead, metas = set(leaders.values()), self.shard_layout()[2]
+        # all at once: ranks and relays meet in the same point-to-point transfers
+        ranks = [a.run.remote("sync_prepare", transfers, lead, bucket_bytes, dtype, metas) for a in self.group.actors]
+        grid = (self.m.pipeline_parallel_size * (self.m.virtual_pipeline_parallel_size or 1), self.m.tensor_parallel_size)
+        extra = [a.sync_prepare.remote(transfers, lead, bucket_bytes, dtype, metas, self.shape, grid)
+                 for a in (relays.actors if relays is not None else [])]
+        counts = self.group.gather(ranks, "sync_prepare", self.m.worker_timeout_s)
+        return counts + (relays.gather(extra, "sync_prepare", self.m.worker_timeout_s) if extra else [])
+
+    def sync_pack(self, k: int, relays: Any = None) -> dict[int, tuple[tuple, list]]:
         out = self._call_all("sync_pack", k)
+        if relays is not None:
+            out += relays.call_all("sync_pack", k, timeout_s=self.m.worker_timeout_s)
         return {node: out[rank] for node, rank in self._sync_leaders.items()}
 
-    def sync_end(self) -> None:
+    def sync_end(self, relays: Any = None) -> None:
         self._call_all("sync_end")
+        if relays is not None:
+            relays.call_all("sync_end", timeout_s=self.m.worker_timeout_s)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for w in self.lazy_weights():

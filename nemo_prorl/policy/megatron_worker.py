@@ -301,6 +301,10 @@ class MegatronWorker:
             stages[stage][t] = sd
         return sender.plan_buckets(megatron_to_hf_lazy(stages, self.shape), bucket_bytes, dtype)
 
+    def join_transport(self, addr: str, port: int, secret: str, size: int) -> None:
+        """The gloo group with the weight relays of nodes without ranks (weight_sync.WeightRelay)."""
+        self._sender().join_transport(addr, port, secret, self.spec.rank, size)
+
     def sync_pack(self, k: int) -> Optional[tuple[tuple, list]]:
         sender = self._sender()
         return sender.pack(k) if sender.buckets else None

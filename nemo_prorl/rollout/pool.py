@@ -67,6 +67,7 @@ class EnginePool(RolloutEngine):
         self.role = setup.role
         self.weight_dtype = setup.weight_dtype
         self.group = None
+        self._relays = None
         self._placement = None
         self._buffer: Optional[TransferBuffer] = None
         self._device = torch.device(cfg.cluster.device)
@@ -89,14 +90,11 @@ class EnginePool(RolloutEngine):
             raise
 
     def _check_plan(self, plan: Any) -> None:
-        nodes_with_ranks = {r.node for r in plan.ranks}
         for e in plan.engines:
-            if e.node != 0 and e.node not in nodes_with_ranks:
+            if e.node != 0 and not plan.ranks:
                 raise self.setup.error_type(
-                    f"engine {e.index} on node {e.node}: a node without Megatron ranks (split mode, "
-                    f"cluster.rollout_nodes={plan.layout.rollout_nodes}, or policy=hf on several nodes) would get its "
-                    "weights across nodes, which this runtime does not do yet; use cluster.rollout_nodes=0 and "
-                    "policy=megatron", role=self.role, index=e.index, node=f"node {e.node}")
+                    f"engine {e.index} on node {e.node}: with the policy in the controller (policy=hf) the engines "
+                    "take their weights from it, on node 0", role=self.role, index=e.index, node=f"node {e.node}")
             if plan.layout.kind == "gpu" and len(e.devices) > 1:
                 raise self.setup.error_type(
                     f"rollout.vllm.tensor_parallel_size={len(e.devices)}: an engine actor over several GPUs is not "
@@ -166,22 +164,40 @@ class EnginePool(RolloutEngine):
         """Each engine loads the bucket its node's rank packed: {node: (buffer handle, metas)}."""
         self._call("load_bucket", [buckets[e.node] for e in self.plan.engines])
 
+    def relays(self, nodes: Sequence[int]) -> Any:
+        """The weight relays of these engine nodes (nodes without Megatron ranks: split mode), one per node,
+        started on first use (weight_sync.WeightRelay)."""
+        from nemo_prorl.cluster.actors import start_group
+        from nemo_prorl.weight_sync import WeightRelay
+
+        if self._relays is None:
+            self._relays = start_group("weight relay", WeightRelay, self._placement, [(n, 0, 0.0) for n in nodes],
+                                       init_args=[("",)] * len(nodes), timeout_s=self.setup.startup_timeout_s,
+                                       error_type=self.setup.error_type)
+        return self._relays
+
     def begin_weight_update(self) -> None:
         self._call_all("begin_weight_update")
 
     def finish_weight_update(self) -> None:
         self._call_all("finish_weight_update")
+        if self._buffer is not None:
+            self._buffer.unlink()  # mapped by every engine by now
 
     def sleep(self) -> None:
+        if self.plan.mode == "split":  # engines of their own nodes have nobody to give the memory to
+            return
         self._call_all("sleep")
 
     def wake_up(self) -> None:
         self._call_all("wake_up")
 
     def close(self) -> None:
-        group, self.group = getattr(self, "group", None), None
-        if group is not None:
-            group.kill()
+        for name in ("group", "_relays"):
+            group = getattr(self, name, None)
+            setattr(self, name, None)
+            if group is not None:
+                group.kill()
         placement, self._placement = getattr(self, "_placement", None), None
         if placement is not None:
             self._session.release(placement)
