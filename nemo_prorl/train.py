@@ -109,7 +109,11 @@ def build_trainer(cfg: ProRLConfig, resolved: DictConfig) -> ProRLTrainer:
         trainer = ProRLTrainer(cfg, resolved, policy=policy, engine=engine, tokenizer=tokenizer, source=source,
                                out_dir=Path(cfg.trainer.output_dir))
         if resume is not None:
-            trainer.restore(resume)
+            try:
+                trainer.restore(resume)
+            except BaseException:
+                trainer.rewards.close()  # its workers (actors on a cluster) must not outlive the start
+                raise
         return trainer
     except BaseException:
         if engine is not None:

@@ -54,9 +54,10 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 class TransferBuffer:
     """A flat uint8 buffer that engine actors on this node map: a shared-memory file on CPU (created here
-    with O_EXCL, mode 0600, unlinked when replaced or closed), CUDA memory shared by IPC on GPU. Its
-    `handle` is what an engine needs to map it (vllm_server._open_buffer); `metas` describe the tensors
-    packed in it."""
+    with O_EXCL, mode 0600), CUDA memory shared by IPC on GPU. Its `handle` is what an engine needs to map
+    it (vllm_server._open_buffer); `metas` describe the tensors packed in it. It lives for one sync: closed
+    (its file removed) at the end, so no model-sized file outlives a sync, even if the run is killed later,
+    and the next sync's engines (a new one among them) map a fresh buffer under a new handle."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -97,16 +98,11 @@ class TransferBuffer:
         if self.tensor is not None and self.tensor.device.type == "cuda":
             torch.cuda.current_stream(self.tensor.device).synchronize()
 
-    def unlink(self) -> None:
-        """Remove the shared-memory file once the engines have mapped it: the mappings live on (and are
-        reused by later syncs), and a process killed later leaves no model-sized file in /dev/shm."""
-        if self._path is not None:
-            Path(self._path).unlink(missing_ok=True)
-            self._path = None
-
     def close(self) -> None:
         self.tensor = self.handle = None
-        self.unlink()
+        if self._path is not None:
+            Path(self._path).unlink(missing_ok=True)  # engines' mappings live on until they remap
+            self._path = None
 
 
 def module_of(name: str) -> str:
@@ -211,46 +207,59 @@ class NodeLocalSource(ABC):
         """The shards each rank holds, each rank's node, and each shard's tensors."""
 
     @abstractmethod
+    def rank_sites(self) -> Sequence[Site]:
+        """(node, device) of each rank."""
+
+    @abstractmethod
     def connect_relays(self, relays: Any) -> None:
         """Form the transport group with these weight relays (once; split mode)."""
 
     @abstractmethod
-    def sync_prepare(self, transfers: list[tuple[int, int, ShardKey]], leaders: dict[int, int], bucket_bytes: int,
+    def sync_prepare(self, transfers: list[tuple[int, int, ShardKey]], kinds: dict[int, set[str]], bucket_bytes: int,
                      dtype: str, relays: Any = None) -> list[int]:
-        """All ranks (and relays): the transfers, then each leader plans its buckets; the number of buckets
-        per rank (relays after the ranks)."""
+        """All ranks (and relays): the transfers, then each leader (a key of `kinds`: its buffers, "device"
+        and/or "host") plans its buckets; the number of buckets per rank (relays after the ranks)."""
 
     @abstractmethod
-    def sync_pack(self, k: int, relays: Any = None) -> dict[int, tuple[tuple, list]]:
-        """Leaders pack bucket k into their node's buffer: {node: (buffer handle, metas)}."""
+    def sync_pack(self, k: int, relays: Any = None) -> list[Optional[dict[str, tuple[tuple, list]]]]:
+        """Leaders pack bucket k into their buffers; per rank (relays after the ranks): {kind: (handle,
+        metas)}, None for the others."""
 
     @abstractmethod
     def sync_end(self, relays: Any = None) -> None: ...
 
 
-def transfer_plan(held: Sequence[Sequence[ShardKey]], rank_nodes: Sequence[int],
-                  engine_nodes: Iterable[int]) -> tuple[dict[int, int], list[tuple[int, int, ShardKey]]]:
-    """The node-local sync's plan: a leader per engine node (its lowest rank) and the transfers (source
-    rank, leader, shard) that give each leader the shards it lacks: from a rank of its own node wherever
-    one holds the shard, else from the lowest rank that holds it (the only bytes that cross nodes). With
-    TP inside a node and DP over nodes, every node holds a whole replica: nothing crosses."""
-    leaders: dict[int, int] = {}
-    for node in sorted(set(engine_nodes)):
-        on_node = [r for r, n in enumerate(rank_nodes) if n == node]
-        if not on_node:
+Site = tuple[int, int]  # (node, device) of a transfer buffer; device -1: host shared memory of the node
+
+
+def transfer_plan(held: Sequence[Sequence[ShardKey]], rank_sites: Sequence[Site],
+                  engine_sites: Iterable[Site]) -> tuple[dict[Site, int], list[tuple[int, int, ShardKey]]]:
+    """The node-local sync's plan. Each buffer site gets a leader: on a GPU site the rank on that GPU
+    (the buffer is its device memory, shared by CUDA IPC with the engine on the same GPU); on a host site
+    (node, -1) the node's lowest rank (a CPU node's shared memory, or engines on GPUs without a rank).
+    The transfers (source rank, leader, shard) give each leader the shards it lacks: from a rank of its
+    own node wherever one holds the shard, else from a holder on another node, spread over the replicas
+    (the only bytes that cross nodes). With TP=1 and DP over every GPU nothing moves at all; with TP
+    inside a node and DP over nodes nothing crosses nodes."""
+    leaders: dict[Site, int] = {}
+    for node, dev in sorted(set(engine_sites)):
+        exact = [r for r, site in enumerate(rank_sites) if site == (node, dev)] if dev >= 0 else []
+        on_node = [r for r, (n, _) in enumerate(rank_sites) if n == node]
+        if not (exact or on_node):
             raise ValueError(f"node {node} hosts an engine but no Megatron rank: its weights have no local source")
-        leaders[node] = on_node[0]
+        leaders[(node, dev)] = (exact or on_node)[0]
     holders: dict[ShardKey, list[int]] = {}
     for rank, keys in enumerate(held):
         for key in keys:
             holders.setdefault(key, []).append(rank)
     transfers = []
-    for node, leader in leaders.items():
+    for j, leader in enumerate(sorted(set(leaders.values()))):
+        node = rank_sites[leader][0]
         for key in sorted(holders):
             if leader in holders[key]:
                 continue
-            local = [r for r in holders[key] if rank_nodes[r] == node]
-            transfers.append((local[0] if local else holders[key][0], leader, key))
+            local = [r for r in holders[key] if rank_sites[r][0] == node]
+            transfers.append((local[0] if local else holders[key][j % len(holders[key])], leader, key))
     return leaders, transfers
 
 
@@ -268,36 +277,49 @@ DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 def sync_node_local(source: NodeLocalSource, engine: "EnginePool", *, bucket_mb: float) -> SyncStats:
-    """Each engine gets its weights from the Megatron ranks of its own node: a leader rank per node
-    collects the shards it lacks (from its node's peers; across nodes only what no local rank holds, by
-    torch.distributed point-to-point), converts them to Hugging Face tensors straight into its node's
-    transfer buffer, bucket by bucket, and the node's engines load each bucket from there. A node without
-    ranks (split mode) gets a weight relay as its leader, which receives every shard. The controller sends
-    commands and metadata only."""
+    """Each engine gets its weights from the Megatron ranks of its own node: a leader per buffer site
+    (`transfer_plan`) collects the shards it lacks (from its node's peers; across nodes only what no local
+    rank holds, by torch.distributed point-to-point), converts them to Hugging Face tensors straight into
+    its transfer buffer, bucket by bucket, and the site's engines load each bucket from there. A node
+    without ranks (split mode) gets a weight relay as its leader, which receives every shard. The
+    controller sends commands and metadata only."""
     start = time.perf_counter()
     held, rank_nodes, metas = source.shard_layout()
+    rank_sites = list(source.rank_sites())
     rankless = sorted(set(engine.engine_nodes()) - set(rank_nodes))
     relays = engine.relays(rankless) if rankless else None
     if relays is not None:
         source.connect_relays(relays)
-    nodes = list(rank_nodes) + rankless  # relays take the indices after the ranks
-    leaders, transfers = transfer_plan(list(held) + [[] for _ in rankless], nodes, engine.engine_nodes())
-    cross = sum(_meta_bytes(metas[key]) for src, dst, key in transfers if nodes[src] != nodes[dst])
+    rank_sites += [(n, -1) for n in rankless]  # relays take the indices after the ranks
+    on_gpu = engine.plan.layout.kind == "gpu"
+    taken = set(rank_sites)
+    sites = [(n, d) if on_gpu and (n, d) in taken else (n, -1) for n, d in engine.engine_devices()]
+    leaders, transfers = transfer_plan(list(held) + [[] for _ in rankless], rank_sites, sites)
+    cross = sum(_meta_bytes(metas[key]) for src, dst, key in transfers if rank_sites[src][0] != rank_sites[dst][0])
+    kinds: dict[int, set[str]] = {}
+    for (_, dev), r in leaders.items():
+        kinds.setdefault(r, set()).add("device" if dev >= 0 else "host")
     dtype = DTYPE_NAMES[engine.weight_dtype] if engine.weight_dtype is not None else ""
+    n_tensors = n_bytes = 0
     try:
-        counts = source.sync_prepare(transfers, leaders, int(bucket_mb * 2**20), dtype, relays)
-        n_buckets = max(counts[r] for r in leaders.values())
-        n_tensors = n_bytes = 0
+        counts = source.sync_prepare(transfers, kinds, int(bucket_mb * 2**20), dtype, relays)
+        n_buckets = max(counts[r] for r in kinds)
         engine.begin_weight_update()
         for k in range(n_buckets):
-            packed = source.sync_pack(k, relays)
-            engine.load_from_nodes(packed)
+            out = source.sync_pack(k, relays)  # per leader rank: {buffer kind: (handle, metas)}
+            packed = {site: out[r]["device" if site[1] >= 0 else "host"] for site, r in leaders.items()}
+            engine.load_from_sites(packed, sites)
             for _, metas_k in packed.values():
                 n_tensors += len(metas_k)
                 n_bytes += sum(_meta_bytes([(n, shape, dt)]) for n, _, shape, dt in metas_k)
         engine.finish_weight_update()
-    finally:
-        source.sync_end(relays)
+    except BaseException:
+        try:  # the error in flight names the actor; a group it killed cannot clean up
+            source.sync_end(relays)
+        except Exception:  # noqa: BLE001
+            pass
+        raise
+    source.sync_end(relays)
     return SyncStats(n_tensors, n_bytes, n_buckets, time.perf_counter() - start, cross_node_bytes=cross)
 
 
@@ -307,7 +329,10 @@ class NodeLocalSender:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.buffer = TransferBuffer(device)
+        # "device": this rank's GPU memory (CUDA IPC, for the engine on the same GPU; on a CPU rank the same
+        # as host); "host": the node's shared memory, for engines on other devices
+        self.buffers = {"device": TransferBuffer(device), "host": TransferBuffer(torch.device("cpu"))}
+        self.kinds: set[str] = set()
         self.buckets: list[list[LazyWeight]] = []
         self.dtype: Optional[torch.dtype] = None
         self.received: dict[ShardKey, dict[str, torch.Tensor]] = {}
@@ -361,21 +386,31 @@ class NodeLocalSender:
                 self.received[key] = {name: self._recv(shape, DTYPES_BY_NAME[dtype], src)
                                       for name, shape, dtype in metas[key]}
 
-    def plan_buckets(self, weights: Iterable[LazyWeight], bucket_bytes: int, dtype: str) -> int:
+    def plan_buckets(self, weights: Iterable[LazyWeight], bucket_bytes: int, dtype: str, kinds: set[str]) -> int:
         self.dtype = DTYPES_BY_NAME[dtype] if dtype else None
         self.buckets = list(iter_buckets(weights, bucket_bytes, self.dtype))
-        self.buffer.ensure(max((packed_size(b, self.dtype) for b in self.buckets), default=1))
+        self.kinds = set(kinds)
+        size = max((packed_size(b, self.dtype) for b in self.buckets), default=1)
+        for kind in self.kinds:
+            self.buffers[kind].ensure(size)
         return len(self.buckets)
 
-    def pack(self, k: int) -> tuple[tuple, list]:
-        items = pack(self.buckets[k], self.buffer.tensor, self.dtype)
-        self.buffer.ready()
-        return self.buffer.handle, self.buffer.metas(items)
+    def pack(self, k: int) -> Optional[dict[str, tuple[tuple, list]]]:
+        if not self.buckets:
+            return None
+        out = {}
+        for kind in sorted(self.kinds):
+            buf = self.buffers[kind]
+            items = pack(self.buckets[k], buf.tensor, self.dtype)
+            buf.ready()
+            out[kind] = (buf.handle, buf.metas(items))
+        return out
 
     def end(self) -> None:
-        """Drop what the sync gathered; the buffer stays (mapped, its file removed) for the next sync."""
-        self.buckets, self.received = [], {}
-        self.buffer.unlink()
+        """Drop what the sync gathered, and the buffers (see TransferBuffer)."""
+        self.buckets, self.received, self.kinds = [], {}, set()
+        for buf in self.buffers.values():
+            buf.close()
 
 
 class WeightRelay(ActorBase):
@@ -397,19 +432,21 @@ class WeightRelay(ActorBase):
         self.rank = rank
         self.sender.join_transport(addr, port, secret, rank, size)
 
-    def sync_prepare(self, transfers: list, leaders: set[int], bucket_bytes: int, dtype: str, metas: dict,
+    def sync_prepare(self, transfers: list, kinds: dict[int, set[str]], bucket_bytes: int, dtype: str, metas: dict,
                      shape: Any, grid: tuple[int, int]) -> int:
         """Receive the shards this node lacks (all of them), then plan its buckets; `grid` is (stages, TP)."""
         from nemo_prorl.policy.megatron_convert import megatron_to_hf_lazy
 
         self.sender.exchange(self.rank, {}, transfers, metas)
+        if self.rank not in kinds:
+            return 0
         stages: list[list[Any]] = [[None] * grid[1] for _ in range(grid[0])]
         for (stage, t), sd in self.sender.received.items():
             stages[stage][t] = sd
-        return self.sender.plan_buckets(megatron_to_hf_lazy(stages, shape), bucket_bytes, dtype)
+        return self.sender.plan_buckets(megatron_to_hf_lazy(stages, shape), bucket_bytes, dtype, {"host"})
 
-    def sync_pack(self, k: int) -> Optional[tuple[tuple, list]]:
-        return self.sender.pack(k) if self.sender.buckets else None
+    def sync_pack(self, k: int) -> Optional[dict[str, tuple[tuple, list]]]:
+        return self.sender.pack(k)
 
     def sync_end(self) -> None:
         self.sender.end()

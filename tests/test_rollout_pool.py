@@ -30,32 +30,42 @@ def test_prompt_seeds_are_spread_and_fixed():
     assert len({prompt_seed(42, i) + k for i in range(256) for k in range(16)}) == 256 * 16  # no shared stream
 
 
-# (stage, tp) shards held by each rank; rank r on node rank_nodes[r]
+# (stage, tp) shards held by each rank; rank r at rank_sites[r] = (node, device); an engine's buffer site is
+# (node, its GPU) where a rank shares that GPU, else (node, -1): the node's host shared memory (always on CPU)
 def test_transfer_plan_dp_over_nodes_moves_nothing_across():
-    held = [[(0, 0)], [(0, 0)], [(0, 0)], [(0, 0)]]  # TP=1 PP=1 DP=4 on 2 nodes x 2
-    leaders, transfers = transfer_plan(held, [0, 0, 1, 1], [0, 0, 1, 1])
-    assert leaders == {0: 0, 1: 2} and transfers == []
+    held, sites = [[(0, 0)], [(0, 0)], [(0, 0)], [(0, 0)]], [(0, 0), (0, 1), (1, 0), (1, 1)]  # TP=1 DP=4, 2 x 2
+    leaders, transfers = transfer_plan(held, sites, [(0, -1), (0, -1), (1, -1), (1, -1)])  # CPU: a buffer per node
+    assert leaders == {(0, -1): 0, (1, -1): 2} and transfers == []
+    leaders, transfers = transfer_plan(held, sites, sites)  # GPU: each engine's own rank fills its buffer
+    assert leaders == {(0, 0): 0, (0, 1): 1, (1, 0): 2, (1, 1): 3} and transfers == []
 
 
 def test_transfer_plan_tp_inside_a_node_stays_on_the_node():
-    held = [[(0, 0)], [(0, 1)], [(0, 0)], [(0, 1)]]  # TP=2 DP=2, a TP group per node
-    leaders, transfers = transfer_plan(held, [0, 0, 1, 1], [0, 1])
-    assert leaders == {0: 0, 1: 2} and transfers == [(1, 0, (0, 1)), (3, 2, (0, 1))]
+    held, sites = [[(0, 0)], [(0, 1)], [(0, 0)], [(0, 1)]], [(0, 0), (0, 1), (1, 0), (1, 1)]  # a TP=2 group per node
+    leaders, transfers = transfer_plan(held, sites, [(0, -1), (1, -1)])
+    assert leaders == {(0, -1): 0, (1, -1): 2} and transfers == [(1, 0, (0, 1)), (3, 2, (0, 1))]
+    leaders, transfers = transfer_plan(held, sites, sites)  # GPU: each leader takes its TP peer's half, locally
+    assert transfers == [(1, 0, (0, 1)), (0, 1, (0, 0)), (3, 2, (0, 1)), (2, 3, (0, 0))]
 
 
 def test_transfer_plan_crosses_nodes_only_for_shards_the_node_lacks():
     # TP=2 over two CPU nodes of one slot each: each node has half of every layer
-    leaders, transfers = transfer_plan([[(0, 0)], [(0, 1)]], [0, 1], [0, 1])
-    assert leaders == {0: 0, 1: 1} and transfers == [(1, 0, (0, 1)), (0, 1, (0, 0))]
-    # PP=2 x DP=2, pipeline stages on different nodes: a node takes the other stage from the lowest holder
+    leaders, transfers = transfer_plan([[(0, 0)], [(0, 1)]], [(0, 0), (1, 0)], [(0, -1), (1, -1)])
+    assert leaders == {(0, -1): 0, (1, -1): 1} and transfers == [(1, 0, (0, 1)), (0, 1, (0, 0))]
+    # PP=2 x DP=2, pipeline stages on different nodes: the missing stage comes from different replicas
     held = [[(0, 0)], [(1, 0)], [(0, 0)], [(1, 0)]]
-    leaders, transfers = transfer_plan(held, [0, 1, 0, 1], [0, 1])
-    assert leaders == {0: 0, 1: 1} and transfers == [(1, 0, (1, 0)), (0, 1, (0, 0))]
+    leaders, transfers = transfer_plan(held, [(0, 0), (1, 0), (0, 1), (1, 1)], [(0, -1), (1, -1)])
+    assert leaders == {(0, -1): 0, (1, -1): 1} and transfers == [(1, 0, (1, 0)), (2, 1, (0, 0))]
+
+
+def test_transfer_plan_engines_on_gpus_without_a_rank_use_the_nodes_host_buffer():
+    leaders, transfers = transfer_plan([[(0, 0)], [(0, 0)]], [(0, 0), (0, 1)], [(0, 0), (0, 1), (0, -1), (0, -1)])
+    assert leaders == {(0, -1): 0, (0, 0): 0, (0, 1): 1} and transfers == []
 
 
 def test_transfer_plan_needs_a_rank_on_every_engine_node():
     with pytest.raises(ValueError, match="node 1 hosts an engine but no Megatron rank"):
-        transfer_plan([[(0, 0)]], [0], [0, 1])
+        transfer_plan([[(0, 0)]], [(0, 0)], [(0, -1), (1, -1)])
 
 
 def _params(tok, **kw):

@@ -125,28 +125,7 @@ class ActorGroup:
         return self.call(method, [args] * len(self.actors), timeout_s=timeout_s)
 
     def gather(self, refs: list[Any], command: str, timeout_s: float) -> list[Any]:
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
-
-        if not self.actors:
-            raise self.error_type(f"the {self.role} actors have been shut down", role=self.role, command=command)
-        index = {r: i for i, r in enumerate(refs)}
-        out: list[Any] = [None] * len(refs)
-        pending = list(refs)
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, min(1.0, deadline - time.monotonic())))
-            for ref in ready:
-                i = index[ref]
-                try:
-                    out[i] = ray.get(ref)
-                except RayTaskError as e:  # the command raised: its traceback says why
-                    self._fail(i, command, "failed", str(e))
-                except RayActorError as e:  # the process is gone (killed, crashed, out of memory)
-                    self._fail(i, command, "died", str(getattr(e, "error_msg", e)))
-            if pending and time.monotonic() > deadline:
-                self._fail(index[pending[0]], command, "gave no answer", f"nothing within {timeout_s:g}s")
-        return out
+        return gather_groups([(self, refs)], command, timeout_s)[0]
 
     def _fail(self, i: int, command: str, what: str, detail: str) -> None:
         self.kill()
@@ -166,6 +145,37 @@ class ActorGroup:
         if actors and self.placement is not None:
             for slot in self.slots:
                 self.placement.free(*slot)
+
+
+def gather_groups(calls: Sequence[tuple[ActorGroup, list[Any]]], command: str, timeout_s: float) -> list[list[Any]]:
+    """The answers to `command` from several groups' actors that wait on each other (one collective: the
+    Megatron ranks and the weight relays), gathered together: the first failure or death in any group is
+    named at once (that group is killed), not after a peer's time-out."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    owner: dict[Any, tuple[int, int]] = {}
+    for g, (group, refs) in enumerate(calls):
+        if not group.actors:
+            raise group.error_type(f"the {group.role} actors have been shut down", role=group.role, command=command)
+        owner.update({r: (g, i) for i, r in enumerate(refs)})
+    out: list[list[Any]] = [[None] * len(refs) for _, refs in calls]
+    pending = [r for _, refs in calls for r in refs]
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+        for ref in ready:
+            g, i = owner[ref]
+            try:
+                out[g][i] = ray.get(ref)
+            except RayTaskError as e:  # the command raised: its traceback says why
+                calls[g][0]._fail(i, command, "failed", str(e))
+            except RayActorError as e:  # the process is gone (killed, crashed, out of memory)
+                calls[g][0]._fail(i, command, "died", str(getattr(e, "error_msg", e)))
+        if pending and time.monotonic() > deadline:
+            g, i = owner[pending[0]]
+            calls[g][0]._fail(i, command, "gave no answer", f"nothing within {timeout_s:g}s")
+    return out
 
 
 def start_group(role: str, actor_cls: Any, placement: NodePlacement, slots: Sequence[tuple[int, int, float]],

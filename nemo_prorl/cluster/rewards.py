@@ -19,7 +19,9 @@ from nemo_prorl.rewards.base import RewardResult, failed
 
 log = logging.getLogger("nemo_prorl")
 
-SCORE_TIMEOUT_S = 3600.0  # one step's rows on one node; each verifier call has its own, much shorter limit
+# One step's rows on one node (each verifier call has its own, much shorter limit): a worker silent for this
+# long is replaced once, then its rows are recorded as errors.
+SCORE_TIMEOUT_S = 3600.0
 
 
 class RewardWorkerError(ActorError):
@@ -38,6 +40,11 @@ class RewardNode(ActorBase):
 
     def score_batch(self, names: list[str], inputs: list[RewardInput]) -> list[RewardResult]:
         return self.suite.score_batch(names, inputs)
+
+    def close(self) -> None:
+        """Stop the suite's verifier and sandbox processes (killing the actor would orphan them)."""
+        if self.suite is not None:
+            self.suite.close()
 
 
 def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
@@ -111,19 +118,23 @@ class NodeRewardSuite:
                 log.warning("reward worker on node %d failed (%s); %s", node, str(e).splitlines()[0],
                             "starting a new one and scoring its rows again" if attempt == 0 else "giving up")
                 if attempt == 1:
-                    return [failed("error", f"reward worker on node {node}: {str(e).splitlines()[0]}")] * (b - a)
+                    return [failed("error", f"reward worker on node {node}: {str(e).splitlines()[0]}") for _ in range(b - a)]
                 try:
                     self.workers[node] = self._start(node)
                     self.replaced += 1
                 except ActorError as e2:
-                    return [failed("error", f"reward worker on node {node} cannot be replaced: {e2}")] * (b - a)
+                    return [failed("error", f"reward worker on node {node} cannot be replaced: {e2}") for _ in range(b - a)]
                 ref = self._submit(node, a, b, names, inputs)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
         workers, self.workers = self.workers, []
         for g in workers:
-            if g is not None:
+            if g is not None and g.actors:
+                try:
+                    g.call_all("close", timeout_s=30)
+                except ActorError:
+                    pass  # a dead worker's pools went with it
                 g.kill()
         placement, self._placement = getattr(self, "_placement", None), None
         if placement is not None:

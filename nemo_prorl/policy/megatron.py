@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from nemo_prorl.cluster.actors import ActorError
+from nemo_prorl.cluster.actors import ActorError, gather_groups
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.policy.base import POLICY_BACKENDS, STATE_FILE, Batch, LazyWeight, LossFn, PolicyBackend
 from nemo_prorl.policy.megatron_convert import ModelShape, megatron_to_hf_lazy
@@ -50,8 +50,8 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
         self.world = len(plan.ranks)
         self.dp = plan.data_parallel_size
         self.rank_nodes = [r.node for r in plan.ranks]
+        self._rank_sites = [(r.node, r.device) for r in plan.ranks]
         self._sync_layout: Optional[tuple] = None
-        self._sync_leaders: dict[int, int] = {}
         self._relays: Any = None  # the weight relays the ranks share a transport group with (split mode)
         self._session = cluster.session(cfg, plan)
         self._placement = self._session.place(plan, cfg.cluster.ray_timeout_s)
@@ -165,6 +165,9 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
                                  {k: v for m in per_rank for k, v in m.items()})
         return self._sync_layout
 
+    def rank_sites(self) -> list[tuple[int, int]]:
+        return self._rank_sites
+
     def connect_relays(self, relays: Any) -> None:
         if self._relays is relays:
             return
@@ -172,27 +175,25 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
         secret, size = secrets.token_hex(16), self.world + len(relays.actors)
         ranks = [a.run.remote("join_transport", master, port, secret, size) for a in self.group.actors]
         joins = [a.join.remote(master, port, secret, self.world + j, size) for j, a in enumerate(relays.actors)]
-        self.group.gather(ranks, "join_transport", self.m.worker_timeout_s)
-        relays.gather(joins, "join", self.m.worker_timeout_s)
+        gather_groups([(self.group, ranks), (relays, joins)], "join_transport", self.cfg.cluster.ray_timeout_s)
         self._relays = relays
 
-    def sync_prepare(self, transfers: list[tuple[int, int, ShardKey]], leaders: dict[int, int], bucket_bytes: int,
+    def sync_prepare(self, transfers: list[tuple[int, int, ShardKey]], kinds: dict[int, set[str]], bucket_bytes: int,
                      dtype: str, relays: Any = None) -> list[int]:
-        self._sync_leaders = dict(leaders)
-        lead, metas = set(leaders.values()), self.shard_layout()[2]
+        metas = self.shard_layout()[2]
         # all at once: ranks and relays meet in the same point-to-point transfers
-        ranks = [a.run.remote("sync_prepare", transfers, lead, bucket_bytes, dtype, metas) for a in self.group.actors]
+        ranks = [a.run.remote("sync_prepare", transfers, kinds, bucket_bytes, dtype, metas) for a in self.group.actors]
         grid = (self.m.pipeline_parallel_size * (self.m.virtual_pipeline_parallel_size or 1), self.m.tensor_parallel_size)
-        extra = [a.sync_prepare.remote(transfers, lead, bucket_bytes, dtype, metas, self.shape, grid)
+        extra = [a.sync_prepare.remote(transfers, kinds, bucket_bytes, dtype, metas, self.shape, grid)
                  for a in (relays.actors if relays is not None else [])]
-        counts = self.group.gather(ranks, "sync_prepare", self.m.worker_timeout_s)
-        return counts + (relays.gather(extra, "sync_prepare", self.m.worker_timeout_s) if extra else [])
+        calls = [(self.group, ranks)] + ([(relays, extra)] if extra else [])
+        return [n for counts in gather_groups(calls, "sync_prepare", self.m.worker_timeout_s) for n in counts]
 
-    def sync_pack(self, k: int, relays: Any = None) -> dict[int, tuple[tuple, list]]:
+    def sync_pack(self, k: int, relays: Any = None) -> list[Optional[dict[str, tuple[tuple, list]]]]:
         out = self._call_all("sync_pack", k)
         if relays is not None:
             out += relays.call_all("sync_pack", k, timeout_s=self.m.worker_timeout_s)
-        return {node: out[rank] for node, rank in self._sync_leaders.items()}
+        return out
 
     def sync_end(self, relays: Any = None) -> None:
         self._call_all("sync_end")

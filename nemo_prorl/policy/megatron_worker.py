@@ -286,28 +286,27 @@ class MegatronWorker:
 
         return NodeLocalSender.metas(self._own_shards())
 
-    def sync_prepare(self, transfers: list, leaders: set[int], bucket_bytes: int, dtype: str, metas: dict) -> int:
+    def sync_prepare(self, transfers: list, kinds: dict[int, set[str]], bucket_bytes: int, dtype: str, metas: dict) -> int:
         """weight_sync.sync_node_local on this rank: take part in the shard transfers; a leader then plans
         its node's buckets (the number of them)."""
         from nemo_prorl.policy.megatron_convert import megatron_to_hf_lazy
 
         own, sender = self._own_shards(), self._sender()
         sender.exchange(self.spec.rank, own, transfers, metas)
-        if self.spec.rank not in leaders:
+        if self.spec.rank not in kinds:
             return 0
         tp, pp = self.m.tensor_parallel_size, self.m.pipeline_parallel_size
         stages: list[list[Any]] = [[None] * tp for _ in range(pp * (self.m.virtual_pipeline_parallel_size or 1))]
         for (stage, t), sd in {**own, **sender.received}.items():
             stages[stage][t] = sd
-        return sender.plan_buckets(megatron_to_hf_lazy(stages, self.shape), bucket_bytes, dtype)
+        return sender.plan_buckets(megatron_to_hf_lazy(stages, self.shape), bucket_bytes, dtype, kinds[self.spec.rank])
 
     def join_transport(self, addr: str, port: int, secret: str, size: int) -> None:
         """The gloo group with the weight relays of nodes without ranks (weight_sync.WeightRelay)."""
         self._sender().join_transport(addr, port, secret, self.spec.rank, size)
 
-    def sync_pack(self, k: int) -> Optional[tuple[tuple, list]]:
-        sender = self._sender()
-        return sender.pack(k) if sender.buckets else None
+    def sync_pack(self, k: int) -> Optional[dict[str, tuple[tuple, list]]]:
+        return self._sender().pack(k)
 
     def sync_end(self) -> None:
         self._sender().end()

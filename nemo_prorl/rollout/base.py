@@ -61,8 +61,9 @@ class RolloutEngine(ABC):
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Optional[Sequence[int]] = None) -> list[Completion]:
         """params.n completions per prompt, ordered prompt-major (prompt 0's n samples first). `seeds`: one
-        per prompt (default: `prompt_seed(params.seed, i)` for prompt i); a prompt's completions depend on
-        its seed only, not on the other prompts of the call."""
+        per prompt (default: `prompt_seed(params.seed, i)` for prompt i). In a batch-invariant engine (the
+        torch engine on CPU, vLLM with its batch-invariant kernels) a prompt's completions depend on its
+        seed only, not on the other prompts of the call."""
 
     @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -9,7 +9,7 @@ batch-invariant: see README "Several rollout engines").
 
 Weights reach the engines through a transfer buffer that they map on their own node: the controller's
 (`staging_buffer`, when it holds the weights itself: the hf policy, evaluation), or a buffer each node's
-Megatron rank fills (`load_from_nodes`, weight_sync.sync_node_local), so that no weight byte passes
+Megatron rank fills (`load_from_sites`, weight_sync.sync_node_local), so that no weight byte passes
 through the controller. Every engine actor answers the same commands (init, generate, begin_weight_update,
 load_bucket, finish_weight_update, sleep, wake_up): vllm_server.EngineServer and
 torch_engine.TorchEngineServer.
@@ -108,6 +108,10 @@ class EnginePool(RolloutEngine):
         """The plan's node of each engine, in engine order."""
         return [e.node for e in self.plan.engines]
 
+    def engine_devices(self) -> list[tuple[int, int]]:
+        """(node, first device) of each engine, in engine order."""
+        return [(e.node, e.devices[0]) for e in self.plan.engines]
+
     # ------------------------------------------------------------------ transport
     def _call(self, cmd: str, per_engine_args: Sequence[tuple], *, timeout: Optional[float] = None) -> list[Any]:
         if self.group is None:
@@ -160,9 +164,10 @@ class EnginePool(RolloutEngine):
         buf.ready()
         self._call_all("load_bucket", buf.handle, buf.metas(items))
 
-    def load_from_nodes(self, buckets: dict[int, tuple[tuple, list]]) -> None:
-        """Each engine loads the bucket its node's rank packed: {node: (buffer handle, metas)}."""
-        self._call("load_bucket", [buckets[e.node] for e in self.plan.engines])
+    def load_from_sites(self, buckets: dict[tuple[int, int], tuple[tuple, list]], sites: Sequence[tuple[int, int]]) -> None:
+        """Engine i loads the bucket packed in the buffer at sites[i] (weight_sync.sync_node_local):
+        {site: (buffer handle, metas)}."""
+        self._call("load_bucket", [buckets[site] for site in sites])
 
     def relays(self, nodes: Sequence[int]) -> Any:
         """The weight relays of these engine nodes (nodes without Megatron ranks: split mode), one per node,
@@ -170,6 +175,8 @@ class EnginePool(RolloutEngine):
         from nemo_prorl.cluster.actors import start_group
         from nemo_prorl.weight_sync import WeightRelay
 
+        if self._relays is not None and not self._relays.actors:
+            raise self.setup.error_type("the weight relays were stopped by an earlier failure", role="weight relay")
         if self._relays is None:
             self._relays = start_group("weight relay", WeightRelay, self._placement, [(n, 0, 0.0) for n in nodes],
                                        init_args=[("",)] * len(nodes), timeout_s=self.setup.startup_timeout_s,
@@ -182,7 +189,7 @@ class EnginePool(RolloutEngine):
     def finish_weight_update(self) -> None:
         self._call_all("finish_weight_update")
         if self._buffer is not None:
-            self._buffer.unlink()  # mapped by every engine by now
+            self._buffer.close()  # one buffer per sync (see TransferBuffer)
 
     def sleep(self) -> None:
         if self.plan.mode == "split":  # engines of their own nodes have nobody to give the memory to

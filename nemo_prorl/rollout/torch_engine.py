@@ -210,10 +210,11 @@ class TorchEngineServer(ActorBase):
     def begin_weight_update(self) -> None: ...
 
     def load_bucket(self, handle: tuple, metas: list[tuple[str, int, list[int], str]]) -> int:
-        from nemo_prorl.rollout.vllm_server import buffer_views
+        from nemo_prorl.rollout.vllm_server import buffer_views, finish_reads
 
         weights = buffer_views(self, handle, metas)
         self.engine.load_weights(weights)
+        finish_reads(handle)
         return len(weights)
 
     def finish_weight_update(self) -> None: ...

@@ -28,6 +28,15 @@ def _open_buffer(handle: tuple) -> torch.Tensor:
     """The trainer's transfer buffer, mapped into this process: ("shm", path, nbytes) or ("cuda", ipc)."""
     if handle[0] == "shm":
         _, path, nbytes = handle
+        # torch.from_file would create a missing file (and load zeros): the sender's file must be there
+        import stat
+
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError as e:
+            raise RuntimeError(f"transfer buffer {path} is gone ({e.strerror}): a stale handle") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_size < nbytes:
+            raise RuntimeError(f"transfer buffer {path}: not the sender's {nbytes}-byte file")
         return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
     rebuild, args = handle[1]  # torch.multiprocessing.reductions.reduce_tensor of a CUDA uint8 tensor
     return rebuild(*args)
@@ -49,6 +58,13 @@ def buffer_views(owner: Any, handle: tuple, metas: list[tuple[str, int, list[int
             n *= d
         weights.append((name, buf[offset : offset + n].view(dt).view(shape)))
     return weights
+
+
+def finish_reads(handle: tuple) -> None:
+    """On GPU the copies out of the buffer are queued on this process's stream: they must be done before
+    the sender refills the buffer with the next bucket."""
+    if handle[0] == "cuda":
+        torch.cuda.current_stream().synchronize()
 
 
 def _detach_pending(buf: torch.Tensor) -> None:
@@ -77,6 +93,7 @@ class ProRLWorkerExtension:
         weights = buffer_views(self, handle, metas)
         self.model_runner.get_model().load_weights(weights=weights)
         _detach_pending(self._prorl_buffers[handle])
+        finish_reads(handle)
         return len(weights)
 
     def prorl_finish_weight_update(self) -> None:
