@@ -193,6 +193,7 @@ def _kill_after_checkpoint(proc: subprocess.Popen, run: Path, step: int, kind: s
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 4, err[-3000:]
     _gone("MegatronRank", "EngineServer")  # nothing left running
+    print("stopped with:", *[line for line in err.splitlines() if " during " in line][:3], sep="\n  ")
     return err, time.monotonic() - killed
 
 
@@ -224,15 +225,16 @@ def test_prorl_train_on_two_nodes_equals_one_machine_and_survives_killed_actors(
         expected[s].pop("sync/cross_node_megabytes")
     assert rows == expected
     assert (tmp_path / "whole" / "vllm_engine_1.log").is_file()
-    # a rank killed during step 2, then an engine during step 3: named errors soon after; resumes exactly
+    # a rank killed during step 2, then an engine during step 3 (whichever command reaches it first: on a
+    # loaded machine the kill can land after the generation): named errors soon after; resumes exactly
     run = tmp_path / "run"
     err, stopped_s = _kill_after_checkpoint(_train(vllm_tiny_dir, run, *on_two), run, 1, "MegatronRank")
     assert re.search(r"megatron rank \d on node \d \(.*pid \d+\) died during (logprobs|train_minibatch|sync_\w+|"
-                     r"save_state)", err) and "resume with resume=auto" in err, err[-3000:]
+                     r"save_state)", err) and "resume with resume=auto" in err, [x for x in err.splitlines() if " during " in x]
     print(f"killed rank -> trainer stopped with a named error in {stopped_s:.1f}s")
     err, stopped_s = _kill_after_checkpoint(_train(vllm_tiny_dir, run, *on_two, "resume=auto"), run, 2, "EngineServer")
-    assert re.search(r"vllm engine \d on node \d \(.*pid \d+\) died during (generate|\w+weight_update|load_bucket)",
-                     err) and "resume with resume=auto" in err, err[-3000:]
+    assert re.search(r"vllm engine \d on node \d \(.*pid \d+\) died during (generate|sleep|\w+weight_update|load_bucket)",
+                     err) and "resume with resume=auto" in err, [line for line in err.splitlines() if " during " in line]
     print(f"killed engine -> trainer stopped with a named error in {stopped_s:.1f}s")
     resumed = _train(vllm_tiny_dir, run, *on_two, "resume=auto")
     out, err = resumed.communicate(timeout=900)
