@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from nemo_prorl.config.loader import ConfigError, load_config
 from nemo_prorl.policy import POLICY_BACKENDS
 from nemo_prorl.policy.microbatch import make_micro_batch, plan_micro_batches, response_values, split_micro_batches
-from nemo_prorl.rollout import ROLLOUT_ENGINES, SamplingParams
+from nemo_prorl.rollout import SamplingParams
 from nemo_prorl.rollout.base import Completion
 from nemo_prorl.train import run_training
 from nemo_prorl.trainer.batching import build_batch
@@ -70,8 +70,12 @@ LAYOUTS = {  # name: policy.megatron overrides
 def _batch_and_loss(cfg, model_dir):
     """A mini-batch of sampled rows of different lengths (with old and reference logprobs and advantages)
     and the ProRL loss for it."""
+    from nemo_prorl.rollout.torch_engine import TorchRolloutEngine
+
     tok = AutoTokenizer.from_pretrained(model_dir)
-    engine = ROLLOUT_ENGINES.get("torch")(cfg, model_dir)
+    # in this process whatever the config's cluster says: the batch is test data, not the thing tested
+    engine = TorchRolloutEngine(model_dir, device="cpu", dtype=cfg.model.dtype, max_num_seqs=cfg.rollout.max_num_seqs,
+                                pad_token_id=tok.pad_token_id, tokenizer=tok)
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
                                                   tokenize=False)) for c in ("reverse 123", "sort 98765432")]
     comps = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, top_p=1.0, max_tokens=10,
