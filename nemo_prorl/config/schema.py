@@ -298,6 +298,12 @@ class SandboxConfig:
     max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE
     num_workers: int = 4  # programs run concurrently
     python: str = ""  # interpreter for programs; "" = the trainer's own
+    # A machine that cannot confine programs (no user/mount/PID namespaces, e.g. Docker's default seccomp
+    # profile) refuses to run them unless this is set; then a warning is logged once per run.
+    allow_unconfined: bool = False
+    disk_mb: int = 64  # the program's only writable folder is a tmpfs of this size, gone after the run
+    # backend=remote: the file holding the server's shared secret (else env PRORL_SANDBOX_TOKEN)
+    token_file: str = ""
 
 
 @dataclass
