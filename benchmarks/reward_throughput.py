@@ -3,7 +3,7 @@
     python benchmarks/reward_throughput.py [--programs 20] [--math-rows 400]
 
 Figures are for this machine and this process; the sandbox overhead is a ratio against a peer run of the
-same program with the same inputs in this script (target: under 2x).
+same program with the same inputs in this script (target: under 1.5x, issue 18).
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ def bench_math(rows: int, workers: int) -> float:
     from nemo_prorl.config.schema import MathRewardConfig
 
     suite = RewardSuite(RewardConfig(math=MathRewardConfig(num_workers=workers)))
-    inputs = [RewardInput(response=rf"so \boxed{{{p}}}", ground_truth=t) for p, t in MATH] * (rows // len(MATH))
+    # distinct rows (the reward caches the verdict of a repeated (answer, truth) pair): each pair shifted by k
+    inputs = [RewardInput(response=rf"so \boxed{{{p}+{k}}}", ground_truth=f"{t}+{k}")
+              for k in range(rows // len(MATH)) for p, t in MATH]
     suite.score_batch(["math"] * len(MATH), inputs[: len(MATH)])  # start the workers
     dt, res = timed(suite.score_batch, ["math"] * len(inputs), inputs)
     assert all(r.status == "ok" for r in res)
@@ -131,7 +133,7 @@ def main() -> None:
     print(f"  plain subprocess.run      {s['plain_s_per_program'] * 1e3:7.1f} ms/program")
     print(f"  local sandbox             {s['sandbox_s_per_program'] * 1e3:7.1f} ms/program   "
           f"(namespaces: {bool(s['namespaces'])})")
-    print(f"  sandbox overhead          {s['overhead_x']:7.2f} x   (target < 2x)")
+    print(f"  sandbox overhead          {s['overhead_x']:7.2f} x   (target < 1.5x)")
     for w in (1, 2, 4):
         print(f"  code reward, {w} workers    {bench_code_reward(4 * a.programs, w):7.1f} programs/s")
     for w in (1, 2):

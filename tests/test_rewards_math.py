@@ -1,5 +1,7 @@
 """Math verifier: answer extraction, equivalences accepted by Math-Verify or the sympy fallback, hard time outs."""
 
+from pathlib import Path
+
 import pytest
 
 from nemo_prorl.config.schema import MathRewardConfig, RewardConfig
@@ -116,11 +118,11 @@ def _crash(x):
 def test_worker_pool_reports_errors_and_replaces_dead_workers():
     from nemo_prorl.rewards.workers import HardTimeoutPool
 
-    pool = HardTimeoutPool(1)
+    pool = HardTimeoutPool(1, ro_paths=[str(Path(__file__).parent)])  # a confined worker imports this module
     try:
         assert [o.value for o in pool.map(_square, [1, 2, 3], timeout=30)] == [1, 4, 9]
-        died = pool.call(_crash, 0, timeout=30)
-        assert died.status == "error" and "worker died" in died.reason
+        died = pool.call(_crash, 0, timeout=30)  # the call's process dies (each call is a forked child)
+        assert died.status == "error" and "died (exit code 3)" in died.reason
         unpicklable = pool.call(_square, lambda: 0, timeout=30)
         assert unpicklable.status == "error" and "could not send" in unpicklable.reason
         raised = pool.call(_square, "x", timeout=30)
@@ -160,7 +162,7 @@ def test_worker_start_up_does_not_count_against_the_time_limit():
 def test_a_worker_that_dies_before_the_call_begins_is_replaced_and_the_call_retried(tmp_path):
     from nemo_prorl.rewards.workers import HardTimeoutPool
 
-    pool = HardTimeoutPool(1)
+    pool = HardTimeoutPool(1, initializer=None)  # not confined: `prepare` writes its marker in tmp_path
     try:
         out = pool.call(_first, (str(tmp_path / "died-once"), 5), timeout=30, prepare=_exit_first_time)
         assert (out.status, out.value) == ("ok", 5) and (tmp_path / "died-once").exists()

@@ -109,9 +109,8 @@ def test_scorer_exception_is_a_wrong_answer_with_the_reason(reward):
     assert "prime_factorization.score_answer raised ValueError" in res.reason
 
 
-def test_hostile_answers_time_out_and_run_confined(reward, monkeypatch, tmp_path):
-    """Some scorers eval the answer; they run in a worker without the trainer's environment or network,
-    and one that spins is killed."""
+def test_hostile_answers_time_out(reward):
+    """An answer that spins the scorer is killed at the time limit; the pool keeps serving."""
     from nemo_prorl.config.schema import ReasoningGymRewardConfig, RewardConfig
 
     r = ReasoningGymReward(RewardConfig(reasoning_gym=ReasoningGymRewardConfig(timeout_s=3.0, num_workers=1)))
@@ -119,13 +118,97 @@ def test_hostile_answers_time_out_and_run_confined(reward, monkeypatch, tmp_path
         entry = reasoning_gym.create_dataset("intermediate_integration", size=1, seed=0)[0]
         res = r.score(row(entry, "intermediate_integration", "x**99999999"))
         assert res.status == "timeout" and res.reward == 0.0
-        monkeypatch.setenv("PRORL_TEST_SECRET", "s3cret")  # set before the replacement worker starts
-        marker = tmp_path / "ran"
-        probe = ("__import__('pathlib').Path(%r).write_text(repr(__import__('os').environ.get('PRORL_TEST_SECRET'))"
-                 " + ' ' + repr(__import__('socket').socket().connect_ex(('1.1.1.1', 53))))") % str(marker)
         entry = reasoning_gym.create_dataset("countdown", size=1, seed=0)[0]
-        r.score(row(entry, "countdown", probe))  # countdown's scorer (0.1.25) evaluates the expression it is given
-        secret, connect = marker.read_text().split()  # so the probe ran: it saw no secret and no network
-        assert secret == "None" and connect != "0"
+        assert r.score(row(entry, "countdown", entry["answer"])).reward == 1.0
     finally:
         r.close()
+
+
+def _countdown_module() -> str:
+    return type(reasoning_gym.create_dataset("countdown", size=1, seed=0)).__module__
+
+
+# Issue 18: countdown's scorer (reasoning-gym 0.1.25) parse_expr-evaluates the answer in the scorer's
+# process. These answers scored 1.0 for a wrong solution, and the first one kept every later answer that
+# the same worker scored at 1.0.
+PATCH_GLOBALS = ("__import__('sys').modules[%r].__dict__.update({'sorted': __import__('builtins').bool, "
+                 "'np': __import__('unittest.mock').mock.MagicMock()}) or 1")
+EDIT_ENTRY = ("__import__('builtins').exec(\"import sys\\nf = sys._getframe()\\nwhile 'entry' not in f.f_locals: "
+              "f = f.f_back\\nf.f_locals['entry']['metadata'].update(numbers=[], target=len(''))\") or False")
+
+
+def test_an_answer_that_patches_the_scorer_scores_zero_and_the_patch_does_not_last(reward):
+    entry = reasoning_gym.create_dataset("countdown", size=1, seed=0)[0]
+    res = reward.score(row(entry, "countdown", PATCH_GLOBALS % _countdown_module()))
+    assert res.reward == 0.0 and res.status == "ok" and res.info.get("tampered") == 1.0, res
+    assert "changed the verifier's state" in res.reason
+    after = reward.score_batch([row(entry, "countdown", "1+1")] * 4)  # every worker: none keeps the patch
+    assert [a.reward for a in after] == [0.05] * 4, after
+    assert reward.score(row(entry, "countdown", entry["answer"])).reward == 1.0
+
+
+def test_an_answer_that_edits_its_entry_through_frames_scores_zero(reward):
+    entry = reasoning_gym.create_dataset("countdown", size=1, seed=0)[0]
+    res = reward.score(row(entry, "countdown", EDIT_ENTRY))
+    assert res.reward == 0.0 and res.info.get("tampered") == 1.0, res
+    assert reward.score(row(entry, "countdown", entry["answer"])).reward == 1.0
+
+
+def _probe(arg):
+    """Runs where answers are scored (a forked child of a confined worker): what can it see and do?"""
+    import ctypes
+    import os
+    import signal
+    import socket
+
+    data_file, trainer_pid, project = arg
+    out = {"secret": os.environ.get("PRORL_TEST_SECRET"), "proc": os.path.exists("/proc"),
+           "uid": os.getuid(), "root": sorted(os.listdir("/")), "project": sorted(os.listdir(project))}
+    try:
+        out["data"] = open(data_file).read()
+    except OSError as e:
+        out["data"] = type(e).__name__
+    out["connect"] = socket.socket().connect_ex(("1.1.1.1", 53))
+    for name, call in (("kill", lambda: os.kill(trainer_pid, signal.SIGUSR1)), ("fork", os.fork),
+                       ("exec", lambda: os.execv("/bin/true", ["true"]))):
+        try:
+            out[name] = call()
+        except OSError as e:
+            out[name] = e.errno
+    out["seccomp"] = ctypes.CDLL(None).prctl(21, 0, 0, 0, 0)  # PR_GET_SECCOMP
+    return out
+
+
+def test_answers_are_scored_confined(tmp_path, monkeypatch):
+    """No environment secrets, no /proc (so no parent's environ), no network, no data files, no signals
+    to the trainer, no new processes, an unprivileged uid under seccomp."""
+    import errno
+    import os
+    import signal
+    from pathlib import Path
+
+    from nemo_prorl.rewards.workers import HardTimeoutPool
+
+    monkeypatch.setenv("PRORL_TEST_SECRET", "s3cret")
+    data = tmp_path / "train.jsonl"
+    data.write_text("expected answers")
+    data.chmod(0o644)
+    got = []
+    old = signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+    pool = HardTimeoutPool(1, ro_paths=[str(Path(__file__).parent)])
+    try:
+        project = Path(__file__).resolve().parents[1]
+        o = pool.call(_probe, (str(data), os.getpid(), str(project)), timeout=60)
+    finally:
+        pool.close()
+        signal.signal(signal.SIGUSR1, old)
+    assert o.status == "ok", o
+    p = o.value
+    assert p["secret"] is None and p["proc"] is False and p["data"] == "FileNotFoundError", p
+    assert p["connect"] != 0 and p["kill"] == errno.EPERM and p["fork"] == errno.EPERM, p
+    assert p["exec"] == errno.EPERM and p["seccomp"] == 2 and got == [], p
+    assert "home" not in p["root"] and "var" not in p["root"], p
+    # of the project folder (data, runs, checkpoints) only the code it imports: the package and the tests
+    assert set(p["project"]) <= {"nemo_prorl", "tests", ".venv"}, p
+    if os.getuid() == 0:
+        assert p["uid"] != 0

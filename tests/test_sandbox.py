@@ -15,7 +15,6 @@ from nemo_prorl.config.schema import RewardConfig, SandboxConfig
 from nemo_prorl.rewards import RewardInput
 from nemo_prorl.rewards.code import CodeReward, outputs_match, plan_tests
 from nemo_prorl.rewards.sandbox import LocalSandbox, _namespaces_available
-from nemo_prorl.rewards.sandbox_remote import RemoteSandbox, serve
 
 needs_ns = pytest.mark.skipif(not _namespaces_available(), reason="this kernel forbids user/net/pid namespaces")
 
@@ -170,14 +169,17 @@ def test_program_cannot_read_the_trainers_environment_or_files(reward, tmp_path,
 
 
 @needs_ns
-def test_program_cannot_write_outside_its_temp_dir(reward):
+def test_program_cannot_write_outside_its_own_folder(reward):
+    """/w (and /tmp, a link to it) is the only writable place, and it is gone after the run."""
     target = Path(tempfile.gettempdir()) / f"prorl_escape_{secrets.token_hex(4)}"
-    code = (f"for p in [{str(target)!r}, '/var/tmp/prorl_escape', {str(Path.cwd() / 'escape.txt')!r}, 'ok.txt']:\n"
+    code = (f"for p in ['/var/tmp/prorl_escape', {str(Path.cwd() / 'escape.txt')!r}, '/usr/escape', '/escape', "
+            f"'/sbx/escape', {str(target)!r}, 'ok.txt']:\n"
             "    try:\n        open(p, 'w').write('x')\n        print('wrote', p)\n"
             "    except OSError as e:\n        print('denied', p)\n")
     out = reward.sandbox.run(code, [""]).tests[0].stdout
     assert not target.exists() and not (Path.cwd() / "escape.txt").exists()
-    assert "wrote ok.txt" in out and out.count("wrote") == 1, out
+    assert not Path("/var/tmp/prorl_escape").exists() and not Path("/usr/escape").exists()
+    assert "wrote ok.txt" in out and f"wrote {target}" in out and out.count("wrote") == 2, out
 
 
 def test_many_programs_run_concurrently(reward):
@@ -188,8 +190,8 @@ def test_many_programs_run_concurrently(reward):
     runs = []
     real = reward.sandbox.run
 
-    def run(code, inputs):
-        out = real(code, inputs)
+    def run(code, inputs, driver=False):
+        out = real(code, inputs, driver)
         runs.append([float(t.stderr.split()[0]) for t in out.tests])
         return out
 
@@ -203,9 +205,20 @@ def test_many_programs_run_concurrently(reward):
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans  # serial runs would not overlap
 
 
-def test_without_namespaces_rlimits_still_apply():
-    sb = LocalSandbox(SandboxConfig(total_timeout_s=2.0, per_test_timeout_s=1.0))
-    sb.namespaces = False
+def test_without_namespaces_the_sandbox_refuses_unless_allowed(monkeypatch, caplog):
+    """Issue 18: a machine that cannot confine (no namespaces) used to drop silently to rlimits only."""
+    from nemo_prorl.rewards import sandbox as sandbox_mod
+
+    monkeypatch.setattr(sandbox_mod, "_namespaces_available", lambda: False)
+    monkeypatch.setattr(sandbox_mod, "_warned_unconfined", False)
+    with pytest.raises(sandbox_mod.UnconfinedError, match="allow_unconfined"):
+        LocalSandbox(SandboxConfig())
+    with pytest.raises(sandbox_mod.UnconfinedError):  # the reward is built at launch, not per row
+        CodeReward(RewardConfig(sandbox=SandboxConfig()))
+    caplog.set_level("WARNING")
+    sb = LocalSandbox(SandboxConfig(total_timeout_s=2.0, per_test_timeout_s=1.0, allow_unconfined=True))
+    LocalSandbox(SandboxConfig(allow_unconfined=True))
+    assert sum("allow_unconfined" in r.message for r in caplog.records) == 1  # warned once per run
     run = sb.run("print(input()[::-1])", ["abc\n", "xy\n"])
     assert [t.stdout for t in run.tests] == ["cba\n", "yx\n"]
     run = sb.run("while True: pass", [""])
@@ -244,37 +257,28 @@ def test_plan_tests_rejects_mismatched_lists():
         plan_tests("", {"inputs": ["1"], "outputs": []})
 
 
-def test_remote_sandbox_speaks_the_documented_protocol():
-    server = serve("127.0.0.1", 0, SandboxConfig(total_timeout_s=2.0, per_test_timeout_s=2.0))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def test_two_trainers_on_one_node_get_disjoint_sandbox_uids(tmp_path, monkeypatch):
+    """Issue 18: RLIMIT_NPROC counts per uid, so trainers that shared sandbox uids shared one process limit.
+    Each process claims a block of uids under an exclusive lock held while it lives."""
+    import subprocess
+    import sys
+
+    from nemo_prorl.rewards.sandbox import UidBlock
+
+    monkeypatch.setattr(UidBlock, "LOCK_DIR", str(tmp_path / "uids"))
+    code = ("import sys\nfrom nemo_prorl.rewards.sandbox import UidBlock\n"
+            f"UidBlock.LOCK_DIR = {str(tmp_path / 'uids')!r}\n"
+            "b = UidBlock()\nu = [b.take(), b.take()]\nprint(u[0], u[1], flush=True)\nsys.stdin.read()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        cfg = RewardConfig(sandbox=SandboxConfig(backend="remote", url=url))
-        r = CodeReward(cfg)
-        assert isinstance(r.sandbox, RemoteSandbox)
-        assert _score(r, GOOD).reward == 1.0
-        assert _score(r, "print(5)").reward == 0.0
-        import urllib.error
-        import urllib.request
-        with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(urllib.request.Request(url + "/run", data=b'{"code": 1}'))
-        assert e.value.code == 400
-        r.close()
+        taken = [set(map(int, p.stdout.readline().split())) for p in procs]
+        mine = UidBlock()
+        here = {mine.take() for _ in range(3)}
     finally:
-        server.shutdown()
-        server.server_close()
-    dead = CodeReward(RewardConfig(sandbox=SandboxConfig(backend="remote", url=url)))
-    res = _score(dead, GOOD)
-    assert res.status == "error" and "sandbox server" in res.reason
-
-
-def test_rays_token_and_session_folders_are_hidden_from_programs(monkeypatch):
-    """A program that read the cluster's token (a launcher keeps it in the run folder) could join the cluster."""
-    from nemo_prorl.rewards.sandbox import _hidden_dirs
-
-    before = _hidden_dirs([])
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/etc/prorl-run/ray_token")  # folders no other rule hides
-    monkeypatch.setenv("RAY_TMPDIR", "/usr/share")
-    monkeypatch.setattr("os.path.isdir", lambda p: p in ("/etc/prorl-run", "/usr/share") or Path(p).is_dir())
-    hidden = _hidden_dirs([])
-    assert "/etc/prorl-run" not in before and {"/etc/prorl-run", "/usr/share"} <= set(hidden)
+        for p in procs:
+            p.communicate("")
+    assert all(len(t) == 2 for t in taken) and len(here) == 3  # concurrent programs: a uid each
+    assert not (taken[0] & taken[1]) and not (here & (taken[0] | taken[1]))
+    blocks = [{u // UidBlock.SIZE for u in t} for t in (*taken, here)]
+    assert len(set().union(*blocks)) == 3  # three processes, three blocks

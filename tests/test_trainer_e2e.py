@@ -185,9 +185,13 @@ def test_verifier_failures_are_counted_and_reported_not_raised(tiny_model_dir, t
         REWARDS.register("test_fails_on_odd")(lambda cfg=None: FailsOnOddLength())
     for task in ("reverse", "sort"):
         monkeypatch.setitem(synthetic.TASK_REWARDS, task, "test_fails_on_odd")
+    # and a machine where the code sandbox cannot confine, accepted by config: one event for the run
+    monkeypatch.setattr("nemo_prorl.trainer.grpo.sandbox_confines", lambda: False)
     cfg, resolved = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "trainer.num_steps=1",
-                                 "validation.every_n_steps=0", "trainer.plot=false", f"trainer.output_dir={tmp_path}"])
+                                 "validation.every_n_steps=0", "trainer.plot=false", f"trainer.output_dir={tmp_path}",
+                                 "reward.sandbox.allow_unconfined=true"])
     run_training(cfg, resolved)
+    assert [e["event"] for e in read(tmp_path / "events.jsonl")].count("sandbox_unconfined") == 1
     (row,) = read(tmp_path / "metrics.jsonl")
     assert 0.0 < row["reward/error_frac"] < 1.0 and row["reward/timeout_frac"] == 0.0
     assert_every_step_updated([row])  # the rows that were scored still train

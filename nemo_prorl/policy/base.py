@@ -9,6 +9,8 @@ plus whatever the loss needs (old_logprobs, ref_logprobs, advantages). P is impl
 
 from __future__ import annotations
 
+import pickle
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,13 +109,44 @@ class PolicyBackend(ABC):
     def save_state(self, path: Path) -> None:
         """Write the resume state into checkpoint folder `path`, beside the HF weights. Multi-process
         backends override it to write one file per rank, in parallel."""
-        torch.save(self.state_dict(), path / STATE_FILE)
+        save_plain_state(self.state_dict(), path / STATE_FILE)
 
     def load_state(self, path: Path) -> None:
-        self.load_state_dict(torch.load(path / STATE_FILE, weights_only=False))
+        self.load_state_dict(load_plain_state(path / STATE_FILE))
 
     def close(self) -> None:
         """Release worker processes and devices (a no-op for in-process backends)."""
+
+
+def save_plain_state(state: Any, f: Path) -> None:
+    """torch.save `state`, then check that load_plain_state will read it back: a state that pickles some
+    other object fails here, at the checkpoint, rather than at the resume that needs it."""
+    torch.save(state, f)
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+    if unsafe:
+        raise TypeError(f"{f.name}: the state holds objects that a weights_only load refuses ({', '.join(unsafe)}); "
+                        "store them as tensors or plain data")
+
+
+def load_plain_state(f: Path) -> Any:
+    """Load a state file written by torch.save that holds only tensors and plain data (dicts, lists,
+    numbers, strings), as optimizer and scheduler state dicts do. weights_only=True because a checkpoint
+    is data: a tampered file whose pickle names any other callable is refused before anything runs,
+    where a full unpickle would run it on resume. Raises ValueError naming the file."""
+    try:
+        return torch.load(f, weights_only=True)
+    except pickle.UnpicklingError as e:  # what torch raises for a global it does not allow, or a bad opcode
+        raise ValueError(f"{f.name} holds more than tensors and plain data, or is damaged; refused without "
+                         f"unpickling it ({weights_only_reason(e)})") from e
+
+
+def weights_only_reason(e: BaseException) -> str:
+    """The one line of torch's weights_only refusal that says what was refused: its advice to load with
+    weights_only=False (running the file's code) must not reach the user as the way out."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.S)
+    if m is None:
+        return "not loadable with weights_only=True"
+    return " ".join(m.group(1).split()).split(" Please use `torch.serialization")[0]
 
 
 # Entries are factories: (cfg: ProRLConfig, model_dir: Path) -> PolicyBackend.

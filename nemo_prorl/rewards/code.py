@@ -9,12 +9,22 @@ one of the formats public code-RL data uses:
   check function (HumanEval):                          {"test": "def check(candidate): ...", "entry_point": "f"}
 All test cases of one response run in one sandbox; many responses run concurrently.
 
-Harness results are read from a line with a per-run random marker; a program that deliberately reads its
-own harness could forge it (assert/call formats only). Stdin/stdout tests compare the real output.
+Judging happens here, outside the program (issue 18): expected outputs never enter the sandbox.
+- stdin/stdout: the program's real output is compared here.
+- function tests: the harness (sandbox_driver.py) calls the function and returns its value as a literal of
+  plain built-in types, decoded here with `ast.literal_eval` and compared here, so a return value whose
+  __eq__ always succeeds, a shadowed `exec` or a printed pass marker gain nothing. APPS call tests,
+  and asserts of the forms `assert f(<literals>) == <literal>` (either side), `... is True/False/None`,
+  `assert f(...)`, `assert not f(...)`, `abs(f(...) - v) < tol`, `math.isclose(f(...), v, ...)` and
+  `set(f(...)) == set(...)` (HumanEval's `candidate(...)` likewise) become such call tests.
+- Any other assert runs in the program's process and writes a random token when it passes. A program can
+  forge that, so these are "weak" tests, counted per row in `reward/code/weak_tests` (their share).
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import json
 import math
 import secrets
@@ -30,60 +40,210 @@ from nemo_prorl.rewards.sandbox import Sandbox, SandboxRun, make_sandbox
 
 @dataclass
 class TestPlan:
-    """What to run and how to judge it: one program, one stdin per test, one check per test."""
+    """What to run and how to judge it: one program, one input per test, one check per test. Every
+    judgement happens here in the trainer; expected values never enter the sandbox."""
 
     program: str
-    inputs: list[str]
-    expected: list[Any]
-    kind: str  # "stdio", "call", "assert", "check"
-    marker: str = ""
+    inputs: list[str]  # stdin text (stdio) or a harness request (sandbox_driver.py)
+    checks: list["Check"]
+    kind: str  # "stdio" or "driver"
+
+    @property
+    def weak(self) -> int:
+        return sum(c.cmp == "token" for c in self.checks)
 
 
-_CALL_HARNESS = """
-import json as _j, sys as _s
-_args = _j.loads(_s.stdin.read())
-_f = globals().get({fn!r})
-if _f is None and "Solution" in globals():
-    _f = getattr(Solution(), {fn!r})
-_r = _f(*_args)
-print({marker!r} + _j.dumps(_r))
-"""
-_ASSERT_HARNESS = """
-import sys as _s
-_tests = {tests!r}
-exec({setup!r})
-exec(_tests[int(_s.stdin.read())])
-print({marker!r})
-"""
-_CHECK_HARNESS = """
-{test}
-check({entry})
-print({marker!r})
-"""
+@dataclass(frozen=True)
+class Check:
+    cmp: str  # "stdio", "eq", "in_list" (APPS call outputs), "is", "truthy", "falsy", "close", "set_eq", "token"
+    expected: Any = None
+    rel_tol: float = 0.0
+    abs_tol: float = 0.0
+    strict: bool = False  # abs(...) < tol rather than <= tol
+
+
+def _literal(node: ast.AST) -> Any:
+    return ast.literal_eval(node)  # ValueError/TypeError/SyntaxError for anything not a plain literal
+
+
+def _call_of(node: ast.AST, names: set[str]) -> Optional[tuple[str, str]]:
+    """(args literal source, kwargs literal source) when `node` is `name(<literals>)` for a name in
+    `names`; None otherwise."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names):
+        return None
+    if any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords):
+        return None
+    try:
+        args = [_literal(a) for a in node.args]
+        kwargs = {k.arg: _literal(k.value) for k in node.keywords}
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+        return None
+    return repr(args), repr(kwargs)
+
+
+def _is_isclose(node: ast.AST) -> bool:
+    f = node.func if isinstance(node, ast.Call) else None
+    return (isinstance(f, ast.Attribute) and f.attr == "isclose" and isinstance(f.value, ast.Name)
+            and f.value.id == "math") or (isinstance(f, ast.Name) and f.id == "isclose")
+
+
+def assert_to_call(stmt: ast.stmt, names: set[str]) -> Optional[tuple[str, str, Check]]:
+    """Turn `assert f(<literals>) <op> <literal>` and the usual tolerance forms into (args, kwargs, Check);
+    None when the statement has another form (it then runs as a weak test)."""
+    if not isinstance(stmt, ast.Assert):
+        return None
+    t = stmt.test
+    try:
+        if isinstance(t, ast.Compare) and len(t.ops) == 1:
+            left, op, right = t.left, t.ops[0], t.comparators[0]
+            if isinstance(op, ast.Eq):
+                for a, b in ((left, right), (right, left)):
+                    call = _call_of(a, names)
+                    if call:
+                        return (*call, Check("eq", _literal(b)))
+                    if isinstance(a, ast.Call) and isinstance(a.func, ast.Name) and a.func.id == "set" \
+                            and len(a.args) == 1 and not a.keywords:
+                        call = _call_of(a.args[0], names)
+                        exp = b.args[0] if isinstance(b, ast.Call) and isinstance(b.func, ast.Name) \
+                            and b.func.id == "set" and len(b.args) == 1 else b
+                        if call:
+                            return (*call, Check("set_eq", list(_literal(exp))))
+            if isinstance(op, ast.Is) and isinstance(right, ast.Constant) and right.value in (True, False, None):
+                call = _call_of(left, names)
+                if call:
+                    return (*call, Check("is", right.value))
+            if isinstance(op, (ast.Lt, ast.LtE)) and isinstance(left, ast.Call) and isinstance(left.func, ast.Name) \
+                    and left.func.id == "abs" and len(left.args) == 1 and isinstance(left.args[0], ast.BinOp) \
+                    and isinstance(left.args[0].op, ast.Sub):
+                diff = left.args[0]
+                for a, b in ((diff.left, diff.right), (diff.right, diff.left)):
+                    call = _call_of(a, names)
+                    if call:
+                        return (*call, Check("close", float(_literal(b)), abs_tol=float(_literal(right)),
+                                             strict=isinstance(op, ast.Lt)))
+        if _is_isclose(t) and len(t.args) == 2:
+            kw = {k.arg: float(_literal(k.value)) for k in t.keywords if k.arg in ("rel_tol", "abs_tol")}
+            if len(kw) == len(t.keywords):
+                for a, b in ((t.args[0], t.args[1]), (t.args[1], t.args[0])):
+                    call = _call_of(a, names)
+                    if call:
+                        return (*call, Check("close", float(_literal(b)), rel_tol=kw.get("rel_tol", 1e-9),
+                                             abs_tol=kw.get("abs_tol", 0.0)))
+        call = _call_of(t, names)
+        if call:
+            return (*call, Check("truthy"))
+        if isinstance(t, ast.UnaryOp) and isinstance(t.op, ast.Not):
+            call = _call_of(t.operand, names)
+            if call:
+                return (*call, Check("falsy"))
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+        return None
+    return None
+
+
+def _call_request(fn: str, args: str, kwargs: str, setup: str) -> str:
+    return json.dumps({"kind": "call", "fn": fn, "args": args, "kwargs": kwargs, "setup": setup})
+
+
+def _weak_request(stmt: str, setup: str) -> tuple[str, Check]:
+    token = secrets.token_hex(16)
+    return json.dumps({"kind": "assert", "stmt": stmt, "setup": setup, "token": token}), Check("token", token)
+
+
+def _plan_asserts(tests: list[str], setup: str) -> TestPlan:
+    inputs, checks = [], []
+    for src in tests:
+        try:
+            mod = ast.parse(src)
+        except SyntaxError as e:
+            raise ValueError(f"test {src[:80]!r} is not Python: {e}") from e
+        names = _tested_names(mod)
+        conv = assert_to_call(mod.body[0], names) if len(mod.body) == 1 and len(names) == 1 else None
+        if conv is not None:
+            inputs.append(_call_request(next(iter(names)), conv[0], conv[1], setup))
+            checks.append(conv[2])
+        else:
+            req, chk = _weak_request(src, setup)
+            inputs.append(req)
+            checks.append(chk)
+    return TestPlan("", inputs, checks, "driver")
+
+
+_NOT_TESTED = set(dir(builtins)) | {"math", "isclose"}
+
+
+def _tested_names(mod: ast.Module) -> set[str]:
+    """The functions a test calls that are not builtins: the program's functions under test. Read from
+    the test alone, so a program cannot choose how its tests are run."""
+    return {n.func.id for n in ast.walk(mod) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+            and n.func.id not in _NOT_TESTED}
+
+
+def _plan_check(code: str, test: str, entry: str) -> TestPlan:
+    """HumanEval: `def check(candidate): assert candidate(...) == ...` turned into one call test per
+    assert; a check with any other statement runs whole as one weak test."""
+    try:
+        mod = ast.parse(test)
+    except SyntaxError as e:
+        raise ValueError(f"'test' is not Python: {e}") from e
+    checks_fn = [n for n in mod.body if isinstance(n, ast.FunctionDef) and n.name == "check"]
+    others = [n for n in mod.body if n not in checks_fn and not _harmless(n)]
+    if len(checks_fn) == 1 and not others and checks_fn[0].args.args:
+        fn = checks_fn[0]
+        alias = fn.args.args[0].arg
+        inputs, checks = [], []
+        for stmt in fn.body:
+            if _harmless(stmt) or (isinstance(stmt, ast.Assert) and isinstance(stmt.test, ast.Constant)):
+                continue  # docstrings, `assert True`
+            conv = assert_to_call(stmt, {alias})
+            if conv is None:
+                break
+            inputs.append(_call_request(entry, conv[0], conv[1], ""))
+            checks.append(conv[2])
+        else:
+            if inputs:
+                return TestPlan(code, inputs, checks, "driver")
+    req, chk = _weak_request(f"{test}\ncheck({entry})", "")
+    return TestPlan(code, [req], [chk], "driver")
+
+
+def _harmless(node: ast.stmt) -> bool:
+    """Statements of a test file that do nothing a call test needs: docstrings, imports, METADATA = {...}."""
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+        return True
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return True
+    if isinstance(node, ast.Assign):
+        try:
+            _literal(node.value)
+            return True
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            return False
+    return False
 
 
 def plan_tests(code: str, truth: Any) -> TestPlan:
     """Turn a ground-truth object into a TestPlan; ValueError names what is wrong with it."""
     if not isinstance(truth, dict):
         raise ValueError(f"ground truth must be a JSON object, got {type(truth).__name__}")
-    marker = f"__prorl_{secrets.token_hex(8)}__"
     if "inputs" in truth and "outputs" in truth:
         ins, outs = truth["inputs"], truth["outputs"]
         if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) != len(outs) or not ins:
             raise ValueError("'inputs' and 'outputs' must be non-empty lists of equal length")
         if truth.get("fn_name"):
-            program = code + "\n" + _CALL_HARNESS.format(fn=truth["fn_name"], marker=marker)
-            return TestPlan(program, [json.dumps(a if isinstance(a, list) else [a]) for a in ins], outs, "call", marker)
-        return TestPlan(code, [_as_text(x) for x in ins], [_as_text(x) for x in outs], "stdio")
+            fn = str(truth["fn_name"])
+            reqs = [_call_request(fn, repr(a if isinstance(a, list) else [a]), "{}", "") for a in ins]
+            return TestPlan(code, reqs, [Check("in_list", o) for o in outs], "driver")
+        return TestPlan(code, [_as_text(x) for x in ins], [Check("stdio", _as_text(x)) for x in outs], "stdio")
     if "test_list" in truth:
         tests = list(truth["test_list"])
-        if not tests:
-            raise ValueError("'test_list' is empty")
-        program = code + "\n" + _ASSERT_HARNESS.format(tests=tests, setup=truth.get("test_setup_code", ""), marker=marker)
-        return TestPlan(program, [str(i) for i in range(len(tests))], [None] * len(tests), "assert", marker)
+        if not tests or not all(isinstance(t, str) for t in tests):
+            raise ValueError("'test_list' must be a non-empty list of strings")
+        plan = _plan_asserts(tests, str(truth.get("test_setup_code") or ""))
+        plan.program = code
+        return plan
     if "test" in truth and "entry_point" in truth:
-        program = code + "\n" + _CHECK_HARNESS.format(test=truth["test"], entry=truth["entry_point"], marker=marker)
-        return TestPlan(program, [""], [None], "check", marker)
+        return _plan_check(code, str(truth["test"]), str(truth["entry_point"]))
     raise ValueError(f"unknown test format with keys {sorted(truth)}; expected inputs/outputs, test_list, "
                      "or test/entry_point")
 
@@ -115,26 +275,55 @@ def outputs_match(got: str, expected: str) -> bool:
     return True
 
 
+def _decode(result: str) -> Any:
+    """The harness's literal of plain built-in values. Parsed, never evaluated: `ast.literal_eval`
+    builds only literals, so a result cannot run code or carry an object with its own __eq__."""
+    return ast.literal_eval(result)
+
+
+def _close(got: Any, c: Check) -> bool:
+    if type(got) not in (int, float) or isinstance(got, bool):
+        return False
+    diff = abs(got - c.expected)
+    if c.rel_tol:
+        return math.isclose(got, c.expected, rel_tol=c.rel_tol, abs_tol=c.abs_tol)
+    return diff < c.abs_tol if c.strict else diff <= c.abs_tol
+
+
+def passes(c: Check, t: Any) -> bool:
+    """Whether test run `t` passes check `c`. Values compared here are plain data decoded in the trainer."""
+    if t.status != "ok":
+        return False
+    if c.cmp == "stdio":
+        return outputs_match(t.stdout, c.expected)
+    if c.cmp == "token":
+        return t.result == c.expected
+    try:
+        got = _decode(t.result)
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+        return False
+    if c.cmp == "eq":
+        return bool(got == c.expected)
+    if c.cmp == "in_list":  # APPS/TACO store a call's return value wrapped in a list
+        return bool(got == c.expected or [got] == c.expected)
+    if c.cmp == "is":
+        return got is c.expected
+    if c.cmp == "truthy":
+        return bool(got)
+    if c.cmp == "falsy":
+        return not got
+    if c.cmp == "close":
+        return _close(got, c)
+    if c.cmp == "set_eq":
+        try:
+            return set(got) == set(c.expected)
+        except TypeError:
+            return False
+    raise ValueError(f"unknown check {c.cmp!r}")
+
+
 def judge(plan: TestPlan, run: SandboxRun) -> list[bool]:
-    passed = []
-    for t, exp in zip(run.tests, plan.expected):
-        if t.status != "ok":
-            passed.append(False)
-        elif plan.kind == "stdio":
-            passed.append(outputs_match(t.stdout, exp))
-        elif plan.kind == "call":
-            line = next((ln for ln in reversed(t.stdout.splitlines()) if ln.startswith(plan.marker)), None)
-            try:
-                val = json.loads(line[len(plan.marker):]) if line is not None else _MISSING
-            except json.JSONDecodeError:
-                val = _MISSING
-            passed.append(val is not _MISSING and (val == exp or [val] == exp))
-        else:
-            passed.append(plan.marker in t.stdout.splitlines())
-    return passed
-
-
-_MISSING = object()
+    return [passes(c, t) for c, t in zip(plan.checks, run.tests)]
 
 
 class CodeReward:
@@ -165,13 +354,13 @@ class CodeReward:
             plan = plan_tests(code, truth)
         except ValueError as e:
             return failed("error", f"bad test cases: {e}")
-        run = self.sandbox.run(plan.program, plan.inputs)
+        run = self.sandbox.run(plan.program, plan.inputs, driver=plan.kind == "driver")
         if run.error:
             return failed("error", f"sandbox: {run.error}")
         passed = judge(plan, run)
         statuses = [t.status for t in run.tests]
         frac = sum(passed) / len(plan.inputs)
-        info = {"tests_passed": frac, "sandbox_s": run.wall_s}
+        info = {"tests_passed": frac, "sandbox_s": run.wall_s, "weak_tests": plan.weak / len(plan.inputs)}
         if "timeout" in statuses:  # ProRL: more than the time budget scores 0
             return RewardResult(0.0, correct=False, reason="time limit exceeded", info=info)
         bad = sorted({s for s in statuses if s != "ok"})

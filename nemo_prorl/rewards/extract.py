@@ -1,5 +1,11 @@
 """Pulling the answer out of a reasoning model's response: the text after the thinking block, the last
-`\\boxed{}` (nested braces, `\\boxed {}`, `\\fbox`), `<answer>` tags, the last fenced code block."""
+`\\boxed{}` (nested braces, `\\boxed {}`, `\\fbox`), `<answer>` tags, the last fenced code block.
+
+These run on the policy's output in the trainer's threads, with no time limit, so each takes time linear
+in the response: forward scans with `str.find`/`rfind`, one brace-matching pass, and regexes without
+nested or overlapping quantifiers. (A search that restarts at every `\\boxed{`, `<answer>` or fence
+opening and runs to the end of the text is quadratic: a response of such openings alone took hours.)
+"""
 
 from __future__ import annotations
 
@@ -15,45 +21,78 @@ def strip_thinking(response: str) -> str:
     return response[idx + len(_THINK_END):] if idx >= 0 else response
 
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+BOXED_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+BOXED_BARE = re.compile(r"\\boxed ([^\s$]+)")  # `\boxed 5`
+_BRACE = re.compile(r"(?<!\\)[{}]")  # a brace right after a backslash (`\{` in a set) does not nest
+
+
+def matching_braces(text: str, pos: int = 0) -> dict[int, int]:
+    """Position of each `{` at or after `pos` -> position of the `}` that closes it, for the braces that
+    close. One pass with a stack; escaped braces (`\\{`, `\\}`) are skipped."""
+    partner: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE.finditer(text, pos):
+        p = m.start()
+        if text[p] == "{":
+            stack.append(p)
+        elif stack:
+            partner[stack.pop()] = p
+    return partner
 
 
 def last_boxed(text: str) -> Optional[str]:
     """Content of the last `\\boxed{...}`/`\\fbox{...}`, with nested braces balanced; None if absent
     or unterminated."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text):
-            c = text[i]
-            if c == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
-                i += 2  # an escaped brace (\{ in a set) does not nest
-                continue
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i].strip()
-            i += 1
+    starts = [m.end() for m in BOXED_OPEN.finditer(text)]
+    if starts:
+        partner = matching_braces(text, starts[0] - 1)
+        for start in reversed(starts):
+            end = partner.get(start - 1)
+            if end is not None:
+                return text[start:end].strip()
     # `\boxed 5` (no braces) is accepted by graders too
-    m = list(re.finditer(r"\\boxed ([^\s$]+)", text))
-    return m[-1].group(1) if m else None
+    m = None
+    for m in BOXED_BARE.finditer(text):
+        pass
+    return m.group(1) if m else None
 
 
 def last_tag(text: str, tag: str) -> Optional[str]:
-    """Content of the last `<tag>...</tag>`; None if absent."""
-    found = re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
-    return found[-1].strip() if found else None
+    """Content of the last `<tag>...</tag>`; None if absent. `tag` is a plain name. A closed pair is
+    matched from its first opening to the first closing after it, as a lazy regex would."""
+    opening, closing = f"<{tag}>", f"</{tag}>"
+    found = None
+    pos = 0
+    while (i := text.find(opening, pos)) >= 0:
+        j = text.find(closing, i + len(opening))
+        if j < 0:
+            break  # no later opening has a closing either
+        found = (i + len(opening), j)
+        pos = j + len(closing)
+    return text[found[0]:found[1]].strip() if found else None
 
 
-_FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_FENCE = "```"
+_LANG = re.compile(r"[ \t]*([\w+#.-]*)")  # the language tag after a fence's backticks
 
 
 def last_code_block(text: str, prefer: tuple[str, ...] = ("python", "py", "python3", "")) -> Optional[str]:
-    """The last fenced code block whose language tag is in `prefer` (any block if none matches)."""
-    blocks = _FENCE.findall(text)
-    if not blocks:
-        return None
-    preferred = [code for lang, code in blocks if lang.lower() in prefer]
-    return (preferred or [code for _, code in blocks])[-1]
+    """The last fenced code block whose language tag is in `prefer` (any block if none matches).
+
+    A block opens at "```", whose line (the language tag first) ends at the next newline, and closes at
+    the next "```" after that newline."""
+    last = last_preferred = None
+    pos = 0
+    while (i := text.find(_FENCE, pos)) >= 0:
+        newline = text.find("\n", i + len(_FENCE))
+        if newline < 0:
+            break
+        end = text.find(_FENCE, newline + 1)
+        if end < 0:
+            break  # nor does any later opening close: their lines end at this newline too
+        code = text[newline + 1:end]
+        last = code
+        if _LANG.match(text, i + len(_FENCE)).group(1).lower() in prefer:  # type: ignore[union-attr]
+            last_preferred = code
+        pos = end + len(_FENCE)
+    return last_preferred if last_preferred is not None else last

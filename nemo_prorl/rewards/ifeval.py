@@ -336,31 +336,60 @@ def nth_paragraph_first_word(text: str, num_paragraphs: int, nth_paragraph: int,
 # --- detectable content and format ------------------------------------------------------------------
 
 
+_PLACEHOLDER = re.compile(r"\[[^\]\n]*(\])?")  # "[" and the rest of its line; group 1: the "]" closing it
+
+
 @_instruction("detectable_content:number_placeholders", num_placeholders=_count)
 def number_placeholders(text: str, num_placeholders: int) -> bool:
     """At least `num_placeholders` square-bracket placeholders such as [address]."""
-    return len(re.findall(r"\[.*?\]", text)) >= num_placeholders
+    # `\[.*?\]` restarts at every `[` and scans to the end of its line: quadratic on "[[[[...". A failed
+    # `[` here takes up the rest of its line (no `[` in it could close either), and only closed ones count.
+    return sum(1 for m in _PLACEHOLDER.finditer(text) if m.group(1)) >= num_placeholders
 
 
 @_instruction("detectable_content:postscript", postscript_marker=_text)
 def postscript(text: str, postscript_marker: str) -> bool:
     """A line starting with the marker; "P.S." and "P.P.S" also match with spaces and in any case."""
     marker = postscript_marker.strip()
+    # The reference's `\s*<marker>.*$` (multi-line) matches wherever the marker does: its `\s*` may be
+    # empty and `.*$` always matches. So search for the marker alone; the leading `\s*` restarted at every
+    # space of a run of spaces and ran to its end, quadratic.
     if marker == "P.P.S":
-        pattern = r"\s*p\.\s?p\.\s?s.*$"
+        pattern = r"p\.\s?p\.\s?s"
     elif marker == "P.S.":
-        pattern = r"\s*p\.\s?s\..*$"
+        pattern = r"p\.\s?s\."
     else:
-        pattern = r"\s*" + re.escape(marker.lower()) + r".*$"
-    return bool(re.findall(pattern, text.lower(), flags=re.MULTILINE))
+        pattern = re.escape(marker.lower())
+    return re.search(pattern, text.lower()) is not None
 
 
 @_instruction("detectable_format:number_bullet_lists", num_bullets=_count)
 def number_bullet_lists(text: str, num_bullets: int) -> bool:
     """Exactly `num_bullets` markdown bullet lines (`* item` or `- item`)."""
-    stars = re.findall(r"^\s*\*[^\*].*$", text, flags=re.MULTILINE)
-    dashes = re.findall(r"^\s*-.*$", text, flags=re.MULTILINE)
-    return len(stars) + len(dashes) == num_bullets
+    return _line_items(text, "*") + _line_items(text, "-") == num_bullets
+
+
+_NON_SPACE = re.compile(r"\S")
+
+
+def _line_items(text: str, bullet: str) -> int:
+    r"""How many matches the reference's multi-line `^\s*\*[^\*].*$` (bullet "*") or `^\s*-.*$` (bullet
+    "-") has, in linear time. Its `\s*` crosses line ends, so every line start of a run of blank lines
+    scanned the whole run: quadratic. Here all those line starts share one first non-space character, so
+    one look at it settles them all. (As in the reference, `*` followed by a line end takes in the next
+    line, and a match may start on a blank line above its bullet.)"""
+    count, pos, n = 0, 0, len(text)
+    while (first := _NON_SPACE.search(text, pos)) is not None:
+        f = first.start()
+        line_end = f
+        if text[f] == bullet and (bullet != "*" or (f + 1 < n and text[f + 1] != "*")):
+            count += 1
+            line_end = f + 2 if bullet == "*" else f + 1  # `[^\*]` takes the character after a `*`, even "\n"
+        nl = text.find("\n", line_end)
+        if nl < 0:
+            break
+        pos = nl + 1
+    return count
 
 
 _CONSTRAINED_OPTIONS = ("My answer is yes.", "My answer is no.", "My answer is maybe.")
@@ -404,7 +433,13 @@ def json_format(text: str) -> bool:
 @_instruction("detectable_format:title")
 def title(text: str) -> bool:
     """A non-empty title in double angular brackets, such as <<poem of joy>>."""
-    return any(t.lstrip("<").rstrip(">").strip() for t in re.findall(r"<<[^\n]+>>", text))
+    # The reference's `<<[^\n]+>>` matches, on each line, from its first "<<" to its last ">>" (at least one
+    # character between); tried at every "<<" of a line with no ">>", it was quadratic.
+    for line in text.split("\n"):
+        start, end = line.find("<<"), line.rfind(">>")
+        if start >= 0 and end >= start + 3 and line[start:end + 2].lstrip("<").rstrip(">").strip():
+            return True
+    return False
 
 
 # --- combination, start/end, punctuation ------------------------------------------------------------

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
+from collections import OrderedDict
 from fractions import Fraction
 from typing import Any, Optional, Sequence
 
@@ -196,9 +198,26 @@ def check(arg: tuple[str, str]) -> dict[str, Any]:
     return {"math_verify": mv, "fallback_only": fb, "error": mv_error}
 
 
+def warm(arg: tuple[str, str]) -> bool:
+    """`prepare` for `check`: the first time a worker sees a ground truth, check it against itself (trusted
+    data), so that Math-Verify's and sympy's lazily built state exists before any answer is evaluated
+    (the worker's StateGuard then takes it in, and does not mistake it for an answer's tampering)."""
+    truth = arg[1]
+    if truth in _WARMED or len(_WARMED) > 100_000:
+        return False
+    _WARMED.add(truth)
+    check((truth, truth))
+    return True
+
+
+_WARMED: set[str] = set()
+
+
 def verdict(o: Outcome) -> RewardResult:
     """The reward for one `check` call run in a worker: 1 if either checker accepts (ProRL §3.1); the pool's
     error or time out as the row's status."""
+    if o.status == "tampered":  # a hostile answer: wrong, not a verifier failure
+        return RewardResult(0.0, correct=False, reason=o.reason, info={"tampered": 1.0})
     if o.status != "ok":
         return failed(o.status, o.reason)  # type: ignore[arg-type]
     ok = bool(o.value["math_verify"] or o.value["fallback_only"])
@@ -206,14 +225,29 @@ def verdict(o: Outcome) -> RewardResult:
                         info={"math_verify": float(o.value["math_verify"]), "fallback_only": float(o.value["fallback_only"])})
 
 
+VERDICT_CACHE = 1 << 16  # (answer, truth) verdicts kept per reward instance
+
+
 class MathReward:
     def __init__(self, cfg: Any = None) -> None:
         mcfg = getattr(cfg, "math", None)
         self.timeout_s = float(getattr(mcfg, "timeout_s", 5.0))
         self.pool = HardTimeoutPool(int(getattr(mcfg, "num_workers", 2)), preload=CHECKER_MODULES)
+        # verdicts are deterministic in (answer, truth): the n samples of a prompt often repeat an answer,
+        # and each check runs in a fresh forked process that keeps no cache of its own (workers.py)
+        self._verdicts: "OrderedDict[tuple[str, str], RewardResult]" = OrderedDict()
+        self._lock = threading.Lock()
 
     def score(self, inp: RewardInput) -> RewardResult:
         return self.score_batch([inp])[0]
+
+    def _remember(self, key: tuple[str, str], res: RewardResult) -> None:
+        if res.status != "ok":  # time outs and worker failures are not the answer's verdict
+            return
+        with self._lock:
+            self._verdicts[key] = res
+            if len(self._verdicts) > VERDICT_CACHE:
+                self._verdicts.popitem(last=False)
 
     def score_batch(self, inputs: Sequence[RewardInput]) -> list[RewardResult]:
         out: list[Optional[RewardResult]] = [None] * len(inputs)
@@ -225,10 +259,17 @@ class MathReward:
             elif pred is None:
                 out[i] = RewardResult(0.0, correct=False, reason="no \\boxed{} answer")
             else:
-                jobs.append((pred, inp.ground_truth))
-                rows.append(i)
-        for i, o in zip(rows, self.pool.map(check, jobs, timeout=self.timeout_s)):
-            out[i] = verdict(o)
+                with self._lock:
+                    out[i] = self._verdicts.get((pred, inp.ground_truth))
+                if out[i] is None:
+                    jobs.append((pred, inp.ground_truth))
+                    rows.append(i)
+        todo = list(dict.fromkeys(jobs))  # each distinct (answer, truth) once
+        results = dict(zip(todo, (verdict(o) for o in self.pool.map(check, todo, timeout=self.timeout_s,
+                                                                   prepare=warm))))
+        for i, job in zip(rows, jobs):
+            out[i] = results[job]
+            self._remember(job, results[job])
         return out  # type: ignore[return-value]
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ One scorer of reasoning-gym 0.1.25 is overridden because it can be gamed: game_o
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from typing import Any, Callable, Optional, Sequence
@@ -70,12 +71,39 @@ def _regenerated(task: str, config_json: str, entry_meta: dict) -> Optional[dict
     return None
 
 
-def prepare_in_worker(arg: tuple[str, str, dict, str, Any, str]) -> None:
+def prepare_in_worker(arg: tuple[str, str, dict, str, Any, str]) -> bool:
     """Builds (and caches in the worker) the dataset and entry a job is scored against, before the clock of
-    the call starts: the time limit is for the scorer on the model's answer, not for our data."""
+    the call starts: the time limit is for the scorer on the model's answer, not for our data. The first
+    time per task it also scores the oracle (trusted), so that the scorer's lazily built state exists
+    before any answer runs. Returns whether it did new work."""
     task, config_json, entry_meta = arg[:3]
-    _dataset(task, config_json)
-    _regenerated(task, config_json, entry_meta)
+    misses = _dataset.cache_info().misses + _entry.cache_info().misses
+    ds = _dataset(task, config_json)
+    regen = _regenerated(task, config_json, entry_meta)
+    fresh = _dataset.cache_info().misses + _entry.cache_info().misses != misses or task not in _WARMED
+    if task not in _WARMED:
+        _WARMED.add(task)
+    if fresh:
+        entry = copy.deepcopy(_entry_for(arg, ds, regen))
+        before = _fingerprint(ds, entry)
+        try:
+            OVERRIDES.get(task, ds.score_answer)(entry.get("answer"), entry)
+        except Exception:  # noqa: BLE001  warming only
+            pass
+        if _fingerprint(ds, entry) != before:  # this scorer changes its entry itself: no tamper check on it
+            _SELF_MUTATING.add(task)
+    return fresh  # new work done (from trusted data): the worker re-takes its state snapshot
+
+
+_WARMED: set[str] = set()
+_SELF_MUTATING: set[str] = set()  # tasks whose scorer changes the entry it scores (found when warming)
+
+
+def _entry_for(arg: tuple[str, str, dict, str, Any, str], ds: Any, regen: Optional[dict]) -> dict:
+    _, _, entry_meta, prompt, oracle, _ = arg
+    if regen is not None and prompt.startswith(regen["question"].rstrip()):
+        return regen  # the exact types the scorer produced (JSON turned its tuples into lists)
+    return {"question": prompt, "answer": oracle, "metadata": entry_meta}
 
 
 def score_in_worker(arg: tuple[str, str, dict, str, Any, str]) -> tuple[str, float, str]:
@@ -83,14 +111,35 @@ def score_in_worker(arg: tuple[str, str, dict, str, Any, str]) -> tuple[str, flo
     ("ok", score, "") or ("exception", 0, what the scorer raised)."""
     task, config_json, entry_meta, prompt, oracle, answer = arg
     ds = _dataset(task, config_json)
-    entry = {"question": prompt, "answer": oracle, "metadata": entry_meta}
-    regen = _regenerated(task, config_json, entry_meta)
-    if regen is not None and prompt.startswith(regen["question"].rstrip()):
-        entry = regen  # the exact types the scorer produced (JSON turned its tuples into lists)
+    # a copy: some scorers change the entry they are given, which must not reach the cached one
+    entry = copy.deepcopy(_entry_for(arg, ds, _regenerated(task, config_json, entry_meta)))
+    before = _fingerprint(ds, entry)
     try:
-        return "ok", float(OVERRIDES.get(task, ds.score_answer)(answer, entry)), ""
+        score = float(OVERRIDES.get(task, ds.score_answer)(answer, entry))
     except Exception as e:  # noqa: BLE001
         return "exception", 0.0, f"{type(e).__name__}: {e}"
+    if task not in _SELF_MUTATING and _fingerprint(ds, entry) != before:
+        # an answer evaluated by the scorer reached the data it is compared with (through frames)
+        return "tampered", 0.0, "the answer changed the entry or the dataset it was scored against"
+    return "ok", score, ""
+
+
+def _fingerprint(ds: Any, entry: dict) -> Any:
+    """The content of the entry and the dataset's config, independent of dict and set order (a scorer that
+    re-inserts a key changes nothing that matters)."""
+    return _canon((entry, vars(ds.config) if hasattr(ds, "config") and hasattr(ds.config, "__dict__") else None))
+
+
+def _canon(x: Any, depth: int = 0) -> Any:
+    if depth > 50:
+        return repr(x)
+    if isinstance(x, dict):
+        return ("d", tuple(sorted((repr(k), _canon(v, depth + 1)) for k, v in x.items())))
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, tuple(_canon(v, depth + 1) for v in x))
+    if isinstance(x, (set, frozenset)):
+        return ("s", tuple(sorted(repr(v) for v in x)))
+    return repr(x)
 
 
 class ReasoningGymReward:
@@ -135,9 +184,14 @@ class ReasoningGymReward:
 
     @staticmethod
     def _result(task: str, o: Any) -> RewardResult:
+        if o.status == "tampered":  # the answer patched the scorer: hostile, scored as wrong
+            return RewardResult(0.0, correct=False, reason=f"{task}: {o.reason}",
+                                info={"scorer_exception": 0.0, "tampered": 1.0})
         if o.status != "ok":  # unknown task, a worker that died, or a time out
             return failed(o.status, o.reason)
         kind, value, why = o.value
+        if kind == "tampered":
+            return RewardResult(0.0, correct=False, reason=f"{task}: {why}", info={"scorer_exception": 0.0, "tampered": 1.0})
         if kind == "exception":
             # Several scorers raise on an answer they cannot parse (prime_factorization: int("abc")).
             # That is the model's malformed answer, so it scores 0 as a wrong answer; the exception is kept

@@ -9,14 +9,14 @@ from outside, killing the runner's whole process group, so nothing it started ca
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
+import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,8 +25,11 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 from nemo_prorl.config.schema import SandboxConfig
 from nemo_prorl.registry import Registry
+from nemo_prorl.rewards import jail
 
+log = logging.getLogger(__name__)
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
+DRIVER = Path(__file__).with_name("sandbox_driver.py")
 # Statuses of one test execution. "ok" only means exit code 0; the caller compares the output.
 TEST_STATUSES = ("ok", "runtime_error", "timeout", "killed", "output_limit", "file_size_limit")
 
@@ -38,6 +41,7 @@ class TestRun:
     stdout: str = ""
     stderr: str = ""
     wall_s: float = 0.0
+    result: str = ""  # what the function-test harness wrote (its fd 3)
 
 
 @dataclass
@@ -57,7 +61,7 @@ class SandboxRun:
 
 
 class Sandbox(Protocol):
-    def run(self, code: str, inputs: Sequence[str]) -> SandboxRun: ...
+    def run(self, code: str, inputs: Sequence[str], driver: bool = False) -> SandboxRun: ...
 
 
 SANDBOXES: Registry[Callable[[SandboxConfig], Sandbox]] = Registry("sandbox backend")
@@ -76,83 +80,134 @@ def _namespaces_available() -> bool:
         return False
 
 
-def _hidden_dirs(extra: Sequence[str]) -> list[str]:
-    """Directories the program must not see or write: the trainer's home, working directory, project and
-    environment, and the world-writable temp dirs (the run's own work dir is bound back inside).
-    Nested entries are merged; never `/`."""
-    pkg_root = Path(__file__).resolve().parents[2]
-    # Ray's token and session folder (its sockets): a program that reached them could join the cluster
-    ray = [os.path.dirname(os.environ.get("RAY_AUTH_TOKEN_PATH", "")), os.environ.get("RAY_TMPDIR", "")]
-    cands = {os.path.expanduser("~"), os.getcwd(), str(pkg_root), sys.prefix, tempfile.gettempdir(),
-             "/tmp", "/var/tmp", "/dev/shm", *ray, *extra}
-    out: list[str] = []
-    for c in sorted({os.path.realpath(c) for c in cands if c and os.path.isdir(c)}):
-        if c != "/" and not any(c.startswith(o + "/") for o in out):
-            out.append(c)
-    return out
+class UnconfinedError(RuntimeError):
+    """This machine cannot confine generated programs and the config does not allow running them anyway."""
+
+
+_warned_unconfined = False
+
+
+class UidBlock:
+    """Sandbox uids for a trainer process that runs as root (issue 18): a block of `size` uids claimed
+    with an exclusive lock held for the life of the process, so that two trainers on one node never run
+    programs under the same uid (RLIMIT_NPROC counts per uid), and within the process each concurrent
+    program gets a uid of its own."""
+
+    BASE, SIZE, BLOCKS = 200000, 64, 12000
+    LOCK_DIR = "/run/lock/prorl-sandbox-uids" if os.path.isdir("/run/lock") else "/tmp/prorl-sandbox-uids"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[int] = []
+        self._held: list[Any] = []  # open lock files: closing one releases its block
+
+    def _claim(self) -> None:
+        os.makedirs(self.LOCK_DIR, mode=0o700, exist_ok=True)
+        start = os.getpid() % self.BLOCKS
+        for k in itertools.chain(range(start, self.BLOCKS), range(start)):
+            f = open(os.path.join(self.LOCK_DIR, f"{k}.lock"), "a")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                continue
+            self._held.append(f)
+            self._free += range(self.BASE + k * self.SIZE, self.BASE + (k + 1) * self.SIZE)
+            return
+        raise RuntimeError(f"no free sandbox uid block in {self.LOCK_DIR}")
+
+    def take(self) -> int:
+        with self._lock:
+            if not self._free:
+                self._claim()
+            return self._free.pop(0)
+
+    def give(self, uid: int) -> None:
+        with self._lock:
+            self._free.append(uid)
+
+    def blocks(self) -> list[range]:
+        with self._lock:
+            return [range(self.BASE + int(os.path.basename(f.name)[:-5]) * self.SIZE,
+                          self.BASE + (int(os.path.basename(f.name)[:-5]) + 1) * self.SIZE) for f in self._held]
+
+
+UIDS = UidBlock()  # one per process: every LocalSandbox of a trainer shares its block
+
+
+def _driver_source() -> str:
+    return DRIVER.read_text(encoding="utf-8")
 
 
 class LocalSandbox:
-    # Programs started as root run under uids 200000-299999, one per program. Each trainer process starts
-    # at its own offset, so two runs on one machine rarely share a uid (and so an RLIMIT_NPROC count).
-    _uids = itertools.count(os.getpid() * 7919 % 100000)
-
-    def __init__(self, cfg: SandboxConfig, hide: Sequence[str] = ()) -> None:
+    def __init__(self, cfg: SandboxConfig) -> None:
         self.cfg = cfg
-        self.python = cfg.python or os.path.realpath(sys._base_executable)  # type: ignore[attr-defined]
+        self.python = os.path.realpath(cfg.python or sys._base_executable)  # type: ignore[attr-defined]
         self.namespaces = _namespaces_available()
-        self.hide = _hidden_dirs(hide)
-        base = os.path.realpath(sys.base_prefix)
-        self.keep = sorted({base, os.path.dirname(self.python)})
-        self._lock = threading.Lock()
+        if not self.namespaces:
+            if not cfg.allow_unconfined:
+                raise UnconfinedError(
+                    "the code sandbox cannot confine programs on this machine (user, mount and PID namespaces "
+                    "are refused; e.g. Docker's default seccomp profile). Run where namespaces are allowed, use "
+                    "reward.sandbox.backend=remote, or accept the risk with reward.sandbox.allow_unconfined=true")
+            _warn_unconfined()
+        self.ro_paths = jail.allowlist_paths(self.python)
+        self.runner_prefix: list[str] = []  # tests run the runner under another identity (setpriv)
         self.uids_used: set[int] = set()  # the uids this sandbox ran programs under (when root)
 
     def _nproc(self) -> int:
         if os.getuid() == 0:  # the runner drops to a uid of its own; only the sandbox's processes count
             return self.cfg.max_processes
-        # RLIMIT_NPROC counts all of this user's processes, the trainer's included
+        # RLIMIT_NPROC counts all of this user's processes, the trainer's included; the runner's own
+        # budget (processes in its PID namespace) is the tree-wide limit here
         mine = sum(1 for p in Path("/proc").iterdir() if p.name.isdigit() and _owner(p) == os.getuid())
         return mine + self.cfg.max_processes
 
-    def run(self, code: str, inputs: Sequence[str]) -> SandboxRun:
+    def run(self, code: str, inputs: Sequence[str], driver: bool = False) -> SandboxRun:
+        """Run `code` once per input. With `driver`, each input is a request for the function-test
+        harness (sandbox_driver.py), which loads the program and writes its result to `TestRun.result`."""
         t0 = time.monotonic()
-        workdir = os.path.realpath(tempfile.mkdtemp(prefix="prorl-sbx-"))
+        uid = UIDS.take() if os.getuid() == 0 else None
         try:
-            res = self._run_in(workdir, code, inputs)
+            res = self._run(code, inputs, driver, uid)
         except Exception as e:  # noqa: BLE001  a sandbox failure is recorded for this program, not raised
             res = SandboxRun(error=f"{type(e).__name__}: {e}")
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            if uid is not None:
+                UIDS.give(uid)
         res.wall_s = time.monotonic() - t0
         return res
 
-    def _run_in(self, workdir: str, code: str, inputs: Sequence[str]) -> SandboxRun:
+    def _spec(self, code: str, inputs: Sequence[str], driver: bool, uid: Optional[int]) -> dict[str, Any]:
         cfg = self.cfg
-        Path(workdir, "solution.py").write_text(code, encoding="utf-8")
-        for i, text in enumerate(inputs):
-            Path(workdir, f".in{i}").write_text(text, encoding="utf-8")
-        with self._lock:
-            uid = 200000 + next(self._uids) % 100000
-            self.uids_used.add(uid)
-        spec = {
-            "workdir": workdir, "program": os.path.join(workdir, "solution.py"), "python": self.python,
-            "num_tests": len(inputs), "namespaces": self.namespaces, "hide": self.hide,
-            "keep": self.keep, "uid": uid,
-            "total_timeout_s": cfg.total_timeout_s, "per_test_timeout_s": cfg.per_test_timeout_s,
-            "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
+        files = {"solution.py": code}
+        if driver:
+            files["driver.py"] = _driver_source()
+        entry = "driver.py" if driver else "solution.py"
+        return {
+            "python": self.python, "files": files, "confined": self.namespaces, "ro_paths": self.ro_paths,
+            "tests": [{"stdin": text, "entry": entry} for text in inputs], "uid": uid,
+            "disk_mb": cfg.disk_mb, "total_timeout_s": cfg.total_timeout_s,
+            "per_test_timeout_s": cfg.per_test_timeout_s,
+            "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/w", "TMPDIR": "/w",
                     "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"},
             "limits": {"cpu_time_s": cfg.cpu_time_s, "memory_mb": cfg.memory_mb, "nproc": self._nproc(),
-                       "max_file_bytes": cfg.max_file_bytes, "max_output_bytes": cfg.max_output_bytes},
+                       "max_processes": cfg.max_processes, "max_file_bytes": cfg.max_file_bytes,
+                       "max_output_bytes": cfg.max_output_bytes},
         }
-        spec_path = os.path.join(workdir, ".spec.json")
-        Path(spec_path).write_text(json.dumps(spec))
+
+    def _run(self, code: str, inputs: Sequence[str], driver: bool, uid: Optional[int]) -> SandboxRun:
+        if uid is not None:
+            self.uids_used.add(uid)
+        spec = self._spec(code, inputs, driver, uid)
+        # The spec travels on stdin: nothing of the program is written to the host's file system.
         proc = subprocess.Popen(
-            [self.python, "-I", "-B", str(RUNNER), spec_path], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=spec["env"],
+            [*self.runner_prefix, self.python, "-I", "-B", str(RUNNER)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=dict(spec["env"], HOME="/"),
             start_new_session=True, close_fds=True)
         try:
             # The runner enforces the budget itself; this outer limit only catches a runner that hangs.
-            out, err = proc.communicate(timeout=cfg.total_timeout_s + 10.0)
+            out, err = proc.communicate(json.dumps(spec).encode(), timeout=self.cfg.total_timeout_s + 10.0)
         except subprocess.TimeoutExpired:
             _killpg(proc.pid)
             proc.communicate()
@@ -166,9 +221,23 @@ class LocalSandbox:
             return SandboxRun(error=f"sandbox runner exited {proc.returncode}: {err.decode(errors='replace')[-500:]}")
         if "error" in payload:
             return SandboxRun(error=payload["error"])
-        tests = [TestRun(**{k: t[k] for k in ("status", "returncode", "stdout", "stderr", "wall_s")})
+        tests = [TestRun(**{k: t.get(k, "") for k in ("status", "returncode", "stdout", "stderr", "wall_s", "result")})
                  for t in payload["results"]]
         return SandboxRun(tests=tests, notes=payload.get("notes", []))
+
+
+def _warn_unconfined() -> None:
+    global _warned_unconfined
+    if not _warned_unconfined:
+        _warned_unconfined = True
+        log.warning("reward.sandbox.allow_unconfined=true and this machine cannot create namespaces: generated "
+                    "programs run with rlimits only and can read this machine's files")
+
+
+def sandbox_confines() -> bool:
+    """Whether the local sandbox can confine programs on this machine (the trainer records an event when a
+    run goes on without, under reward.sandbox.allow_unconfined)."""
+    return _namespaces_available()
 
 
 def _owner(p: Path) -> int:

@@ -4,51 +4,164 @@ arithmetic in C never returns to the interpreter to see a signal. So a call that
 worker killed and replaced; the call is reported as timed out and the pool keeps serving.
 
 Workers are started with the "spawn" method (no copy of the trainer's threads, CUDA context or memory) and
-live as long as the pool. `fn` must be importable by name (a module-level function).
+serve up to RECYCLE_CALLS calls. `fn` must be importable by name (a module-level function) and return
+plain data: a worker evaluates model answers, so it is confined (`confine`), and the trainer reads only
+JSON from it, never a pickle.
 """
 
 from __future__ import annotations
 
+import builtins
+import functools
 import importlib
+import json
 import multiprocessing as mp
 import os
 import queue
 import resource
 import sys
 import threading
+import types
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from nemo_prorl.procs import ignore_preemption_signals, track
+from nemo_prorl.rewards import jail
 
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # "ok", "error" (fn raised, or the worker died) or "timeout"
+    # "ok", "error" (fn raised, or the worker died), "timeout", or "tampered" (the call changed the verifier's
+    # globals: a hostile answer, scored 0 as wrong)
+    status: str
     value: Any = None
     reason: str = ""
 
 
-def confine() -> None:
+def confine(ro_paths: Sequence[str] = (), uid: Optional[int] = None) -> None:
     """Runs in each worker before its first call. Verifiers parse model output with sympy's parse_expr (an
-    eval), and some reasoning-gym scorers eval it outright, so what runs here may be the model's code: give
-    it no secrets (environment scrubbed), no network (an empty network namespace where the kernel allows)
-    and a memory cap. The file system stays visible; programs that are meant to run go to the sandbox."""
-    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONHASHSEED", "TMPDIR") if k in os.environ}
+    eval), and some reasoning-gym scorers eval it outright, so what runs here may be the model's code
+    (issue 18). The worker gets no secrets (environment scrubbed), no network, and a root file system that
+    holds only the interpreter, its packages, this package and `ro_paths`, read-only: no data, checkpoints,
+    home or /proc (so no parent's /proc/PID/environ). It drops to an unprivileged uid, and `_serve` adds a
+    seccomp filter (no new processes, exec or signals) before the first answer. What it sends back is
+    JSON, and a call that changed the verifier's globals (`StateGuard`) ends the worker."""
+    keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "PYTHONHASHSEED") if k in os.environ}
     os.environ.clear()
-    os.environ.update(keep)
+    os.environ.update(keep, HOME="/tmp", TMPDIR="/tmp")
     for res, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_AS, 8 << 30)):
         try:
             resource.setrlimit(res, (value, value))
         except (ValueError, OSError):
             pass
-    if sys.platform.startswith("linux"):
-        from nemo_prorl.rewards.sandbox_runner import unshare_network
-
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        _jail(ro_paths, uid)
+    except OSError as e:  # containers may forbid namespaces; the code sandbox refuses there, verifiers go on
+        print(f"nemo_prorl verifier worker: not confined ({e})", file=sys.stderr)
         try:
-            unshare_network()
+            jail.install_seccomp(jail.DENY_ALWAYS)
         except OSError:
-            pass  # containers may forbid namespaces; the rest still applies
+            pass
+
+
+def _import_roots() -> list[str]:
+    """What the worker must still import from: the interpreter's and the environment's prefixes and this
+    package (an editable install lives in the project folder, which must not be visible as a whole)."""
+    pkg = Path(__file__).resolve().parents[1]
+    roots = {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix), str(pkg)}
+    return sorted(roots)
+
+
+def _jail(ro_paths: Sequence[str], uid: Optional[int]) -> None:
+    userns = jail.enter_namespaces(jail.CLONE_NEWNET | jail.CLONE_NEWIPC | jail.CLONE_NEWUTS)
+    root = "/tmp"  # in this private mount namespace only
+    paths = jail.allowlist_paths(sys.executable, tuple(_import_roots()) + tuple(os.path.realpath(p) for p in ro_paths))
+    jail.build_root(root, paths, size_mb=64)
+    os.rmdir(root + "/proc")  # no /proc at all: nothing of other processes to read
+    os.chmod(root + "/tmp", 0o1777)
+    jail.pivot(root)
+    jail.remount_root_readonly()
+    jail.mount("tmpfs", "/tmp", "tmpfs", jail.MS_NOSUID | jail.MS_NODEV, "size=64m,mode=1777")
+    jail.become_unprivileged(uid, userns)
+    jail.prctl(jail.PR_SET_DUMPABLE, 0)
+    jail.install_seccomp(jail.DENY_ALWAYS)
+
+
+_MISSING = object()
+# what os.fork itself replaces in the child (threading re-creates its locks)
+_FORK_CHANGES = frozenset({("threading", "_active_limbo_lock"), ("threading", "_shutdown_locks_lock"),
+                           ("threading", "_shutdown_locks")})
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+_BUILTIN_NAMES = frozenset(dir(builtins))
+# Packages whose classes are checked too (a scorer's method replaced on its class); module globals are
+# checked for every module.
+_CLASS_CHECKED = ("reasoning_gym", "math_verify", "sympy.parsing", "nemo_prorl", "latex2sympy2")
+
+
+# Checked modules: the scorers' own packages whole, the top level of the libraries they call (sympy's
+# ~400 submodules would cost more than the scoring), and the standard modules scorers use. Checking
+# every module would cost ~10 ms per call in a worker holding reasoning-gym and sympy.
+_GUARDED_PACKAGES = ("reasoning_gym", "math_verify", "latex2sympy2", "nemo_prorl")
+_GUARDED_MODULES = frozenset({"builtins", "sympy", "numpy", "re", "math", "cmath", "json", "fractions", "decimal",
+                              "operator", "functools", "itertools", "collections", "random", "statistics",
+                              "string", "ast", "sympy.parsing.sympy_parser", "sympy.core.sympify"})
+
+
+def _guarded(name: str) -> bool:
+    return name in _GUARDED_MODULES or name.split(".")[0] in _GUARDED_PACKAGES
+
+
+class StateGuard:
+    """A snapshot of the guarded modules' globals (and the classes of the scorer packages), taken in the worker
+    before it forks a call. A scorer that evals the answer (countdown's parse_expr) lets the answer patch
+    the scorer's globals (`sorted`, `np.isclose`, the override table) within that very call; the forked
+    child checks afterwards that nothing changed, and a changed verifier means the answer is hostile."""
+
+    def __init__(self) -> None:
+        self.n = len(sys.modules)
+        self.items: list[tuple[str, Any, dict]] = []
+        for name, mod in list(sys.modules.items()):
+            d = getattr(mod, "__dict__", None)
+            if not _guarded(name) or not isinstance(d, dict):
+                continue
+            self.items.append((name, d, dict(d)))
+            if name.startswith(_CLASS_CHECKED):
+                for v in list(d.values()):
+                    if isinstance(v, type) and v.__module__ == name:
+                        self.items.append((f"{name}.{v.__name__}", v.__dict__, dict(v.__dict__)))
+
+    def changed(self) -> Optional[str]:
+        """The first global that was replaced by something else than a value of the same plain type, or
+        added (but a submodule, or a plain value under a name that does not shadow a builtin); None if
+        nothing. Libraries flip flags and counters in their globals (math_verify's warning flag); an
+        attack replaces functions, modules and objects (`sorted`, `np`) or shadows builtins."""
+        for name, d, copy in self.items:
+            for k, v in copy.items():
+                new = d.get(k, _MISSING)
+                if new is not v and not (type(new) is type(v) and type(v) in _PLAIN) \
+                        and (name, k) not in _FORK_CHANGES:
+                    return f"{name}.{k}"
+            if len(d) != len(copy):
+                for k in d.keys() - copy.keys():
+                    v = d[k]
+                    if isinstance(v, types.ModuleType) or k == "__warningregistry__":
+                        continue
+                    if type(v) not in _PLAIN or k in _BUILTIN_NAMES:
+                        return f"{name}.{k}"
+        return None
+
+
+def _send(conn, msg: list) -> None:
+    """Worker -> trainer messages are JSON: the trainer never unpickles what a process that evaluated a
+    model's answer sends (that process could send a pickle that runs code in the trainer)."""
+    try:
+        data = json.dumps(msg)
+    except (TypeError, ValueError) as e:
+        data = json.dumps(["error", f"the result is not plain data: {e}"])
+    conn.send_bytes(data.encode())
 
 
 def _serve(conn, initializer: Optional[Callable[[], None]], preload: Sequence[str]) -> None:  # in the worker
@@ -57,38 +170,72 @@ def _serve(conn, initializer: Optional[Callable[[], None]], preload: Sequence[st
         initializer()
     for name in preload:  # slow imports (sympy, math-verify, reasoning-gym) before the first call's clock
         importlib.import_module(name)
+    try:  # answers are evaluated in this process from here on: no new processes, exec or signals
+        jail.install_seccomp(jail.DENY_ALWAYS + jail.DENY_VERIFIER, threads_only=True)
+    except OSError:
+        pass
+    guard = StateGuard()
     while True:
         try:
-            job = conn.recv()  # unpickling `fn` imports its module: not part of the call's time either
+            job = conn.recv()  # from the trainer (trusted); unpickling `fn` imports its module, untimed
         except (EOFError, OSError):
             return
         if job is None:
             return
         fn, arg, prepare = job
         try:
-            if prepare is not None:
-                prepare(arg)
+            fresh = prepare(arg) if prepare is not None else False
         except Exception as e:  # noqa: BLE001  reported to the caller as this call's error
-            conn.send(("error", f"preparing the call failed: {type(e).__name__}: {e}"))
+            _send(conn, ["error", f"preparing the call failed: {type(e).__name__}: {e}"])
             continue
-        conn.send(("started", None))  # the call's time limit runs from here
+        # a `prepare` that did new work (it returns True) may have imported modules or set lazily built
+        # globals, from trusted data: the snapshot takes them in
+        if fresh or len(sys.modules) != guard.n:
+            guard = StateGuard()
+        _send(conn, ["started", None])  # the call's time limit runs from here
         try:
-            conn.send(("ok", fn(arg)))
+            msg = ["ok", fn(arg)]
         except Exception as e:  # noqa: BLE001  reported to the caller as this call's error
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            msg = ["error", f"{type(e).__name__}: {e}"]
+        where = guard.changed()
+        if where is not None:  # the answer patched the verifier: report it, and end this tainted worker
+            _send(conn, ["tampered", f"the answer changed the verifier's state ({where})"])
+            return
+        _send(conn, msg)
 
 
 class _NotStarted(Exception):
     """The worker failed before the call began (it died starting up, or while it was replaced)."""
 
 
+def _receive(conn) -> tuple[str, Any]:
+    """One message of a worker: JSON, parsed, never unpickled; a malformed one raises OSError (a broken
+    worker)."""
+    try:
+        msg = json.loads(conn.recv_bytes(64 << 20))
+        status, value = msg
+    except (ValueError, TypeError) as e:
+        raise OSError(f"malformed message from the worker: {e}") from e
+    if status not in ("started", "ok", "error", "tampered"):
+        raise OSError(f"malformed message from the worker: status {status!r}")
+    return status, value
+
+
 class _Worker:
-    def __init__(self, ctx, initializer: Optional[Callable[[], None]], preload: Sequence[str]) -> None:
+    def __init__(self, ctx, initializer: Optional[Callable[[], None]], preload: Sequence[str],
+                 ro_paths: Sequence[str] = ()) -> None:
         self.conn, child = ctx.Pipe()
+        self.uid: Optional[int] = None
+        if initializer is confine:  # the default: confined, under a sandbox uid of its own when we are root
+            from nemo_prorl.rewards.sandbox import UIDS
+
+            self.uid = UIDS.take() if os.getuid() == 0 else None
+            initializer = functools.partial(confine, tuple(ro_paths), self.uid)
         self.proc = track(ctx.Process(target=_serve, args=(child, initializer, tuple(preload)), daemon=True))
         self.proc.start()
         child.close()
         self.stuck = False  # it never began a call it was given: replace it
+        self.calls = 0
 
     def call(self, fn: Callable, arg: Any, timeout: float, *, prepare: Optional[Callable] = None,
              start_timeout: float) -> Outcome:
@@ -105,7 +252,7 @@ class _Worker:
             if not self.conn.poll(start_timeout):
                 self.stuck = True
                 return Outcome("error", reason=f"worker did not start the call within {start_timeout:g} s; killed")
-            status, value = self.conn.recv()
+            status, value = _receive(self.conn)
         except (EOFError, OSError) as e:
             raise _NotStarted(f"worker died (exit code {self.proc.exitcode}): {e}") from e
         if status != "started":
@@ -113,9 +260,12 @@ class _Worker:
         try:
             if not self.conn.poll(timeout):
                 return Outcome("timeout", reason=f"no result within {timeout:g} s; worker killed")
-            status, value = self.conn.recv()
+            status, value = _receive(self.conn)
+            self.calls += 1
         except (EOFError, OSError) as e:
             return Outcome("error", reason=f"worker died (exit code {self.proc.exitcode}): {e}")
+        if status == "tampered":
+            return Outcome("tampered", reason=value)
         return Outcome("ok", value) if status == "ok" else Outcome("error", reason=value)
 
     @property
@@ -126,6 +276,17 @@ class _Worker:
         self.proc.kill()
         self.proc.join(5)
         self.conn.close()
+        if self.uid is not None:
+            from nemo_prorl.rewards.sandbox import UIDS
+
+            UIDS.give(self.uid)
+            self.uid = None
+
+
+# A worker is replaced after this many calls: state an answer changed in a way the guard does not see
+# (an object mutated in place) lasts for a bounded number of answers. A reasoning-gym worker starts in a
+# few seconds, so this costs well under 1% of a worker's time.
+RECYCLE_CALLS = 2000
 
 
 class HardTimeoutPool:
@@ -138,12 +299,15 @@ class HardTimeoutPool:
     """
 
     def __init__(self, num_workers: int, initializer: Optional[Callable[[], None]] = confine, *,
-                 preload: Sequence[str] = (), start_timeout: float = 300.0) -> None:
+                 preload: Sequence[str] = (), start_timeout: float = 300.0, ro_paths: Sequence[str] = ()) -> None:
+        """`ro_paths`: folders a confined worker must import from besides the environment and this package
+        (tests that send functions of their own module)."""
         if num_workers < 1:
             raise ValueError("num_workers must be >= 1")
         self.num_workers = num_workers
         self.initializer = initializer
         self.preload = tuple(preload)
+        self.ro_paths = tuple(ro_paths)
         self.start_timeout = start_timeout
         self._ctx = mp.get_context("spawn")
         self._idle: "queue.Queue[_Worker]" = queue.Queue()
@@ -151,7 +315,7 @@ class HardTimeoutPool:
         self._lock = threading.Lock()
 
     def _new_worker(self) -> _Worker:
-        return _Worker(self._ctx, self.initializer, self.preload)
+        return _Worker(self._ctx, self.initializer, self.preload, self.ro_paths)
 
     def _acquire(self) -> _Worker:
         with self._lock:
@@ -161,7 +325,8 @@ class HardTimeoutPool:
         return self._idle.get()
 
     def _release(self, w: _Worker, outcome: Optional[Outcome]) -> None:
-        if outcome is None or outcome.status == "timeout" or w.stuck or not w.alive:
+        if outcome is None or outcome.status in ("timeout", "tampered") or w.stuck or not w.alive \
+                or w.calls >= RECYCLE_CALLS:
             w.kill()
             w = self._new_worker()
         self._idle.put(w)
@@ -198,7 +363,10 @@ class HardTimeoutPool:
                     i = todo.get_nowait()
                 except queue.Empty:
                     return
-                out[i] = self.call(fn, args[i], timeout, prepare=prepare)
+                try:
+                    out[i] = self.call(fn, args[i], timeout, prepare=prepare)
+                except Exception as e:  # noqa: BLE001  e.g. a worker that cannot be started: this row's error
+                    out[i] = Outcome("error", reason=f"{type(e).__name__}: {e}")
 
         threads = [threading.Thread(target=drive, daemon=True) for _ in range(min(self.num_workers, len(args)))]
         for t in threads:

@@ -27,6 +27,7 @@ from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.data.records import PromptRecord, PromptSource
 from nemo_prorl.data.templates import encode_prompts
 from nemo_prorl.policy.base import Batch, LossFn, PolicyBackend
+from nemo_prorl.rewards.sandbox import sandbox_confines
 from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams
 from nemo_prorl.trainer.batching import build_batch, select_rows
 from nemo_prorl.trainer.checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint, set_rng_state
@@ -372,6 +373,10 @@ class ProRLTrainer:
     def _begin(self, logger: MetricsLogger, resumed_at: int, validations: dict[int, dict[str, float]]) -> None:
         """A fresh run validates the starting policy; a resumed one logs the event, and a resume into a new
         stage starts it with a hard reset (ProRL Appendix E: every run begins with one)."""
+        sb = self.cfg.reward.sandbox
+        if sb.backend == "local" and sb.allow_unconfined and not sandbox_confines():
+            # once per run, in events.jsonl beside the log's warning: generated code was not confined
+            logger.event(self.step, "sandbox_unconfined", reason="no user/mount/PID namespaces on this machine")
         if not resumed_at:
             if self.cfg.validation.every_n_steps > 0 and self.val_records:
                 timer = PhaseTimer()

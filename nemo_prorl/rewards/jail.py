@@ -1,0 +1,289 @@
+"""Confinement primitives for untrusted code: an allowlist root file system, an unprivileged identity and a
+seccomp filter. Standard library only: `sandbox_runner.py` imports it in a process that must start fast
+and must import nothing of the trainer; the verifier workers (workers.py) use it too.
+
+Why each layer (issue 18, found by attacking the earlier sandbox):
+- A blocklist of hidden folders leaves everything else of the host readable (training data, checkpoints,
+  models). Here the program's root is a fresh tmpfs holding only read-only binds of the interpreter and
+  the system libraries, its own folder, and a few device nodes; the host root is detached, so there is
+  nothing underneath to unmount back into view.
+- Root inside a user namespace has every capability there and could undo mounts. The program runs under
+  an unprivileged uid (a uid of the trainer's own block when the trainer is root, else uid 65534 of a
+  nested user namespace), with no_new_privs and a seccomp filter that refuses mount, namespace, ptrace,
+  keyring, bpf and similar calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import struct
+
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+CLONE_NEWPID, CLONE_NEWIPC, CLONE_NEWUTS = 0x20000000, 0x08000000, 0x04000000
+CLONE_NEWCGROUP, CLONE_NEWTIME, CLONE_THREAD = 0x02000000, 0x00000080, 0x00010000
+NEW_NAMESPACES = CLONE_NEWNS | CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS \
+    | CLONE_NEWCGROUP | CLONE_NEWTIME
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 4, 38, 22
+SECCOMP_MODE_FILTER = 2
+RET_ALLOW, RET_KILL_PROCESS, RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
+EPERM, ENOSYS = 1, 38
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# Per-architecture syscall numbers (from the kernel's unistd tables): what the filters refuse.
+_ARCH = {
+    "x86_64": (0xC000003E, {
+        "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "unshare": 272, "setns": 308,
+        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "keyctl": 250, "add_key": 248,
+        "request_key": 249, "bpf": 321, "perf_event_open": 298, "kexec_load": 246, "kexec_file_load": 320,
+        "init_module": 175, "finit_module": 313, "delete_module": 176, "open_by_handle_at": 304,
+        "name_to_handle_at": 303, "userfaultfd": 323, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
+        "fspick": 433, "move_mount": 429, "open_tree": 428, "mount_setattr": 442, "syslog": 103,
+        "swapon": 167, "swapoff": 168, "reboot": 169, "sethostname": 170, "setdomainname": 171,
+        "iopl": 172, "ioperm": 173, "acct": 163, "quotactl": 179, "io_uring_setup": 425,
+        "io_uring_enter": 426, "io_uring_register": 427, "pidfd_getfd": 438, "lookup_dcookie": 212,
+        "clone": 56, "clone3": 435, "fork": 57, "vfork": 58, "execve": 59, "execveat": 322, "kill": 62,
+        "tkill": 200, "tgkill": 234, "pidfd_send_signal": 424, "pidfd_open": 434,
+    }),
+    "aarch64": (0xC00000B7, {
+        "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "unshare": 97, "setns": 268,
+        "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "keyctl": 219, "add_key": 217,
+        "request_key": 218, "bpf": 280, "perf_event_open": 241, "kexec_load": 104, "kexec_file_load": 294,
+        "init_module": 105, "finit_module": 273, "delete_module": 106, "open_by_handle_at": 265,
+        "name_to_handle_at": 264, "userfaultfd": 282, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
+        "fspick": 433, "move_mount": 429, "open_tree": 428, "mount_setattr": 442, "syslog": 116,
+        "swapon": 224, "swapoff": 225, "reboot": 142, "sethostname": 161, "setdomainname": 162,
+        "acct": 89, "quotactl": 60, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+        "pidfd_getfd": 438, "lookup_dcookie": 18, "clone": 220, "clone3": 435, "execve": 221,
+        "execveat": 281, "kill": 129, "tkill": 130, "tgkill": 131, "pidfd_send_signal": 424,
+        "pidfd_open": 434,
+    }),
+}
+# Refused for every confined process: changing mounts or namespaces, looking into other processes,
+# kernel keyrings, loading code into the kernel, io_uring (a history of escapes), host-wide settings.
+DENY_ALWAYS = ("mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "ptrace", "process_vm_readv",
+               "process_vm_writev", "keyctl", "add_key", "request_key", "bpf", "perf_event_open",
+               "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+               "open_by_handle_at", "name_to_handle_at", "userfaultfd", "fsopen", "fsconfig", "fsmount",
+               "fspick", "move_mount", "open_tree", "mount_setattr", "syslog", "swapon", "swapoff", "reboot",
+               "sethostname", "setdomainname", "iopl", "ioperm", "acct", "quotactl", "io_uring_setup",
+               "io_uring_enter", "io_uring_register", "pidfd_getfd", "lookup_dcookie")
+# A verifier scoring an answer needs no processes and no signals: it cannot start, exec or signal any
+# (it shares the trainer's uid when the trainer is not root, so kill() would otherwise reach the trainer).
+DENY_VERIFIER = ("fork", "vfork", "execve", "execveat", "kill", "tkill", "tgkill", "pidfd_send_signal",
+                 "pidfd_open")
+
+
+class JailError(OSError):
+    pass
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise JailError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount(src: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(_libc.mount(src.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+                       data.encode() if data else None), f"mount {target}")
+
+
+def umount(target: str) -> None:
+    _check(_libc.umount2(target.encode(), MNT_DETACH), f"umount {target}")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def prctl(option: int, arg: int) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl {option}")
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def map_self(inside_uid: int, outside_uid: int, outside_gid: int) -> None:
+    """After unshare(CLONE_NEWUSER): map our own ids (the only mapping an unprivileged process may write)."""
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{inside_uid} {outside_uid} 1")
+    _write("/proc/self/gid_map", f"{inside_uid} {outside_gid} 1")
+
+
+def enter_namespaces(extra: int) -> bool:
+    """A new mount namespace (+ `extra` flags), inside a new user namespace unless we are real root, and
+    all mounts private. Returns whether a user namespace was created. JailError where the kernel refuses."""
+    uid, gid = os.getuid(), os.getgid()
+    userns = uid != 0
+    unshare(CLONE_NEWNS | extra | (CLONE_NEWUSER if userns else 0))
+    if userns:
+        map_self(0, uid, gid)  # root of the new namespace: needed to mount; dropped before untrusted code
+    mount("none", "/", None, MS_REC | MS_PRIVATE)
+    return userns
+
+
+def _locked_flags(src: str) -> int:
+    """Mount flags of `src` that a bind remount inside a user namespace must keep (the kernel refuses to
+    clear nosuid/nodev/noexec/atime flags a more privileged namespace set)."""
+    f = os.statvfs(src).f_flag
+    out = 0
+    for st, ms in ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
+                   (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME)):
+        if f & st:
+            out |= ms
+    return out
+
+
+def bind(src: str, dst: str, *, readonly: bool = True, nodev: bool = True, flags_of: str | None = None) -> None:
+    """Bind `src` (a folder or file; may be /proc/self/fd/N of an O_PATH descriptor) at `dst` (created),
+    read-only by default. Not recursive: mounts below `src` stay hidden."""
+    if os.path.isdir(src):
+        os.makedirs(dst, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if not os.path.exists(dst):
+            open(dst, "w").close()
+    mount(src, dst, None, MS_BIND)
+    if readonly:
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | (MS_NODEV if nodev else 0) \
+            | _locked_flags(flags_of or src)
+        mount("none", dst, None, flags)
+
+
+def allowlist_paths(python: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """Host paths bound read-only into a jail that runs `python`: the system's programs and libraries,
+    the interpreter's installation (which may live outside /usr, e.g. pyenv under a private home) and
+    `extra`. Symlinked top-level folders (/lib -> usr/lib) become symlinks in the jail."""
+    real = os.path.realpath(python)
+    prefix = os.path.dirname(os.path.dirname(real))  # .../bin/python3 -> the installation
+    cands = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", "/etc/localtime", prefix,
+             *extra]
+    out: list[str] = []
+    for c in cands:
+        if c and os.path.lexists(c) and c != "/" and c not in out:
+            out.append(c)
+    return out
+
+
+DEVICES = ("null", "zero", "full", "random", "urandom")
+
+
+def build_root(root: str, ro_paths: list[str], *, size_mb: int = 1) -> None:
+    """Mount a tmpfs at `root` and fill it: read-only binds of `ro_paths` at the same paths, /dev with
+    a few harmless device nodes, empty /proc and /tmp mount points. Sources are opened before the tmpfs
+    covers `root`, so a source below `root` stays reachable."""
+    sources = []
+    for p in ro_paths + [f"/dev/{d}" for d in DEVICES]:
+        if os.path.islink(p) and os.path.dirname(p) == "/":  # /lib -> usr/lib: a symlink, as on the host
+            sources.append((p, None, os.readlink(p)))
+        elif os.path.exists(p):
+            sources.append((p, os.open(os.path.realpath(p), os.O_PATH), None))
+    try:
+        mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, f"size={max(size_mb, 1)}m,mode=0755")
+        os.makedirs(root + "/dev", exist_ok=True)
+        mount("tmpfs", root + "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
+        for p, fd, link in sources:
+            if fd is None:
+                os.symlink(link, root + p)
+            elif p.startswith("/dev/"):
+                bind(f"/proc/self/fd/{fd}", root + p, readonly=False, nodev=False)
+            else:
+                bind(f"/proc/self/fd/{fd}", root + p)
+    finally:
+        for _, fd, _ in sources:
+            if fd is not None:
+                os.close(fd)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{root}/dev/{name}")
+    for d in ("proc", "tmp"):
+        os.makedirs(f"{root}/{d}", exist_ok=True)
+
+
+def pivot(root: str) -> None:
+    """Make `root` the root file system and detach the host's: nothing of it stays reachable."""
+    nr = {"x86_64": 155, "aarch64": 41}.get(platform.machine())
+    if nr is None:
+        raise JailError(ENOSYS, f"pivot_root: unsupported architecture {platform.machine()}")
+    os.chdir(root)
+    _check(_libc.syscall(nr, b".", b"."), "pivot_root")  # stack the old root under the new one
+    umount(".")  # ... and detach it
+    os.chdir("/")
+
+
+def remount_root_readonly() -> None:
+    mount("none", "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def seccomp_filter(deny: tuple[str, ...], *, threads_only: bool) -> bytes:
+    """A classic-BPF seccomp program: another architecture is killed (its numbers differ), x32 calls and
+    the `deny` calls fail with EPERM, clone3 with ENOSYS (so libc falls back to clone, whose flags a
+    filter can read), and clone creating namespaces fails - or, with `threads_only`, any clone that is
+    not a thread."""
+    machine = platform.machine()
+    if machine not in _ARCH:
+        raise JailError(ENOSYS, f"seccomp: unsupported architecture {machine}")
+    arch, nrs = _ARCH[machine]
+
+    def ins(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+        return struct.pack("HBBI", code, jt, jf, k)
+
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    prog = [ins(ld, 4), ins(jeq, arch, 1, 0), ins(ret, RET_KILL_PROCESS), ins(ld, 0)]
+    if machine == "x86_64":  # the x32 ABI numbers (bit 30) would bypass a table of x86_64 numbers
+        prog += [ins(jge, 0x40000000, 0, 1), ins(ret, RET_ERRNO | EPERM)]
+    prog += [ins(jeq, nrs["clone3"], 0, 1), ins(ret, RET_ERRNO | ENOSYS)]
+    for name in deny:
+        if name in nrs:
+            prog += [ins(jeq, nrs[name], 0, 1), ins(ret, RET_ERRNO | EPERM)]
+    # last: clone's flags (args[0], low 32 bits at offset 16 on little-endian machines)
+    prog += [ins(jeq, nrs["clone"], 0, 2), ins(ld, 16)]
+    if threads_only:
+        prog += [ins(jset, CLONE_THREAD, 0, 1)]
+    else:
+        prog += [ins(jset, NEW_NAMESPACES, 1, 0)]
+    prog += [ins(ret, RET_ALLOW), ins(ret, RET_ERRNO | EPERM)]
+    return b"".join(prog)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def install_seccomp(deny: tuple[str, ...], *, threads_only: bool = False) -> None:
+    """no_new_privs, then the filter; both are inherited by every child and survive execve."""
+    prog = seccomp_filter(deny, threads_only=threads_only)
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = _SockFprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    _check(_libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog), 0, 0),
+           "seccomp")
+
+
+def become_unprivileged(uid: int | None, userns: bool) -> str:
+    """Drop to an identity without privileges before running untrusted code. Real root: setresuid to
+    `uid` (capabilities go with it). Root of a user namespace (an unprivileged trainer): a nested user
+    namespace where we are uid 65534, so execve keeps no capability and the mounts made above stay locked.
+    Returns a note for the run's record."""
+    if not userns and os.getuid() == 0:
+        if uid is None:
+            raise JailError(EPERM, "running as root needs a sandbox uid")
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        return f"uid {uid}"
+    if userns:
+        unshare(CLONE_NEWUSER)
+        map_self(65534, 0, 0)
+        return "uid 65534 in a nested user namespace"
+    return f"uid {os.getuid()} (not root: no other uid to drop to)"
