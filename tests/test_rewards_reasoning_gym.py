@@ -141,7 +141,6 @@ def test_an_answer_that_patches_the_scorer_scores_zero_and_the_patch_does_not_la
     entry = reasoning_gym.create_dataset("countdown", size=1, seed=0)[0]
     res = reward.score(row(entry, "countdown", PATCH_GLOBALS % _countdown_module()))
     assert res.reward == 0.0 and res.status == "ok" and res.info.get("tampered") == 1.0, res
-    assert "changed the verifier's state" in res.reason
     after = reward.score_batch([row(entry, "countdown", "1+1")] * 4)  # every worker: none keeps the patch
     assert [a.reward for a in after] == [0.05] * 4, after
     assert reward.score(row(entry, "countdown", entry["answer"])).reward == 1.0
@@ -162,7 +161,13 @@ def _probe(arg):
     import socket
 
     data_file, trainer_pid, project = arg
-    out = {"secret": os.environ.get("PRORL_TEST_SECRET"), "proc": os.path.exists("/proc"),
+    environs = []
+    for pid in (os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            environs.append(open(f"/proc/{pid}/environ", "rb").read().decode("latin1"))
+        except OSError:
+            pass
+    out = {"secret": os.environ.get("PRORL_TEST_SECRET"), "proc": "s3cret" in "".join(environs),
            "uid": os.getuid(), "root": sorted(os.listdir("/")), "project": sorted(os.listdir(project))}
     try:
         out["data"] = open(data_file).read()
@@ -180,7 +185,7 @@ def _probe(arg):
 
 
 def test_answers_are_scored_confined(tmp_path, monkeypatch):
-    """No environment secrets, no /proc (so no parent's environ), no network, no data files, no signals
+    """No environment secrets, no other process's environ (own PID namespace), no network, no data files, no signals
     to the trainer, no new processes, an unprivileged uid under seccomp."""
     import errno
     import os
@@ -212,3 +217,32 @@ def test_answers_are_scored_confined(tmp_path, monkeypatch):
     assert set(p["project"]) <= {"nemo_prorl", "tests", ".venv"}, p
     if os.getuid() == 0:
         assert p["uid"] != 0
+
+
+def _patch_scorer(arg):
+    import sys
+
+    mod = sys.modules[arg]
+    mod.sorted = bool  # what an answer evaluated by the scorer could do, past the answer filter
+    return "patched"
+
+
+def _read_patch(arg):
+    import sys
+
+    return repr(getattr(sys.modules[arg], "sorted", None))
+
+
+def test_the_state_guard_catches_a_patched_scorer_and_ends_the_worker():
+    from pathlib import Path
+
+    from nemo_prorl.rewards.workers import HardTimeoutPool
+
+    mod = _countdown_module()
+    pool = HardTimeoutPool(1, preload=(mod,), ro_paths=[str(Path(__file__).parent)])
+    try:
+        o = pool.call(_patch_scorer, mod, timeout=60)
+        assert o.status == "tampered" and f"{mod}.sorted" in o.reason, o
+        assert pool.call(_read_patch, mod, timeout=60).value == "None"  # a fresh worker: the patch is gone
+    finally:
+        pool.close()

@@ -228,6 +228,8 @@ def test_without_namespaces_the_sandbox_refuses_unless_allowed(monkeypatch, capl
 @pytest.mark.parametrize("truth,code,expected", [
     ({"fn_name": "add", "inputs": [[1, 2], [3, 4]], "outputs": [3, [7]]}, "def add(a, b):\n    return a + b", 1.0),
     ({"fn_name": "add", "inputs": [[1, 2], [3, 4]], "outputs": [3, 8]}, "def add(a, b):\n    return a + b", 0.5),
+    ({"fn_name": "pair", "inputs": [[1], [2]], "outputs": [[[1, 2]], [2, 3]]},  # a tuple is a JSON list here
+     "def pair(a):\n    return (a, a + 1)", 1.0),
     ({"fn_name": "twoSum", "inputs": [[[2, 7], 9]], "outputs": [[0, 1]]},
      "class Solution:\n    def twoSum(self, nums, t):\n        return [0, 1]", 1.0),
     ({"test_list": ["assert sq(2) == 4", "assert sq(3) == 9", "assert sq(0) == 1"]}, "def sq(x):\n    return x * x", 2 / 3),
@@ -246,7 +248,8 @@ def test_exiting_early_does_not_pass_assert_tests(reward):
 
 @pytest.mark.parametrize("got,exp,ok", [
     ("3\n", "3", True), ("3  \n\n", "3\n", True), ("1 2\n3", "1 2 3", True), ("0.3333333", "0.33333333", True),
-    ("0.33", "0.34", False), ("3", "4", False), ("1 2", "1 2 3", False), ("YES", "yes", False),
+    ("0.33", "0.34", False), ("3", "4", False), ("1000000001", "1000000000", False), ("1_000", "1000", False),
+    ("3.0000000001", "3", False), ("1 2", "1 2 3", False), ("YES", "yes", False),
 ])
 def test_output_comparison(got, exp, ok):
     assert outputs_match(got, exp) is ok

@@ -96,3 +96,19 @@ def last_code_block(text: str, prefer: tuple[str, ...] = ("python", "py", "pytho
             last_preferred = code
         pos = end + len(_FENCE)
     return last_preferred if last_preferred is not None else last
+
+
+# Several scorers evaluate the answer in the worker (sympy's parse_expr, eval). An answer that reaches Python
+# beyond arithmetic (dunder attributes, builtins that run or find code, frames) can forge the worker's
+# reply or read the expected value, which no check after the call can see (issue 18 review). No puzzle's
+# answer needs these, so such an answer is refused before any scorer sees it.
+_CODE = re.compile(
+    r"__|\blambda\b"
+    r"|\b(?:exec|eval|compile|getattr|setattr|delattr|hasattr|globals|locals|vars|open|breakpoint|sympify|parse_expr"
+    r"|chr|bytes|bytearray|type|object|dir|input|memoryview|super|S|Function|Lambda|lambdify|import_module"
+    r"|classmethod|staticmethod|property)\s*\("
+    r"|\.\s*(?:f_locals|f_back|f_globals|gi_frame|cr_frame|tb_frame|mro|_getframe|modules|send_bytes)\b")
+
+
+def code_like(answer: str) -> bool:
+    return _CODE.search(answer) is not None

@@ -19,7 +19,7 @@ from fractions import Fraction
 from typing import Any, Optional, Sequence
 
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
-from nemo_prorl.rewards.extract import last_boxed, strip_thinking
+from nemo_prorl.rewards.extract import code_like, last_boxed, strip_thinking
 from nemo_prorl.rewards.workers import HardTimeoutPool, Outcome
 
 # ----------------------------------------------------------------------------------- normalisation
@@ -258,6 +258,9 @@ class MathReward:
                 out[i] = failed("error", "empty ground truth")
             elif pred is None:
                 out[i] = RewardResult(0.0, correct=False, reason="no \\boxed{} answer")
+            elif code_like(pred):  # the sympy fallback evaluates the answer: code is refused before it
+                out[i] = RewardResult(0.0, correct=False, reason="the answer is Python code, not an answer",
+                                      info={"tampered": 1.0})
             else:
                 with self._lock:
                     out[i] = self._verdicts.get((pred, inp.ground_truth))

@@ -29,10 +29,11 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from typing import Any, Callable, Optional, Sequence
 
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
-from nemo_prorl.rewards.extract import last_tag, strip_thinking
+from nemo_prorl.rewards.extract import code_like, last_tag, strip_thinking
 from nemo_prorl.rewards.workers import HardTimeoutPool
 
 
@@ -85,18 +86,14 @@ def prepare_in_worker(arg: tuple[str, str, dict, str, Any, str]) -> bool:
         _WARMED.add(task)
     if fresh:
         entry = copy.deepcopy(_entry_for(arg, ds, regen))
-        before = _fingerprint(ds, entry)
         try:
             OVERRIDES.get(task, ds.score_answer)(entry.get("answer"), entry)
         except Exception:  # noqa: BLE001  warming only
             pass
-        if _fingerprint(ds, entry) != before:  # this scorer changes its entry itself: no tamper check on it
-            _SELF_MUTATING.add(task)
     return fresh  # new work done (from trusted data): the worker re-takes its state snapshot
 
 
 _WARMED: set[str] = set()
-_SELF_MUTATING: set[str] = set()  # tasks whose scorer changes the entry it scores (found when warming)
 
 
 def _entry_for(arg: tuple[str, str, dict, str, Any, str], ds: Any, regen: Optional[dict]) -> dict:
@@ -113,33 +110,11 @@ def score_in_worker(arg: tuple[str, str, dict, str, Any, str]) -> tuple[str, flo
     ds = _dataset(task, config_json)
     # a copy: some scorers change the entry they are given, which must not reach the cached one
     entry = copy.deepcopy(_entry_for(arg, ds, _regenerated(task, config_json, entry_meta)))
-    before = _fingerprint(ds, entry)
     try:
         score = float(OVERRIDES.get(task, ds.score_answer)(answer, entry))
     except Exception as e:  # noqa: BLE001
         return "exception", 0.0, f"{type(e).__name__}: {e}"
-    if task not in _SELF_MUTATING and _fingerprint(ds, entry) != before:
-        # an answer evaluated by the scorer reached the data it is compared with (through frames)
-        return "tampered", 0.0, "the answer changed the entry or the dataset it was scored against"
     return "ok", score, ""
-
-
-def _fingerprint(ds: Any, entry: dict) -> Any:
-    """The content of the entry and the dataset's config, independent of dict and set order (a scorer that
-    re-inserts a key changes nothing that matters)."""
-    return _canon((entry, vars(ds.config) if hasattr(ds, "config") and hasattr(ds.config, "__dict__") else None))
-
-
-def _canon(x: Any, depth: int = 0) -> Any:
-    if depth > 50:
-        return repr(x)
-    if isinstance(x, dict):
-        return ("d", tuple(sorted((repr(k), _canon(v, depth + 1)) for k, v in x.items())))
-    if isinstance(x, (list, tuple)):
-        return (type(x).__name__, tuple(_canon(v, depth + 1) for v in x))
-    if isinstance(x, (set, frozenset)):
-        return ("s", tuple(sorted(repr(v) for v in x)))
-    return repr(x)
 
 
 class ReasoningGymReward:
@@ -164,6 +139,9 @@ class ReasoningGymReward:
         answer = last_tag(strip_thinking(inp.response), "answer")
         if answer is None:
             return None, RewardResult(0.0, correct=False, reason="no <answer> tag")
+        if code_like(answer):
+            return None, RewardResult(0.0, correct=False, reason="the answer is Python code, not an answer",
+                                      info={"scorer_exception": 0.0, "tampered": 1.0})
         oracle = meta["answer"] if "answer" in meta else (inp.ground_truth or None)
         config_json = json.dumps(meta.get("config") or {}, sort_keys=True)
         return (task, config_json, entry_meta, inp.prompt, oracle, answer), None

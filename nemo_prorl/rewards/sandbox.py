@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -100,12 +101,18 @@ class UidBlock:
         self._lock = threading.Lock()
         self._free: list[int] = []
         self._held: list[Any] = []  # open lock files: closing one releases its block
+        self._pid = os.getpid()
 
     def _claim(self) -> None:
         os.makedirs(self.LOCK_DIR, mode=0o700, exist_ok=True)
+        st = os.lstat(self.LOCK_DIR)  # /run/lock is world-writable: another user could have planted it
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise RuntimeError(f"{self.LOCK_DIR} is not a private folder of uid {os.getuid()} (a symlink, "
+                               "another owner or open permissions); remove it")
         start = os.getpid() % self.BLOCKS
         for k in itertools.chain(range(start, self.BLOCKS), range(start)):
-            f = open(os.path.join(self.LOCK_DIR, f"{k}.lock"), "a")
+            f = os.fdopen(os.open(os.path.join(self.LOCK_DIR, f"{k}.lock"),
+                                  os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600), "a")
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -118,18 +125,16 @@ class UidBlock:
 
     def take(self) -> int:
         with self._lock:
+            if self._pid != os.getpid():  # a forked child shares the parent's locks: claim its own block
+                self._free, self._held, self._pid = [], [], os.getpid()
             if not self._free:
                 self._claim()
             return self._free.pop(0)
 
     def give(self, uid: int) -> None:
         with self._lock:
-            self._free.append(uid)
-
-    def blocks(self) -> list[range]:
-        with self._lock:
-            return [range(self.BASE + int(os.path.basename(f.name)[:-5]) * self.SIZE,
-                          self.BASE + (int(os.path.basename(f.name)[:-5]) + 1) * self.SIZE) for f in self._held]
+            if self._pid == os.getpid():
+                self._free.append(uid)
 
 
 UIDS = UidBlock()  # one per process: every LocalSandbox of a trainer shares its block

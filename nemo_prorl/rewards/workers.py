@@ -57,10 +57,20 @@ def confine(ro_paths: Sequence[str] = (), uid: Optional[int] = None) -> None:
             pass
     if not sys.platform.startswith("linux"):
         return
+    # No terminal and none of the trainer's output files: an answer could otherwise push keystrokes into
+    # the trainer's terminal (TIOCSTI) or truncate and rewrite its log.
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
     try:
         _jail(ro_paths, uid)
     except OSError as e:  # containers may forbid namespaces; the code sandbox refuses there, verifiers go on
-        print(f"nemo_prorl verifier worker: not confined ({e})", file=sys.stderr)
+        os.environ["PRORL_VERIFIER_UNCONFINED"] = str(e)
         try:
             jail.install_seccomp(jail.DENY_ALWAYS)
         except OSError:
@@ -76,15 +86,26 @@ def _import_roots() -> list[str]:
 
 
 def _jail(ro_paths: Sequence[str], uid: Optional[int]) -> None:
-    userns = jail.enter_namespaces(jail.CLONE_NEWNET | jail.CLONE_NEWIPC | jail.CLONE_NEWUTS)
-    root = "/tmp"  # in this private mount namespace only
+    userns = jail.enter_namespaces(jail.CLONE_NEWNET | jail.CLONE_NEWIPC | jail.CLONE_NEWUTS | jail.CLONE_NEWPID)
+    # Continue as PID 1 of a new PID namespace: the trainer's processes (and, on the same uid, their
+    # /proc environ, signals and rlimits) are out of reach. The outer process only passes the exit on.
+    child = os.fork()
+    if child:
+        _, status = os.waitpid(child, 0)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    jail.prctl(jail.PR_SET_PDEATHSIG, 9)  # killed with the outer process (the pool kills that one)
+    # a folder of its own for the new root, so that binds below /tmp (a project cloned there) stay visible
+    root = "/dev/shm" if os.path.isdir("/dev/shm") else "/mnt"
     paths = jail.allowlist_paths(sys.executable, tuple(_import_roots()) + tuple(os.path.realpath(p) for p in ro_paths))
     jail.build_root(root, paths, size_mb=64)
-    os.rmdir(root + "/proc")  # no /proc at all: nothing of other processes to read
-    os.chmod(root + "/tmp", 0o1777)
+    scratch = "/.scratch"
+    os.makedirs(root + scratch)
+    jail.mount("proc", root + "/proc", "proc", jail.MS_NOSUID | jail.MS_NODEV | jail.MS_NOEXEC)
     jail.pivot(root)
     jail.remount_root_readonly()
-    jail.mount("tmpfs", "/tmp", "tmpfs", jail.MS_NOSUID | jail.MS_NODEV, "size=64m,mode=1777")
+    jail.mount("tmpfs", scratch, "tmpfs", jail.MS_NOSUID | jail.MS_NODEV, "size=64m,mode=1777")
+    os.environ.update(HOME=scratch, TMPDIR=scratch)
+    os.chdir(scratch)
     jail.become_unprivileged(uid, userns)
     jail.prctl(jail.PR_SET_DUMPABLE, 0)
     jail.install_seccomp(jail.DENY_ALWAYS)
