@@ -422,3 +422,14 @@ def test_weak_tests_are_counted():
     plan = plan_tests(GOOD_FN, {"test_list": ["assert add(1, 2) == 3", "assert sorted([add(1, 2)]) == [3]",
                                               "x = add(1, 1)\nassert x == 2"]})
     assert [c.cmp for c in plan.checks] == ["eq", "token", "token"] and plan.weak == 2
+
+
+def test_the_runner_survives_signals_and_dev_keeps_nothing(reward):
+    """Review finding: a program sharing the runner's uid (trainer not root) sent SIGINT to PID 1 (a
+    KeyboardInterrupt ended the run as a sandbox error) and left files in /dev for the next test."""
+    code = ("import os, signal\nfor s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):\n"
+            "    try:\n        os.kill(1, s)\n    except OSError:\n        pass\n"
+            "try:\n    open('/dev/note', 'w').write('x')\n    print('wrote')\nexcept OSError:\n    pass\n"
+            "print(os.path.exists('/dev/note'))\n")
+    run = reward.sandbox.run(code, ["", ""])
+    assert run.error == "" and [t.stdout for t in run.tests] == ["False\n", "False\n"], run

@@ -206,6 +206,8 @@ def build_root(root: str, ro_paths: list[str], *, size_mb: int = 1) -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{root}/dev/{name}")
+    # read-only: no files in /dev for one test to leave to the next (the device binds stay usable)
+    mount("tmpfs", root + "/dev", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
     for d in ("proc", "tmp"):
         os.makedirs(f"{root}/{d}", exist_ok=True)
 

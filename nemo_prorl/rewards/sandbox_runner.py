@@ -306,6 +306,10 @@ def main() -> None:
     if child:  # outside the PID namespace: wait for its PID 1 and pass its exit status on
         _, status = os.waitpid(child, 0)
         os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 4)
+    # Default dispositions: the kernel then drops every signal a program sends to its namespace's PID 1
+    # (Python's SIGINT handler would otherwise turn one into a KeyboardInterrupt and end the run).
+    for sig in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
     try:
         jail.prctl(jail.PR_SET_PDEATHSIG, signal.SIGKILL)
         finish_jail()
