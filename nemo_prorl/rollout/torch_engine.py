@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from nemo_prorl.cluster.actors import ActorBase
@@ -39,6 +40,12 @@ def cache_keyword(model: torch.nn.Module) -> str:
 
 # Prompts are left-padded to a multiple of this many tokens (their own length's bucket), see `_chunks`.
 PAD_BUCKET = 16
+# Decode batches are padded with idle rows to a multiple of this many rows. CPU GEMM kernels pick their
+# row tiles by the row count: on an AVX2 EPYC with MKL, a row's result at 1-3 rows (or 5-7, 9-11) differs
+# in the last bits from the same row at 16, while every multiple of 4 and every count >= 12 agrees. A
+# multiple of 16 keeps each decode matmul on the kernels that agree (prefill rows are prompt rows times a
+# PAD_BUCKET multiple, so they already are).
+ROW_BUCKET = 16
 
 
 class TorchRolloutEngine(RolloutEngine):
@@ -60,8 +67,12 @@ class TorchRolloutEngine(RolloutEngine):
                  seeds: Optional[Sequence[int]] = None) -> list[Completion]:
         seeds = list(seeds) if seeds is not None else [prompt_seed(params.seed, i) for i in range(len(prompts))]
         out: list[Completion] = []
-        for chunk in self._chunks(prompts, params.n):
-            out.extend(self._generate_chunk(chunk, prompts, params, seeds))
+        # The math attention kernel: PyTorch's CPU flash-attention kernel splits its work over threads in a
+        # way that changes a row's last bits with the row's place in the batch (measured with 2 threads;
+        # the math kernel's per-row batched matmuls do not).
+        with sdpa_kernel(SDPBackend.MATH):
+            for chunk in self._chunks(prompts, params.n):
+                out.extend(self._generate_chunk(chunk, prompts, params, seeds))
         return sorted(out, key=lambda c: c.prompt_index)  # stable: a prompt's samples keep their order
 
     def _chunks(self, prompts: Sequence[Sequence[int]], n: int) -> list[list[tuple[int, int, int]]]:
@@ -96,7 +107,9 @@ class TorchRolloutEngine(RolloutEngine):
         # once, and its KV cache and last logits are copied to its samples' rows. With n=8 this cuts the
         # prompt tokens the model processes eightfold.
         B = sum(k for _, _, k in chunk)
-        row_of = torch.tensor([j for j, (_, _, k) in enumerate(chunk) for _ in range(k)], device=self.device)
+        rows = -(-B // ROW_BUCKET) * ROW_BUCKET  # B sampled rows, then idle rows that copy the first prompt
+        row_of = torch.tensor([j for j, (_, _, k) in enumerate(chunk) for _ in range(k)] + [0] * (rows - B),
+                              device=self.device)
         P = self._bucket(max(len(prompts[i]) for i, _, _ in chunk))
         ids = torch.full((len(chunk), P), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), P), dtype=torch.long)
@@ -112,11 +125,12 @@ class TorchRolloutEngine(RolloutEngine):
         cache = DynamicCache()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                             **{self._cache_kw: cache}).logits[:, -1]
-        if len(chunk) < B:
+        if len(chunk) < rows:
             cache.batch_select_indices(row_of)
             logits, mask, pos = logits[row_of], mask[row_of], pos[row_of]
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        ends = torch.zeros(B, dtype=torch.long)  # response length of rows that stopped (0: still going)
+        done = torch.arange(rows, device=self.device) >= B  # idle rows are done from the start
+        ends = torch.zeros(rows, dtype=torch.long)  # response length of rows that stopped (0: still going)
+        idle = torch.full((rows - B, 1), self.pad_token_id, dtype=torch.long)
         tokens, logps = [], []
         last_pos = pos[:, -1]
         for t in range(params.max_tokens):
@@ -127,7 +141,8 @@ class TorchRolloutEngine(RolloutEngine):
                 raise FloatingPointError("rollout engine: the model's logits are not finite (the synced policy "
                                          "weights have diverged); resume from an earlier checkpoint")
             cpu_probs = probs.cpu()
-            nxt = torch.cat([torch.multinomial(cpu_probs[a:b], 1, generator=g) for (a, b), g in zip(spans, gens)])
+            nxt = torch.cat([torch.multinomial(cpu_probs[a:b], 1, generator=g) for (a, b), g in zip(spans, gens)]
+                            + [idle])
             nxt = torch.where(done, torch.full_like(nxt.squeeze(-1), self.pad_token_id).to(self.device),
                               nxt.squeeze(-1).to(self.device))
             tokens.append(nxt)
@@ -144,7 +159,7 @@ class TorchRolloutEngine(RolloutEngine):
             logits = self.model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=last_pos.unsqueeze(-1),
                                 use_cache=True, **{self._cache_kw: cache}).logits[:, -1]
         jobs = [i for i, _, k in chunk for _ in range(k)]
-        return self._collect(jobs, torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), ends)
+        return self._collect(jobs, torch.stack(tokens, 1)[:B].cpu(), torch.stack(logps, 1)[:B].cpu(), ends[:B])
 
     def _stop_string_hit(self, tokens: list[torch.Tensor], live: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
         """Rows whose newest token completes a stop string. Only a window of recent tokens is decoded: a
