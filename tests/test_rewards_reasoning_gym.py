@@ -246,3 +246,90 @@ def test_the_state_guard_catches_a_patched_scorer_and_ends_the_worker():
         assert pool.call(_read_patch, mod, timeout=60).value == "None"  # a fresh worker: the patch is gone
     finally:
         pool.close()
+
+
+# Issue 18 review: the `code_like` blocklist let an answer through whose code hid in string escapes. It
+# reaches sympy's parse_expr in countdown's scorer; `simplify` sympifies the decoded string, which then
+# runs. Its payload swaps the scorer's `__code__` in place (the function object stays the same, so a
+# snapshot of globals sees no change) and every later answer of that worker scored 1.0.
+def _escaped(code: str) -> str:
+    return 'simplify("' + "".join(f"\\x{ord(c):02x}" for c in code) + '")'
+
+
+SWAP_CODE = ("__import__('builtins').exec(\"import sys\\nc = sys.modules[%r].CountdownDataset\\n"
+             "c.score_answer.__code__ = (lambda self, answer, entry: 1.0).__code__\")")
+
+
+def test_an_answer_outside_its_tasks_grammar_is_refused_before_scoring(reward):
+    from nemo_prorl.rewards.extract import code_like
+
+    entry = reasoning_gym.create_dataset("countdown", size=1, seed=0)[0]
+    attack = _escaped(SWAP_CODE % _countdown_module())
+    assert not code_like(attack)  # the blocklist alone lets it through
+    res = reward.score(row(entry, "countdown", attack))
+    assert res.reward == 0.0 and res.info.get("tampered") == 1.0 and "sympy_expression" in res.reason, res
+    nq = reasoning_gym.create_dataset("n_queens", size=1, seed=0)[0]
+    res = reward.score(row(nq, "n_queens", "print(1) or [[1]]"))
+    assert res.reward == 0.0 and "literal_or_text" in res.reason, res
+    assert reward.score(row(nq, "n_queens", nq["answer"])).reward == 1.0
+
+
+def test_the_state_guard_catches_a_scorer_rewritten_in_place(monkeypatch):
+    """The second line behind the grammar: with the grammars off, the in-place swap is caught after the
+    call (tampered, the worker ended) and later wrong answers of every worker score as wrong."""
+    from nemo_prorl.rewards import reasoning_gym as rg
+
+    monkeypatch.setattr(rg, "ANSWER_GRAMMARS", {})
+    r = ReasoningGymReward()
+    try:
+        entry = reasoning_gym.create_dataset("countdown", size=1, seed=0)[0]
+        res = r.score(row(entry, "countdown", _escaped(SWAP_CODE % _countdown_module())))
+        assert res.reward == 0.0 and res.info.get("tampered") == 1.0 and "score_answer" in res.reason, res
+        after = r.score_batch([row(entry, "countdown", "1+1")] * 4)
+        assert [a.reward for a in after] == [0.05] * 4, after
+        assert r.score(row(entry, "countdown", entry["answer"])).reward == 1.0
+    finally:
+        r.close()
+
+
+def _edit_table(arg):
+    import sys
+
+    sys.modules[arg].OVERRIDES["countdown"] = lambda answer, entry: 1.0  # in place: the dict stays the same
+    return "edited"
+
+
+def test_the_state_guard_catches_an_edited_table():
+    from pathlib import Path
+
+    from nemo_prorl.rewards.workers import HardTimeoutPool
+
+    mod = "nemo_prorl.rewards.reasoning_gym"
+    pool = HardTimeoutPool(1, preload=(mod,), ro_paths=[str(Path(__file__).parent)])
+    try:
+        o = pool.call(_edit_table, mod, timeout=60)
+        assert o.status == "tampered" and f"{mod}.OVERRIDES" in o.reason, o
+    finally:
+        pool.close()
+
+
+def test_every_scorer_that_evaluates_answers_has_a_grammar_that_its_oracle_answers_fit():
+    """Scans the installed reasoning-gym: a task whose score_answer calls eval, parse_expr or sympify must
+    be in ANSWER_GRAMMARS (a new version's new scorer fails here until it is listed), and the oracle
+    answers of each listed task fit its grammar."""
+    import inspect
+    import re
+
+    from nemo_prorl.rewards.reasoning_gym import ANSWER_GRAMMARS
+
+    evaluating = set()
+    for task, (cls, _) in DATASETS.items():
+        src = inspect.getsource(getattr(cls, "score_answer"))
+        if re.search(r"\b(?:eval|parse_expr|sympify|exec)\(", src):
+            evaluating.add(task)
+    assert {"countdown", "n_queens"} <= evaluating  # the scan finds what it must
+    evaluating.discard("number_sorting")  # evals only its oracle (`entry["answer"]`, our data), not the answer
+    assert evaluating <= set(ANSWER_GRAMMARS), evaluating - set(ANSWER_GRAMMARS)
+    for task, fits in ANSWER_GRAMMARS.items():
+        bad = [e["answer"] for e in reasoning_gym.create_dataset(task, size=200, seed=3) if not fits(str(e["answer"]))]
+        assert bad == [], (task, bad[:3])

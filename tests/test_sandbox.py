@@ -4,6 +4,7 @@ pool must keep serving afterwards."""
 import json
 import os
 import secrets
+import sys
 import tempfile
 import threading
 import time
@@ -216,13 +217,35 @@ def test_without_namespaces_the_sandbox_refuses_unless_allowed(monkeypatch, capl
     with pytest.raises(sandbox_mod.UnconfinedError):  # the reward is built at launch, not per row
         CodeReward(RewardConfig(sandbox=SandboxConfig()))
     caplog.set_level("WARNING")
-    sb = LocalSandbox(SandboxConfig(total_timeout_s=2.0, per_test_timeout_s=1.0, allow_unconfined=True))
-    LocalSandbox(SandboxConfig(allow_unconfined=True))
+    py = "/usr/bin/python3" if os.getuid() == 0 else ""  # as root: one that the sandbox uid can run
+    sb = LocalSandbox(SandboxConfig(total_timeout_s=2.0, per_test_timeout_s=1.0, allow_unconfined=True, python=py))
+    LocalSandbox(SandboxConfig(allow_unconfined=True, python=py))
     assert sum("allow_unconfined" in r.message for r in caplog.records) == 1  # warned once per run
     run = sb.run("print(input()[::-1])", ["abc\n", "xy\n"])
     assert [t.stdout for t in run.tests] == ["cba\n", "yx\n"]
     run = sb.run("while True: pass", [""])
     assert run.tests[0].status == "timeout"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="about a trainer running as root")
+def test_unconfined_as_root_never_runs_programs_as_root(monkeypatch, tmp_path):
+    """Review finding: with an interpreter that the sandbox uid cannot reach, the unconfined runner fell
+    back to running programs as root. Now the sandbox refuses at launch, and the runner refuses too."""
+    import shutil
+
+    from nemo_prorl.rewards import sandbox as sandbox_mod
+
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    py = closed / "python3"
+    shutil.copy(sys._base_executable, py)
+    monkeypatch.setattr(sandbox_mod, "_namespaces_available", lambda: False)
+    with pytest.raises(sandbox_mod.UnconfinedError, match="reward.sandbox.python"):
+        LocalSandbox(SandboxConfig(allow_unconfined=True, python=str(py)))
+    sb = LocalSandbox(SandboxConfig(allow_unconfined=True, python="/usr/bin/python3"))
+    sb.python = str(py)  # past the launch check: the runner itself refuses
+    run = sb.run("import os\nprint(os.getuid())", [""])
+    assert run.tests == [] and "not reachable by an unprivileged uid" in run.error, run
 
 
 @pytest.mark.parametrize("truth,code,expected", [

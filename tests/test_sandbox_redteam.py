@@ -50,7 +50,8 @@ def fenced(code: str) -> str:
 def reward(request):
     variant = request.param
     cfg = SandboxConfig(total_timeout_s=6.0, per_test_timeout_s=3.0, cpu_time_s=3, memory_mb=512,
-                        max_file_bytes=4 << 20, num_workers=2, disk_mb=16)
+                        max_file_bytes=4 << 20, num_workers=2, disk_mb=16,
+                        max_output_bytes=1 << 18, max_run_output_bytes=1 << 20)
     if variant.endswith("system"):
         if not os.path.exists(SYSTEM_PY):
             pytest.skip("no system interpreter")
@@ -433,3 +434,73 @@ def test_the_runner_survives_signals_and_dev_keeps_nothing(reward):
             "print(os.path.exists('/dev/note'))\n")
     run = reward.sandbox.run(code, ["", ""])
     assert run.error == "" and [t.stdout for t in run.tests] == ["False\n", "False\n"], run
+
+
+# ---- second review: what the first fixes left open -----------------------------------------------------
+
+LIMIT_THE_RUNNER = """
+import resource, sys
+got = []
+for res, value in ((resource.RLIMIT_NOFILE, 3), (resource.RLIMIT_AS, 1 << 20), (resource.RLIMIT_NPROC, 0)):
+    try:
+        resource.prlimit(1, res, (value, value))  # PID 1: the runner, which has our uid when the trainer is not root
+        got.append('limited')
+    except OSError as e:
+        got.append(e.errno)
+print(got, file=sys.stderr)
+assert all(g == 1 for g in got)
+""" + GOOD
+
+
+def test_the_runner_cannot_be_limited(reward):
+    """prlimit on PID 1 is refused (EPERM), so the next tests still run: a right answer scores 1."""
+    res = _attack(reward, LIMIT_THE_RUNNER, STDIO)
+    assert res.reward == 1.0, res
+
+
+def test_only_unix_and_internet_sockets(reward):
+    """Netlink (host uevents), vsock (the hypervisor), packet and crypto sockets: not in any network
+    namespace's reach, so refused by the filter."""
+    code = ("import socket\nout = []\nfor fam, kind in ((16, socket.SOCK_DGRAM), (40, socket.SOCK_STREAM),\n"
+            "                  (17, socket.SOCK_RAW), (38, socket.SOCK_SEQPACKET)):\n"
+            "    try:\n        socket.socket(fam, kind)\n        out.append('open')\n"
+            "    except OSError as e:\n        out.append(e.errno)\n"
+            "a, b = socket.socketpair()\nprint(out)\n")
+    run = reward.sandbox.run(code, [""])
+    assert run.tests[0].stdout == "[97, 97, 97, 97]\n", run  # EAFNOSUPPORT; a unix socket pair still works
+
+
+MEMORY_OUTSIDE_PROCESSES = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+got = [libc.shmget(0, 256 << 20, 0o1600), libc.msgget(0, 0o1600), libc.syscall(240, b'/q', 0o100 | 2, 0o600, None)]
+fds = []
+try:
+    for _ in range(60):  # 60 memfds of 4 MB, each under the file-size limit: no process's resident memory
+        fd = os.memfd_create('x')
+        os.write(fd, b'x' * (4 << 20))
+        fds.append(fd)
+except OSError as e:
+    got.append(e.errno)
+print(got, len(fds), file=sys.stderr)
+assert got == [-1, -1, -1, 1] and not fds
+""" + GOOD
+
+
+def test_memory_outside_processes_is_refused(reward):
+    """SysV shared memory and queues, POSIX queues and memfds hold memory that no process's resident
+    size shows, so the runner's budget would not see it: refused."""
+    res = _attack(reward, MEMORY_OUTSIDE_PROCESSES, STDIO)
+    assert res.reward == 1.0, res
+
+
+def test_a_runs_output_has_a_budget(reward):
+    """Every test prints the per-test maximum: what comes back to the trainer stops at the run's budget,
+    and the tests past it fail as output_limit."""
+    cfg = reward.sandbox.cfg
+    code = f"import sys\nsys.stdout.write('x' * {cfg.max_output_bytes})\n"
+    n = cfg.max_run_output_bytes // cfg.max_output_bytes + 3
+    run = reward.sandbox.run(code, [""] * n)
+    sizes = [len(t.stdout) for t in run.tests]
+    assert sum(sizes) <= cfg.max_run_output_bytes, sizes
+    assert run.tests[0].status == "ok" and run.tests[-1].status == "output_limit", run.tests[-1]

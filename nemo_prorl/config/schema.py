@@ -294,7 +294,9 @@ class SandboxConfig:
     cpu_time_s: int = 5  # RLIMIT_CPU per process
     memory_mb: int = 1024  # RLIMIT_AS
     max_processes: int = 32  # RLIMIT_NPROC counts the sandbox user's processes; see sandbox.py
-    max_output_bytes: int = 1 << 20  # stdout+stderr kept per run; more is an error
+    max_output_bytes: int = 1 << 20  # a test's stdout (or call result) kept; more fails the test
+    # all of a program's tests together: more fails the rest (the trainer holds what comes back)
+    max_run_output_bytes: int = 16 << 20
     max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE
     num_workers: int = 4  # programs run concurrently
     python: str = ""  # interpreter for programs; "" = the trainer's own

@@ -137,7 +137,7 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(sb.backend != "remote" or sb.url.startswith(("http://", "https://")), "reward.sandbox.url",
           "must be an http(s):// URL when reward.sandbox.backend=remote")
     for key in ("total_timeout_s", "per_test_timeout_s", "cpu_time_s", "memory_mb", "max_processes",
-                "max_output_bytes", "max_file_bytes", "num_workers"):
+                "max_output_bytes", "max_run_output_bytes", "max_file_bytes", "num_workers"):
         check(getattr(sb, key) > 0, f"reward.sandbox.{key}", "must be > 0")
 
     s = cfg.reward.overlong

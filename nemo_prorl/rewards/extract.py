@@ -9,6 +9,7 @@ opening and runs to the end of the text is quadratic: a response of such opening
 
 from __future__ import annotations
 
+import ast
 import re
 from typing import Optional
 
@@ -112,3 +113,46 @@ _CODE = re.compile(
 
 def code_like(answer: str) -> bool:
     return _CODE.search(answer) is not None
+
+
+# Strict answer grammars for the scorers that evaluate an answer (an allowlist, where `code_like` is a
+# blocklist kept for every answer as a second line). reasoning_gym.py maps each such task to one of them.
+_LITERAL_NODES = (ast.Expression, ast.Constant, ast.List, ast.Tuple, ast.Set, ast.Dict, ast.UnaryOp, ast.USub,
+                  ast.UAdd, ast.Name, ast.Load)
+
+
+def literal_or_text(answer: str) -> bool:
+    """For scorers that `eval(answer)` as a fallback after an exact match (n_queens, spiral_matrix,
+    binary_matrix, string_insertion): the answer is plain text (not Python, so eval fails as it would
+    have) or a Python literal, possibly a bare name (`EACADDDDB`, a right answer, parses as one). Calls,
+    attributes, subscripts, operators, f-strings, lambdas and comprehensions are refused."""
+    try:
+        tree = ast.parse(answer.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return True  # eval in the scorer fails the same way: nothing of the answer runs
+    for node in ast.walk(tree):
+        if not isinstance(node, _LITERAL_NODES) or (isinstance(node, ast.Name) and node.id.startswith("_")):
+            return False
+    return True
+
+
+# Function and constant names of the expressions that sympy-parsed answers hold (the oracle answers of
+# countdown, puzzle24, polynomial_multiplication and the integration tasks use only these and
+# one- or two-letter symbols).
+MATH_NAMES = frozenset({
+    "sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan", "acot", "asec", "acsc", "atan2", "sinh",
+    "cosh", "tanh", "coth", "asinh", "acosh", "atanh", "exp", "log", "ln", "sqrt", "cbrt", "root", "pi", "oo",
+    "Abs", "abs", "sign", "floor", "ceiling", "factorial", "gamma", "erf", "Integral", "Rational"})
+_EXPR_CHARS = re.compile(r"[0-9A-Za-z\s+\-*/^().,!=<>]*")
+_NAME = re.compile(r"[A-Za-z]\w*")
+_SYMBOL = re.compile(r"[A-Za-z]{1,2}[0-9]*")
+_BARE_DOT = re.compile(r"(?<![0-9])\.(?![0-9])|\.[0-9]*(?![eE][-+0-9])[A-Za-z]")  # not a decimal point
+
+
+def sympy_expression(answer: str) -> bool:
+    """For scorers that hand the answer to sympy's `parse_expr` (which evals it): arithmetic with numbers,
+    short symbols and `MATH_NAMES` only. No quotes, brackets, underscores or attribute dots, so no
+    string reaches `S()`/`sympify`, no object's attributes are reached and no other function is named."""
+    if _EXPR_CHARS.fullmatch(answer) is None or _BARE_DOT.search(answer):
+        return False
+    return all(m.group() in MATH_NAMES or _SYMBOL.fullmatch(m.group()) for m in _NAME.finditer(answer))

@@ -51,6 +51,10 @@ _ARCH = {
         "io_uring_enter": 426, "io_uring_register": 427, "pidfd_getfd": 438, "lookup_dcookie": 212,
         "clone": 56, "clone3": 435, "fork": 57, "vfork": 58, "execve": 59, "execveat": 322, "kill": 62,
         "tkill": 200, "tgkill": 234, "pidfd_send_signal": 424, "pidfd_open": 434,
+        "shmget": 29, "msgget": 68, "mq_open": 240, "memfd_create": 319, "memfd_secret": 447, "kcmp": 312,
+        "process_madvise": 440, "process_mrelease": 448, "migrate_pages": 256, "move_pages": 279,
+        "prlimit64": 302, "setpriority": 141, "ioprio_set": 251, "sched_setaffinity": 203,
+        "sched_setscheduler": 144, "sched_setparam": 142, "sched_setattr": 314, "socket": 41, "socketpair": 53,
     }),
     "aarch64": (0xC00000B7, {
         "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "unshare": 97, "setns": 268,
@@ -63,7 +67,10 @@ _ARCH = {
         "acct": 89, "quotactl": 60, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
         "pidfd_getfd": 438, "lookup_dcookie": 18, "clone": 220, "clone3": 435, "execve": 221,
         "execveat": 281, "kill": 129, "tkill": 130, "tgkill": 131, "pidfd_send_signal": 424,
-        "pidfd_open": 434,
+        "pidfd_open": 434, "shmget": 194, "msgget": 186, "mq_open": 180, "memfd_create": 279,
+        "memfd_secret": 447, "kcmp": 272, "process_madvise": 440, "process_mrelease": 448, "migrate_pages": 238,
+        "move_pages": 239, "prlimit64": 261, "setpriority": 140, "ioprio_set": 30, "sched_setaffinity": 122,
+        "sched_setscheduler": 119, "sched_setparam": 118, "sched_setattr": 274, "socket": 198, "socketpair": 199,
     }),
 }
 # Refused for every confined process: changing mounts or namespaces, looking into other processes,
@@ -74,7 +81,23 @@ DENY_ALWAYS = ("mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "
                "open_by_handle_at", "name_to_handle_at", "userfaultfd", "fsopen", "fsconfig", "fsmount",
                "fspick", "move_mount", "open_tree", "mount_setattr", "syslog", "swapon", "swapoff", "reboot",
                "sethostname", "setdomainname", "iopl", "ioperm", "acct", "quotactl", "io_uring_setup",
-               "io_uring_enter", "io_uring_register", "pidfd_getfd", "lookup_dcookie")
+               "io_uring_enter", "io_uring_register", "pidfd_getfd", "lookup_dcookie",
+               # memory outside any process (the runner's budget counts processes' resident memory):
+               # SysV shared memory and message queues, POSIX queues, memfds (the runner makes the test's
+               # own memfds before the filter)
+               "shmget", "msgget", "mq_open", "memfd_create", "memfd_secret",
+               # reaching into another process of the same uid (the runner, when the trainer is not root)
+               "kcmp", "process_madvise", "process_mrelease", "migrate_pages", "move_pages")
+# Calls whose target process is an argument (index): allowed on the caller itself (0) only. When the
+# trainer is not root the runner (PID 1) has the program's kernel uid, and prlimit on it could starve
+# the runner of memory or files for the next tests.
+SELF_ONLY = (("prlimit64", 0), ("setpriority", 1), ("ioprio_set", 1), ("sched_setaffinity", 0),
+             ("sched_setscheduler", 0), ("sched_setparam", 0), ("sched_setattr", 0))
+# Socket families: unix and internet sockets only (the network namespace is empty). Netlink reads host
+# events (uevents) and vsock reaches the hypervisor: neither is confined by a network namespace.
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+SOCKET_FAMILIES = (AF_UNIX, AF_INET, AF_INET6)
+EAFNOSUPPORT = 97
 # A verifier scoring an answer needs no processes and no signals: it cannot start, exec or signal any
 # (it shares the trainer's uid when the trainer is not root, so kill() would otherwise reach the trainer).
 DENY_VERIFIER = ("fork", "vfork", "execve", "execveat", "kill", "tkill", "tgkill", "pidfd_send_signal",
@@ -248,6 +271,15 @@ def seccomp_filter(deny: tuple[str, ...], *, threads_only: bool) -> bytes:
     for name in deny:
         if name in nrs:
             prog += [ins(jeq, nrs[name], 0, 1), ins(ret, RET_ERRNO | EPERM)]
+    # an argument among allowed values: [nr?] [load arg] [== v ...] [refuse] [allow]; the accumulator
+    # holds the number again for the next rule only when the number did not match
+    rules = [(nrs[n], i, (0,), EPERM) for n, i in SELF_ONLY] + \
+        [(nrs[n], 0, SOCKET_FAMILIES, EAFNOSUPPORT) for n in ("socket", "socketpair")]
+    for nr, arg, allowed, errno in rules:
+        k = len(allowed)
+        prog += [ins(jeq, nr, 0, k + 3), ins(ld, 16 + 8 * arg)]
+        prog += [ins(jeq, v, k - j, 0) for j, v in enumerate(allowed)]
+        prog += [ins(ret, RET_ERRNO | errno), ins(ret, RET_ALLOW)]
     # last: clone's flags (args[0], low 32 bits at offset 16 on little-endian machines)
     prog += [ins(jeq, nrs["clone"], 0, 2), ins(ld, 16)]
     if threads_only:
@@ -270,6 +302,16 @@ def install_seccomp(deny: tuple[str, ...], *, threads_only: bool = False) -> Non
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     _check(_libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog), 0, 0),
            "seccomp")
+
+
+def world_executable(path: str) -> bool:
+    """Whether another uid could run `path`: every folder on the way must be searchable by others."""
+    p = os.path.realpath(path)
+    while p != "/":
+        if not os.stat(p).st_mode & 0o001:
+            return False
+        p = os.path.dirname(p)
+    return True
 
 
 def become_unprivileged(uid: int | None, userns: bool) -> str:

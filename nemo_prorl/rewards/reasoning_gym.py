@@ -33,8 +33,29 @@ import re
 from typing import Any, Callable, Optional, Sequence
 
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
-from nemo_prorl.rewards.extract import code_like, last_tag, strip_thinking
+from nemo_prorl.rewards.extract import code_like, last_tag, literal_or_text, strip_thinking, sympy_expression
 from nemo_prorl.rewards.workers import HardTimeoutPool
+
+
+# The tasks whose scorer evaluates the answer (reasoning-gym 0.1.25: `eval` or sympy's `parse_expr` in
+# score_answer) and the grammar an answer must follow to reach it; tests/test_rewards_reasoning_gym.py
+# scans the installed package so that a new evaluating scorer fails CI until it is listed here.
+ANSWER_GRAMMARS: dict[str, Callable[[str], bool]] = {
+    "countdown": sympy_expression, "puzzle24": sympy_expression, "polynomial_multiplication": sympy_expression,
+    "simple_integration": sympy_expression, "intermediate_integration": sympy_expression,
+    "n_queens": literal_or_text, "spiral_matrix": literal_or_text, "binary_matrix": literal_or_text,
+    "string_insertion": literal_or_text,
+}
+
+
+def grammar_refuses(tasks: Sequence[str], answer: str) -> Optional[str]:
+    """The name of the grammar an answer breaks, for the first of `tasks` (the row's task and its source
+    dataset) with one; None when it may be scored."""
+    for task in tasks:
+        check = ANSWER_GRAMMARS.get(task)
+        if check is not None and not check(answer):
+            return check.__name__
+    return None
 
 
 @functools.lru_cache(maxsize=512)
@@ -139,9 +160,10 @@ class ReasoningGymReward:
         answer = last_tag(strip_thinking(inp.response), "answer")
         if answer is None:
             return None, RewardResult(0.0, correct=False, reason="no <answer> tag")
-        if code_like(answer):
-            return None, RewardResult(0.0, correct=False, reason="the answer is Python code, not an answer",
-                                      info={"scorer_exception": 0.0, "tampered": 1.0})
+        broken = grammar_refuses((task, str(entry_meta.get("source_dataset", ""))), answer)
+        if code_like(answer) or broken:
+            why = f"the answer is not a {broken} answer" if broken else "the answer is Python code, not an answer"
+            return None, RewardResult(0.0, correct=False, reason=why, info={"scorer_exception": 0.0, "tampered": 1.0})
         oracle = meta["answer"] if "answer" in meta else (inp.ground_truth or None)
         config_json = json.dumps(meta.get("config") or {}, sort_keys=True)
         return (task, config_json, entry_meta, inp.prompt, oracle, answer), None

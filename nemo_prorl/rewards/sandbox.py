@@ -155,6 +155,11 @@ class LocalSandbox:
                     "the code sandbox cannot confine programs on this machine (user, mount and PID namespaces "
                     "are refused; e.g. Docker's default seccomp profile). Run where namespaces are allowed, use "
                     "reward.sandbox.backend=remote, or accept the risk with reward.sandbox.allow_unconfined=true")
+            if os.getuid() == 0 and not jail.world_executable(self.python):
+                raise UnconfinedError(
+                    f"the unconfined sandbox would run programs as root: {self.python} is not reachable by an "
+                    "unprivileged uid (a folder on its path is closed to others). Set reward.sandbox.python to an "
+                    "interpreter every user can run (e.g. /usr/bin/python3)")
             _warn_unconfined()
         self.ro_paths = jail.allowlist_paths(self.python)
         self.runner_prefix: list[str] = []  # tests run the runner under another identity (setpriv)
@@ -198,7 +203,7 @@ class LocalSandbox:
                     "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"},
             "limits": {"cpu_time_s": cfg.cpu_time_s, "memory_mb": cfg.memory_mb, "nproc": self._nproc(),
                        "max_processes": cfg.max_processes, "max_file_bytes": cfg.max_file_bytes,
-                       "max_output_bytes": cfg.max_output_bytes},
+                       "max_output_bytes": cfg.max_output_bytes, "max_run_output_bytes": cfg.max_run_output_bytes},
         }
 
     def _run(self, code: str, inputs: Sequence[str], driver: bool, uid: Optional[int]) -> SandboxRun:

@@ -17,7 +17,9 @@ Containment (jail.py has the primitives and why each exists):
    FIFO or a folder, and no file of one test reaches the next.
 5. While a test runs, PID 1 polls the namespace's processes: more than `max_processes` or more than
    `memory_mb` resident in all together kills the whole tree (rlimits alone are per process, so forks
-   would multiply them). Wall time is enforced per test and in total.
+   would multiply them; the filter refuses the memory no process's resident size shows: SysV and POSIX
+   shared memory and queues, memfds). Wall time is enforced per test and in total, and output per test
+   and over the run.
 """
 
 from __future__ import annotations
@@ -202,7 +204,9 @@ def _kill_leftovers(pid: int, pid1: bool) -> None:
             break
 
 
-def run_test(spec: dict, test: dict, timeout: float, uid: int | None) -> dict:
+def run_test(spec: dict, test: dict, timeout: float, uid: int | None, out_left: int) -> dict:
+    """One test; `out_left`: bytes of output the run may still return (stdout and result each take at
+    most this and the per-test limit)."""
     lim, confined = spec["limits"], spec["confined"]
     workdir = fresh_workdir(spec, uid, confined)
     fds = (_memfd("stdin", test["stdin"].encode()), _memfd("stdout"), _memfd("stderr"), _memfd("result"))
@@ -219,9 +223,11 @@ def run_test(spec: dict, test: dict, timeout: float, uid: int | None) -> dict:
         os.kill(pid, signal.SIGKILL)
         status = os.waitpid(pid, 0)[1]
     _kill_leftovers(pid, confined)
-    stdout, out_cut = _read_fd(fds[1], lim["max_output_bytes"])
+    cap = min(int(lim["max_output_bytes"]), out_left)
+    stdout, out_cut = _read_fd(fds[1], cap)
     stderr, _ = _read_fd(fds[2], 4096)
-    result, _ = _read_fd(fds[3], lim["max_output_bytes"])
+    result, res_cut = _read_fd(fds[3], max(0, cap - len(stdout)))
+    out_cut = out_cut or res_cut
     for fd in fds:
         os.close(fd)
     res = {"wall_s": round(wall, 4), "stdout": stdout, "stderr": stderr[-2000:], "result": result}
@@ -245,14 +251,17 @@ def run_all(spec: dict, notes: list[str]) -> None:
         os.chdir("/")
     jail.prctl(jail.PR_SET_DUMPABLE, 0)  # programs cannot open /proc/1/fd or /proc/1/mem of the runner
     deadline = time.monotonic() + spec["total_timeout_s"]
+    out_left = int(spec["limits"]["max_run_output_bytes"])  # the run's output budget, over all tests
     results = []
     for test in spec["tests"]:
         left = deadline - time.monotonic()
-        if left <= 0:
-            results.append({"status": "timeout", "returncode": None, "stdout": "", "stderr": "", "result": "",
-                            "wall_s": 0.0, "skipped": True})
+        if left <= 0 or out_left <= 0:
+            results.append({"status": "timeout" if left <= 0 else "output_limit", "returncode": None,
+                            "stdout": "", "stderr": "", "result": "", "wall_s": 0.0, "skipped": True})
             continue
-        results.append(run_test(spec, test, min(spec["per_test_timeout_s"], left), uid))
+        res = run_test(spec, test, min(spec["per_test_timeout_s"], left), uid, out_left)
+        out_left -= len(res["stdout"].encode()) + len(res["result"].encode())
+        results.append(res)
     _emit({"results": results, "notes": notes})
 
 
@@ -267,10 +276,12 @@ def _unconfined(spec: dict, notes: list[str]) -> None:
             with open(os.path.join(wd, name), "w", encoding="utf-8") as f:
                 f.write(text)
         uid = spec.get("uid")
-        if os.getuid() == 0 and uid is not None and not _world_executable(spec["python"]):
-            spec["uid"] = None
-            notes.append("running as root: the interpreter is not reachable by an unprivileged uid")
-        elif os.getuid() == 0 and uid is not None:
+        if os.getuid() == 0 and (uid is None or not jail.world_executable(spec["python"])):
+            # never run a program as root: that is no sandbox at all
+            _emit({"error": f"unconfined sandbox as root: {spec['python']} is not reachable by an unprivileged "
+                            "uid (every folder on its path must be searchable by others)"})
+            return
+        if os.getuid() == 0:
             for p in [wd] + [os.path.join(wd, n) for n in os.listdir(wd)]:
                 os.chown(p, uid, uid)
         spec.update(program_dir=wd, host_workdir=wd)
@@ -278,16 +289,6 @@ def _unconfined(spec: dict, notes: list[str]) -> None:
         run_all(spec, notes)
     finally:
         shutil.rmtree(wd, ignore_errors=True)
-
-
-def _world_executable(path: str) -> bool:
-    """Whether another uid could run `path`: every folder on the way must be searchable by others."""
-    p = os.path.realpath(path)
-    while p != "/":
-        if not os.stat(p).st_mode & 0o001:
-            return False
-        p = os.path.dirname(p)
-    return True
 
 
 def main() -> None:

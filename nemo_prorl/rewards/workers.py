@@ -136,29 +136,47 @@ def _guarded(name: str) -> bool:
 
 
 class StateGuard:
-    """A snapshot of the guarded modules' globals (and the classes of the scorer packages), taken in the worker
-    before it forks a call. A scorer that evals the answer (countdown's parse_expr) lets the answer patch
-    the scorer's globals (`sorted`, `np.isclose`, the override table) within that very call; the forked
-    child checks afterwards that nothing changed, and a changed verifier means the answer is hostile."""
+    """A snapshot of the verifier's state, taken in the worker before a call: the guarded modules' globals,
+    the classes of the scorer packages, the code and defaults of their functions and methods, and the
+    contents of the scorer packages' tables (dicts, lists, sets). A scorer that evals the answer
+    (countdown's parse_expr) lets the answer patch the scorer within that very call - replace a global
+    (`sorted`, `np.isclose`), swap a method's `__code__` in place, or edit an override table - and the
+    patch would last for every later answer of this worker; the worker checks after each call that
+    nothing changed, and a changed verifier means the answer is hostile."""
 
     def __init__(self) -> None:
         self.n = len(sys.modules)
         self.items: list[tuple[str, Any, dict]] = []
+        self.functions: list[tuple[str, types.FunctionType, tuple]] = []  # (label, function, its state)
+        self.tables: list[tuple[str, Any, Any]] = []
+        self._seen: set[int] = set()  # a function or table imported into several modules is checked once
         for name, mod in list(sys.modules.items()):
             d = getattr(mod, "__dict__", None)
             if not _guarded(name) or not isinstance(d, dict):
                 continue
-            self.items.append((name, d, dict(d)))
+            self._take(name, d, scorer=name.split(".")[0] in _GUARDED_PACKAGES)
             if name.startswith(_CLASS_CHECKED):
                 for v in list(d.values()):
                     if isinstance(v, type) and v.__module__ == name:
-                        self.items.append((f"{name}.{v.__name__}", v.__dict__, dict(v.__dict__)))
+                        self._take(f"{name}.{v.__name__}", v.__dict__, scorer=False)
+
+    def _take(self, name: str, d: Any, *, scorer: bool) -> None:
+        self.items.append((name, d, dict(d)))
+        for k, v in d.items():
+            if id(v) in self._seen or k == "__builtins__":  # builtins: checked as the module "builtins"
+                continue
+            self._seen.add(id(v))
+            if isinstance(v, types.FunctionType) and _guarded(getattr(v, "__module__", None) or ""):
+                self.functions.append((f"{name}.{k}", v, _function_state(v)))
+            elif scorer and type(v) in (dict, list, set) and len(v) <= _TABLE_MAX:
+                self.tables.append((f"{name}.{k}", v, _table_state(v)))
 
     def changed(self) -> Optional[str]:
         """The first global that was replaced by something else than a value of the same plain type, or
-        added (but a submodule, or a plain value under a name that does not shadow a builtin); None if
-        nothing. Libraries flip flags and counters in their globals (math_verify's warning flag); an
-        attack replaces functions, modules and objects (`sorted`, `np`) or shadows builtins."""
+        added (but a submodule, or a plain value under a name that does not shadow a builtin); then the
+        first function whose code, defaults or closure changed, and the first table whose entries did;
+        None if nothing. Libraries flip flags and counters in their globals (math_verify's warning flag);
+        an attack replaces functions, modules and objects (`sorted`, `np`) or shadows builtins."""
         for name, d, copy in self.items:
             for k, v in copy.items():
                 new = d.get(k, _MISSING)
@@ -172,7 +190,48 @@ class StateGuard:
                         continue
                     if type(v) not in _PLAIN or k in _BUILTIN_NAMES:
                         return f"{name}.{k}"
+        for name, fn, (code, defaults, kwdefaults, cells) in self.functions:
+            if fn.__code__ is not code or fn.__defaults__ is not defaults or fn.__kwdefaults__ is not kwdefaults \
+                    or (cells and _cells(fn) != cells):
+                return f"{name} (its code, defaults or closure)"
+        for name, table, state in self.tables:
+            if _table_state(table) != state:
+                return f"{name} (its entries)"
         return None
+
+
+# Tables larger than this are data (word lists, caches), not dispatch tables; their check would cost more
+# than the scoring.
+_TABLE_MAX = 4096
+
+
+def _function_state(fn: types.FunctionType) -> tuple:
+    """What a patch can change in place on a function object (`__globals__` is read-only)."""
+    return (fn.__code__, fn.__defaults__, fn.__kwdefaults__, _cells(fn))
+
+
+def _cells(fn: types.FunctionType) -> tuple:
+    """A closure's contents by identity (a plain value by type: libraries keep counters there)."""
+    return tuple(_identity(_cell(c)) for c in fn.__closure__ or ())
+
+
+def _cell(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # not yet bound
+        return _MISSING
+
+
+def _identity(v: Any) -> Any:
+    return type(v) if type(v) in _PLAIN else id(v)
+
+
+def _table_state(table: Any) -> Any:
+    if type(table) is dict:
+        return tuple((_identity(k), _identity(v)) for k, v in table.items())
+    if type(table) is list:
+        return tuple(_identity(v) for v in table)
+    return frozenset(_identity(v) for v in table)
 
 
 def _send(conn, msg: list) -> None:
@@ -266,7 +325,7 @@ class _Worker:
         try:
             self.conn.send((fn, arg, prepare))
         except (EOFError, OSError) as e:
-            raise _NotStarted(f"worker died (exit code {self.proc.exitcode}): {e}") from e
+            raise _NotStarted(self._died(e)) from e
         except Exception as e:  # noqa: BLE001  e.g. an argument that cannot be pickled; nothing was sent
             return Outcome("error", reason=f"could not send the call: {type(e).__name__}: {e}")
         try:
@@ -275,7 +334,7 @@ class _Worker:
                 return Outcome("error", reason=f"worker did not start the call within {start_timeout:g} s; killed")
             status, value = _receive(self.conn)
         except (EOFError, OSError) as e:
-            raise _NotStarted(f"worker died (exit code {self.proc.exitcode}): {e}") from e
+            raise _NotStarted(self._died(e)) from e
         if status != "started":
             return Outcome("error", reason=value)
         try:
@@ -284,10 +343,16 @@ class _Worker:
             status, value = _receive(self.conn)
             self.calls += 1
         except (EOFError, OSError) as e:
-            return Outcome("error", reason=f"worker died (exit code {self.proc.exitcode}): {e}")
+            return Outcome("error", reason=self._died(e))
         if status == "tampered":
             return Outcome("tampered", reason=value)
         return Outcome("ok", value) if status == "ok" else Outcome("error", reason=value)
+
+    def _died(self, e: BaseException) -> str:
+        # The connection closes when the jailed process exits; its parent outside the PID namespace
+        # passes the exit status on a moment later (longer on a busy machine).
+        self.proc.join(timeout=10)
+        return f"worker died (exit code {self.proc.exitcode}): {e}"
 
     @property
     def alive(self) -> bool:
