@@ -19,7 +19,7 @@ else
 TEST_DEPS  := $(STAMP)
 endif
 
-.PHONY: run test setup vllm-env bench-trl clean
+.PHONY: run test setup vllm-env bench-trl gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,16 @@ run: $(STAMP)
 
 test: $(TEST_DEPS)
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+# The wheels benchmarks/gpu_check.sh installs offline on a GPU machine with PyTorch preinstalled (README "GPU
+# check"): for its Python (GPU_PY), no torch among them.
+GPU_PY ?= 3.12
+gpu-wheels: $(STAMP)
+	rm -rf benchmarks/wheels && mkdir -p benchmarks/wheels
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY) --platform manylinux2014_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d benchmarks/wheels -r requirements/gpu-check.txt
+	$(PIP) wheel --quiet --no-deps -w benchmarks/wheels antlr4-python3-runtime==4.9.3
+	du -sh benchmarks/wheels
 
 # TRL's GRPOTrainer against ours on this CPU (README "Against TRL"); installs the `bench` extra into .venv
 bench-trl: $(STAMP)

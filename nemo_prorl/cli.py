@@ -1,5 +1,5 @@
 """`prorl` command line: `prorl train [OVERRIDE ...]`, `prorl config [OVERRIDE ...]`, `prorl plan [OVERRIDE ...]`,
-`prorl data inspect PATH`,
+`prorl doctor [OVERRIDE ...]`, `prorl data inspect PATH`,
 `prorl convert hf-to-megatron|megatron-to-hf SRC DST`, `prorl export CKPT OUT`, `prorl reset-reference RUN_DIR`,
 `prorl eval CHECKPOINT [CHECKPOINT ...] [OVERRIDE ...]`.
 
@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [("train", "train with GRPO (the embedded CPU default unless an experiment says otherwise)"),
                         ("config", "print the resolved configuration and exit"),
-                        ("plan", "print which node and device hosts each Megatron rank, engine and reward worker")]:
+                        ("plan", "print which node and device hosts each Megatron rank, engine and reward worker"),
+                        ("doctor", "check this machine against what the config needs (OK / WARN / FAIL, with fixes); "
+                         "exit status 1 when a needed check fails")]:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.kl_coef=0 experiment=prorl_1p5b")
     from nemo_prorl.data import inspect
@@ -140,6 +142,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return convert.run(args)
     if args.command == "eval":
         return run_eval_command(args)
+    if args.command == "doctor":
+        from nemo_prorl import doctor
+
+        return doctor.main(args.overrides)
     try:
         cfg, resolved = load_config(args.overrides)
     except ConfigError as e:

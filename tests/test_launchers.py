@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SCRIPTS = [ROOT / "launchers" / "local.sh", *sorted((ROOT / "launchers" / "slurm").iterdir()),
-           ROOT / "containers" / "enroot.sh"]
+           ROOT / "containers" / "enroot.sh", ROOT / "benchmarks" / "gpu_check.sh"]
 
 
 def test_scripts_pass_shellcheck():
@@ -57,7 +57,7 @@ def test_slurm_dry_run_prints_every_command(script, nodes):
                      DATA_DIR="/d", MODEL_DIR="/m", CKPT_DIR="/c")
     port = 6379 + 4321 % 1000
     assert lines[0] == "token: /c/r1/ray_token (a fresh random token, mode 0600)"
-    labels = ["ray head", *(["ray workers"] if nodes > 1 else []), "train", "ray stop"]
+    labels = ["doctor", "ray head", *(["ray workers"] if nodes > 1 else []), "train", "ray stop"]
     assert [line.split(": ", 1)[0] for line in lines[1:]] == labels
     commands = {label: _srun(line, label) for label, line in zip(labels, lines[1:])}
     for opts, _ in commands.values():  # every step runs in the job's container with the three mounts
@@ -80,13 +80,16 @@ def test_slurm_dry_run_prints_every_command(script, nodes):
     assert argv == ["exec", "python", "-m", "nemo_prorl.cli", "train", "resume=auto", "trainer.output_dir=/checkpoints/r1",
                     "cluster.device=cuda", f"cluster.num_nodes={nodes}", "cluster.gpus_per_node=8",
                     f"cluster.ray_address=gpu-0:{port}", "cluster.ray_token_file=/checkpoints/r1/ray_token", *overrides]
+    opts, cmd = commands["doctor"]  # every node checks itself with the run's own config
+    assert opts[1:3] == [f"--nodes={nodes}", "--ntasks-per-node=1"]
+    assert shlex.split(cmd) == ["exec", "python", "-m", "nemo_prorl.cli", "doctor", *argv[6:]]
     opts, cmd = commands["ray stop"]
     assert opts[1:3] == [f"--nodes={nodes}", "--ntasks-per-node=1"] and cmd == "ray stop --force"
 
 
 def test_a_run_name_cannot_break_the_commands():
     lines = _dry_run("single_node.sbatch", 1, "a=1", RUN_NAME="r 1;touch x", CKPT_DIR="/c")
-    _, cmd = _srun(lines[2], "train")
+    _, cmd = _srun(lines[3], "train")
     argv = shlex.split(cmd)
     assert "trainer.output_dir=/checkpoints/r 1;touch x" in argv and argv[-1] == "a=1"
     assert "cluster.ray_token_file=/checkpoints/r 1;touch x/ray_token" in argv
@@ -97,25 +100,29 @@ FAKES = {  # stand-ins for Slurm, Ray and the trainer: the script's own logic ru
     "scontrol": 'if [[ "$1" == requeue ]]; then echo "$2" >"$CKPT_DIR/requeued"; else printf "%s\\n" "${3//,/ }"; fi',
     "ray": 'if [[ "$1" == start ]]; then\n  for a in "$@"; do [[ "$a" == --temp-dir=* ]] && rm -rf "$(dirname "${a#--temp-dir=}")"; done\n'
            '  exec sleep 1000\nfi',
-    "python": 'for a in "$@"; do [[ "$a" == trainer.output_dir=* ]] && run="$CKPT_DIR/${a#trainer.output_dir=/checkpoints/}"; done\n'
+    "python": 'if [[ " $* " == *" doctor "* ]]; then [[ -f "$CKPT_DIR/unhealthy" ]] && { echo "FAIL  gpus  none visible"; exit 1; }; exit 0; fi\n'
+              'for a in "$@"; do [[ "$a" == trainer.output_dir=* ]] && run="$CKPT_DIR/${a#trainer.output_dir=/checkpoints/}"; done\n'
               'trap \'touch "$run/PREEMPTED"; exit 0\' TERM\ntouch "$run/started"\n'
               'for _ in $(seq 600); do [[ -f "$CKPT_DIR/fail" ]] && exit 3; sleep 0.1; done',
 }
 
 
-def _run_batch(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+def _run_batch(tmp_path: Path, *, wait: bool = True) -> tuple[subprocess.Popen, Path]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, body in FAKES.items():
         (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body + "\n")
         (bin_dir / name).chmod(0o755)
     ckpt = tmp_path / "ckpt"
+    if not wait:  # a node fails its doctor check
+        ckpt.mkdir()
+        (ckpt / "unhealthy").touch()
     env = dict(os.environ, PATH=f"{bin_dir}:/usr/bin:/bin", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="localhost,n1",
                SLURM_JOB_ID="77", RUN_NAME="r1", CKPT_DIR=str(ckpt), PRORL_LAUNCHERS=str(ROOT / "launchers"))
     proc = subprocess.Popen(["bash", str(ROOT / "launchers" / "slurm" / "multi_node.sbatch"), "a=1"], env=env,
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
-    while not (ckpt / "r1" / "started").exists():
+    while wait and not (ckpt / "r1" / "started").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.05)
     return proc, ckpt
@@ -137,6 +144,13 @@ def test_a_failed_trainer_fails_the_job_without_requeue(tmp_path):
     (ckpt / "fail").touch()
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 3 and not (ckpt / "requeued").exists(), out
+
+
+def test_a_node_failing_the_doctor_stops_the_job_before_training(tmp_path):
+    proc, ckpt = _run_batch(tmp_path, wait=False)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "FAIL  gpus  none visible" in out and "prorl doctor failed" in out, out
+    assert not (ckpt / "r1" / "started").exists() and not (ckpt / "requeued").exists()
 
 
 def test_sbatch_scripts_requeue_on_preemption():

@@ -267,7 +267,7 @@ def test_an_answer_outside_its_tasks_grammar_is_refused_before_scoring(reward):
     attack = _escaped(SWAP_CODE % _countdown_module())
     assert not code_like(attack)  # the blocklist alone lets it through
     res = reward.score(row(entry, "countdown", attack))
-    assert res.reward == 0.0 and res.info.get("tampered") == 1.0 and "sympy_expression" in res.reason, res
+    assert res.reward == 0.0 and res.info.get("tampered") == 1.0 and "arithmetic" in res.reason, res
     nq = reasoning_gym.create_dataset("n_queens", size=1, seed=0)[0]
     res = reward.score(row(nq, "n_queens", "print(1) or [[1]]"))
     assert res.reward == 0.0 and "literal_or_text" in res.reason, res
@@ -331,5 +331,66 @@ def test_every_scorer_that_evaluates_answers_has_a_grammar_that_its_oracle_answe
     evaluating.discard("number_sorting")  # evals only its oracle (`entry["answer"]`, our data), not the answer
     assert evaluating <= set(ANSWER_GRAMMARS), evaluating - set(ANSWER_GRAMMARS)
     for task, fits in ANSWER_GRAMMARS.items():
-        bad = [e["answer"] for e in reasoning_gym.create_dataset(task, size=200, seed=3) if not fits(str(e["answer"]))]
+        # by design not: an oracle that is an unevaluated integral (restating the question would score 1)
+        bad = [e["answer"] for e in reasoning_gym.create_dataset(task, size=200, seed=3)
+               if not fits(str(e["answer"])) and "Integral(" not in str(e["answer"])]
         assert bad == [], (task, bad[:3])
+
+
+# Second review (issue 18): answers that passed the first grammars.
+DEEP_EXEC = "-" * 2940 + "(exec)('self.score_answer=lamb'+'da a,e:1.0')"  # too deep for ast here, not for eval there
+
+
+def test_an_answer_nested_past_the_parsers_depth_is_refused(reward):
+    nq = reasoning_gym.create_dataset("n_queens", size=2, seed=0)
+    res = reward.score(row(nq[0], "n_queens", DEEP_EXEC))
+    assert res.reward == 0.0 and "literal_or_text" in res.reason, res
+    assert [r.reward for r in reward.score_batch([row(nq[1], "n_queens", "garbage")] * 4)] == [0.0] * 4
+    assert reward.score(row(nq[1], "n_queens", nq[1]["answer"])).reward == 1.0
+
+
+def test_wrong_answers_that_fit_an_expression_grammar_score_as_wrong(reward):
+    """No code runs in these: an integral restated as the answer, a countdown target built from `E`,
+    and puzzle24's `1*2*3*4` (its scorer never checked that the numbers are the puzzle's)."""
+    integ = reasoning_gym.create_dataset("simple_integration", size=1, seed=0)[0]
+    restated = f"Integral({integ['metadata']['integrand']}, x)"
+    assert reward.score(row(integ, "simple_integration", restated)).reward == 0.0
+    cd = reasoning_gym.create_dataset("countdown", size=1, seed=0)[0]
+    target = cd["metadata"]["target"]
+    built = " + ".join(["floor(E)"] * (target // 2)) + (" + floor(E)/floor(E)" if target % 2 else "")
+    assert reward.score(row(cd, "countdown", built)).reward == 0.0
+    p24 = [e for e in reasoning_gym.create_dataset("puzzle24", size=20, seed=0)
+           if sorted(e["metadata"]["numbers"]) != [1, 2, 3, 4]][0]
+    assert reward.score(row(p24, "puzzle24", "1*2*3*4")).reward == 0.01
+    assert reward.score(row(p24, "puzzle24", p24["answer"])).reward == 1.0
+    assert reward.score(row(p24, "puzzle24", p24["answer"] + " + 1 - 1")).reward == 0.01  # other numbers
+
+
+def test_a_bare_name_cannot_read_the_scorers_variables(reward):
+    si = reasoning_gym.create_dataset("string_insertion", size=1, seed=0)[0]
+    res = reward.score(row(si, "string_insertion", "oracle_answer"))
+    assert res.reward == 0.0 and "literal_or_text" in res.reason, res
+    assert reward.score(row(si, "string_insertion", si["answer"])).reward == 1.0  # capitals: a bare name
+
+
+def _patch_dataset(job):
+    from nemo_prorl.rewards import reasoning_gym as rg
+
+    rg._dataset(job[0], job[1]).score_answer = lambda answer, entry: 1.0  # on the cached instance
+    return "patched"
+
+
+def test_the_state_guard_sees_the_cached_datasets():
+    from pathlib import Path
+
+    from nemo_prorl.rewards.reasoning_gym import prepare_in_worker
+    from nemo_prorl.rewards.workers import HardTimeoutPool
+
+    entry = reasoning_gym.create_dataset("countdown", size=1, seed=0)[0]
+    job = ("countdown", "{}", entry["metadata"], entry["question"], entry["answer"], "1+1")
+    pool = HardTimeoutPool(1, preload=("nemo_prorl.rewards.reasoning_gym",), ro_paths=[str(Path(__file__).parent)])
+    try:
+        o = pool.call(_patch_dataset, job, timeout=60, prepare=prepare_in_worker)
+        assert o.status == "tampered" and "reasoning_gym dataset countdown.score_answer" in o.reason, o
+    finally:
+        pool.close()

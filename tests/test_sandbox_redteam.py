@@ -447,13 +447,20 @@ for res, value in ((resource.RLIMIT_NOFILE, 3), (resource.RLIMIT_AS, 1 << 20), (
         got.append('limited')
     except OSError as e:
         got.append(e.errno)
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+for call in (lambda: libc.setpriority(2, 0, 19),  # PRIO_USER: every process of our uid, the runner too
+             lambda: libc.setpriority(0, 1, 19),  # PRIO_PROCESS of PID 1
+             lambda: libc.syscall(251 if os.uname().machine == 'x86_64' else 30, 3, 0, 3 << 13)):  # IOPRIO_WHO_USER
+    got.append(ctypes.get_errno() if call() == -1 else 'changed')
 print(got, file=sys.stderr)
 assert all(g == 1 for g in got)
 """ + GOOD
 
 
 def test_the_runner_cannot_be_limited(reward):
-    """prlimit on PID 1 is refused (EPERM), so the next tests still run: a right answer scores 1."""
+    """prlimit on PID 1, and setpriority or ioprio_set on it or on the whole uid, are refused (EPERM), so
+    the next tests still run: a right answer scores 1."""
     res = _attack(reward, LIMIT_THE_RUNNER, STDIO)
     assert res.reward == 1.0, res
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Shared by single_node.sbatch and multi_node.sbatch. Inside the container, on the job's nodes:
 #   1. a fresh Ray token for this job in its run folder (mode 0600; the run folder is on the shared CKPT_DIR);
-#   2. a Ray head on the first node and a Ray worker on each other node (token authentication on, no
+#   2. `prorl doctor` on every node (the run's config): a failed check stops the job with its report;
+#   3. a Ray head on the first node and a Ray worker on each other node (token authentication on, no
 #      dashboard, no usage reporting), each a background srun step;
-#   3. `prorl train` on the first node, attached to that cluster (cluster.ray_address); it waits until all
+#   4. `prorl train` on the first node, attached to that cluster (cluster.ray_address); it waits until all
 #      nodes have joined (cluster.ray_timeout_s, then an error naming the nodes that did), places one Megatron
 #      rank per GPU and the rollout engines by the plan (`prorl plan`), and drives them;
-#   4. then the Ray steps are stopped, and a PREEMPTED marker requeues the job (resume=auto).
+#   5. then the Ray steps are stopped, and a PREEMPTED marker requeues the job (resume=auto).
 # SIGTERM reaches the batch shell only (--signal=B:TERM@...): it is passed to the trainer, which checkpoints
 # while its Ray actors are still up, writes PREEMPTED and exits 0.
 #
@@ -89,13 +90,18 @@ prorl_launch() {
   local head_cmd="${ray_env}; exec ray start --head --node-ip-address=${q_head_ip} --port=${port}"
   head_cmd+=" --include-dashboard=false ${ray_common}"
   local worker_cmd="${ray_env}; exec ray start --address=${q_address} ${ray_common}"
-  local train_cmd="exec python -m nemo_prorl.cli train resume=auto trainer.output_dir=${q_run_dir}"
-  train_cmd+=" cluster.device=cuda cluster.num_nodes=${nodes} cluster.gpus_per_node=${gpus}"
-  train_cmd+=" cluster.ray_address=${q_address} cluster.ray_token_file=${q_token}${overrides}"
+  local cluster_args=" cluster.device=cuda cluster.num_nodes=${nodes} cluster.gpus_per_node=${gpus}"
+  cluster_args+=" cluster.ray_address=${q_address} cluster.ray_token_file=${q_token}${overrides}"
+  local train_cmd="exec python -m nemo_prorl.cli train resume=auto trainer.output_dir=${q_run_dir}${cluster_args}"
+  # `prorl doctor` on every node first, with the run's config: a node without GPUs, a broken vLLM
+  # environment or an unreadable data file stops the job before hours of allocation are spent.
+  local doctor_cmd="exec python -m nemo_prorl.cli doctor trainer.output_dir=${q_run_dir}${cluster_args}"
 
   # shellcheck disable=SC2054  # the commas belong to srun's --container-mounts and --export lists
   local -a container=(--container-image="${image}" --container-mounts="${mounts}" --container-workdir=/workspace
     --container-name="prorl-${job_id}" --export=ALL,PRORL_DATA_DIR=/data)
+  local -a doctor_srun=(srun --nodes="${nodes}" --ntasks-per-node=1 --overlap "${container[@]}"
+    --output="logs/%x-%j-doctor-%n.out" bash -c "${doctor_cmd}")
   local -a head_srun=(srun --nodes=1 --ntasks=1 --nodelist="${head}" --overlap "${container[@]}"
     --output="logs/%x-%j-ray-head.out" bash -c "${head_cmd}")
   local -a worker_srun=(srun --nodes=$((nodes - 1)) --ntasks-per-node=1 --exclude="${head}" --overlap "${container[@]}"
@@ -108,6 +114,7 @@ prorl_launch() {
 
   if [[ "${PRORL_DRY_RUN:-0}" == "1" ]]; then
     printf 'token: %s (a fresh random token, mode 0600)\n' "${host_token}"
+    prorl_print "doctor" "${doctor_srun[@]}"
     prorl_print "ray head" "${head_srun[@]}"
     if ((nodes > 1)); then
       prorl_print "ray workers" "${worker_srun[@]}"
@@ -127,6 +134,11 @@ prorl_launch() {
   tmp_token="$(mktemp "${ckpt_dir}/${run_name}/.ray_token.XXXXXX")"
   head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"${tmp_token}"
   mv -f "${tmp_token}" "${host_token}"
+  if ! "${doctor_srun[@]}"; then
+    echo "prorl doctor failed on a node: the job stops here (no requeue). Its report:" >&2
+    cat logs/*-"${job_id}"-doctor-*.out >&2 2>/dev/null || true
+    return 1
+  fi
   local -a ray_pids=()
   "${head_srun[@]}" &
   ray_pids+=($!)

@@ -124,29 +124,48 @@ _LITERAL_NODES = (ast.Expression, ast.Constant, ast.List, ast.Tuple, ast.Set, as
 def literal_or_text(answer: str) -> bool:
     """For scorers that `eval(answer)` as a fallback after an exact match (n_queens, spiral_matrix,
     binary_matrix, string_insertion): the answer is plain text (not Python, so eval fails as it would
-    have) or a Python literal, possibly a bare name (`EACADDDDB`, a right answer, parses as one). Calls,
-    attributes, subscripts, operators, f-strings, lambdas and comprehensions are refused."""
+    have) or a Python literal, where a bare name may only be capital letters (`EACADDDDB`, a right
+    answer, parses as one; `oracle_answer` would read the scorer's own variable). Calls, attributes,
+    subscripts, operators, f-strings, lambdas and comprehensions are refused, and so is an answer nested
+    too deep for the parser: the trainer's stack is deeper than the worker's, so a depth that fails here
+    could still compile there."""
     try:
         tree = ast.parse(answer.strip(), mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+    except SyntaxError:
         return True  # eval in the scorer fails the same way: nothing of the answer runs
+    except (ValueError, RecursionError, MemoryError):
+        return False
     for node in ast.walk(tree):
-        if not isinstance(node, _LITERAL_NODES) or (isinstance(node, ast.Name) and node.id.startswith("_")):
+        if not isinstance(node, _LITERAL_NODES) or (isinstance(node, ast.Name) and _CAPITALS.fullmatch(node.id) is None):
             return False
     return True
 
 
+_CAPITALS = re.compile(r"[A-Z]+")
+
+
+def arithmetic(answer: str) -> bool:
+    """For countdown and puzzle24: numbers, + - * / and parentheses, nothing else (`E`, `floor(E)` or
+    any name would let an answer make numbers it was not given)."""
+    return _ARITHMETIC.fullmatch(answer) is not None
+
+
+_ARITHMETIC = re.compile(r"[0-9\s+\-*/()]+")
+
+
 # Function and constant names of the expressions that sympy-parsed answers hold (the oracle answers of
-# countdown, puzzle24, polynomial_multiplication and the integration tasks use only these and
-# one- or two-letter symbols).
+# polynomial_multiplication and the integration tasks use only these and one- or two-letter symbols).
+# Not `Integral`: the integration scorers differentiate the answer, so restating the question as an
+# unevaluated integral would score 1 (the oracles that are unevaluated integrals can then score no 1).
 MATH_NAMES = frozenset({
     "sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan", "acot", "asec", "acsc", "atan2", "sinh",
     "cosh", "tanh", "coth", "asinh", "acosh", "atanh", "exp", "log", "ln", "sqrt", "cbrt", "root", "pi", "oo",
-    "Abs", "abs", "sign", "floor", "ceiling", "factorial", "gamma", "erf", "Integral", "Rational"})
+    "Abs", "abs", "sign", "floor", "ceiling", "factorial", "gamma", "erf", "Rational"})
 _EXPR_CHARS = re.compile(r"[0-9A-Za-z\s+\-*/^().,!=<>]*")
 _NAME = re.compile(r"[A-Za-z]\w*")
 _SYMBOL = re.compile(r"[A-Za-z]{1,2}[0-9]*")
-_BARE_DOT = re.compile(r"(?<![0-9])\.(?![0-9])|\.[0-9]*(?![eE][-+0-9])[A-Za-z]")  # not a decimal point
+# a dot that is not a decimal point: not followed by a digit, or a number running into a name (`1.5.n`)
+_BARE_DOT = re.compile(r"\.(?![0-9])|\.[0-9]+(?![eE][-+0-9])[A-Za-z]")
 
 
 def sympy_expression(answer: str) -> bool:

@@ -88,11 +88,14 @@ DENY_ALWAYS = ("mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "
                "shmget", "msgget", "mq_open", "memfd_create", "memfd_secret",
                # reaching into another process of the same uid (the runner, when the trainer is not root)
                "kcmp", "process_madvise", "process_mrelease", "migrate_pages", "move_pages")
-# Calls whose target process is an argument (index): allowed on the caller itself (0) only. When the
-# trainer is not root the runner (PID 1) has the program's kernel uid, and prlimit on it could starve
-# the runner of memory or files for the next tests.
-SELF_ONLY = (("prlimit64", 0), ("setpriority", 1), ("ioprio_set", 1), ("sched_setaffinity", 0),
-             ("sched_setscheduler", 0), ("sched_setparam", 0), ("sched_setattr", 0))
+# Calls whose target is in their arguments: allowed on the caller itself only, as (argument index, allowed
+# values) conditions that must all hold. When the trainer is not root the runner (PID 1) has the
+# program's kernel uid, and prlimit on it could starve the runner of memory or files for the next tests;
+# setpriority and ioprio_set also take a user (PRIO_USER, IOPRIO_WHO_USER): only the calling process.
+PRIO_PROCESS, IOPRIO_WHO_PROCESS = 0, 1
+SELF_ONLY = {"prlimit64": ((0, (0,)),), "setpriority": ((0, (PRIO_PROCESS,)), (1, (0,))),
+             "ioprio_set": ((0, (IOPRIO_WHO_PROCESS,)), (1, (0,))), "sched_setaffinity": ((0, (0,)),),
+             "sched_setscheduler": ((0, (0,)),), "sched_setparam": ((0, (0,)),), "sched_setattr": ((0, (0,)),)}
 # Socket families: unix and internet sockets only (the network namespace is empty). Netlink reads host
 # events (uevents) and vsock reaches the hypervisor: neither is confined by a network namespace.
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
@@ -263,7 +266,7 @@ def seccomp_filter(deny: tuple[str, ...], *, threads_only: bool) -> bytes:
     def ins(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
         return struct.pack("HBBI", code, jt, jf, k)
 
-    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    ld, jeq, jge, jset, ja, ret = 0x20, 0x15, 0x35, 0x45, 0x05, 0x06
     prog = [ins(ld, 4), ins(jeq, arch, 1, 0), ins(ret, RET_KILL_PROCESS), ins(ld, 0)]
     if machine == "x86_64":  # the x32 ABI numbers (bit 30) would bypass a table of x86_64 numbers
         prog += [ins(jge, 0x40000000, 0, 1), ins(ret, RET_ERRNO | EPERM)]
@@ -271,15 +274,21 @@ def seccomp_filter(deny: tuple[str, ...], *, threads_only: bool) -> bytes:
     for name in deny:
         if name in nrs:
             prog += [ins(jeq, nrs[name], 0, 1), ins(ret, RET_ERRNO | EPERM)]
-    # an argument among allowed values: [nr?] [load arg] [== v ...] [refuse] [allow]; the accumulator
-    # holds the number again for the next rule only when the number did not match
-    rules = [(nrs[n], i, (0,), EPERM) for n, i in SELF_ONLY] + \
-        [(nrs[n], 0, SOCKET_FAMILIES, EAFNOSUPPORT) for n in ("socket", "socketpair")]
-    for nr, arg, allowed, errno in rules:
-        k = len(allowed)
-        prog += [ins(jeq, nr, 0, k + 3), ins(ld, 16 + 8 * arg)]
-        prog += [ins(jeq, v, k - j, 0) for j, v in enumerate(allowed)]
-        prog += [ins(ret, RET_ERRNO | errno), ins(ret, RET_ALLOW)]
+    # argument conditions: [nr?] then per condition [load arg] [== v: next condition ...] [jump: refuse];
+    # [allow] [refuse]. The accumulator holds the number again for the next rule only when it did not match.
+    rules = [(nrs[n], conds, EPERM) for n, conds in SELF_ONLY.items()] + \
+        [(nrs[n], ((0, SOCKET_FAMILIES),), EAFNOSUPPORT) for n in ("socket", "socketpair")]
+    for nr, conds, errno in rules:
+        body: list[bytes] = []
+        for i, (arg, allowed) in enumerate(conds):
+            k = len(allowed)
+            body.append(ins(ld, 16 + 8 * arg))
+            # a match skips the rest of this condition's compares and its jump to the refusal
+            body += [ins(jeq, v, k - j, 0) for j, v in enumerate(allowed)]
+            left = sum(1 + len(a) + 1 for _, a in conds[i + 1:])  # the later conditions' instructions
+            body.append(ins(ja, left + 1))  # past them and the allow: to the refusal
+        body += [ins(ret, RET_ALLOW), ins(ret, RET_ERRNO | errno)]
+        prog += [ins(jeq, nr, 0, len(body))] + body
     # last: clone's flags (args[0], low 32 bits at offset 16 on little-endian machines)
     prog += [ins(jeq, nrs["clone"], 0, 2), ins(ld, 16)]
     if threads_only:

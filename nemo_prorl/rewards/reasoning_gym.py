@@ -20,28 +20,31 @@ adversarial answer (`x**99999999` to intermediate_integration); such a call is k
 PYTHONHASHSEED (isomorphic_strings, knight_swap, polynomial_multiplication, ransom_note, word_ladder), so a
 regenerated entry is used only if its question matches the prompt; otherwise the row's metadata is.
 
-One scorer of reasoning-gym 0.1.25 is overridden because it can be gamed: game_of_life_halting compares
-`bool(answer) == bool(oracle)`, so any non-empty answer scores 1 when the oracle is "True".
+Two scorers of reasoning-gym 0.1.25 are overridden because they can be gamed: game_of_life_halting compares
+`bool(answer) == bool(oracle)`, so any non-empty answer scores 1 when the oracle is "True"; puzzle24 does
+not check that the answer uses the puzzle's numbers (`1*2*3*4` scored 1 on every puzzle).
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
 import json
 import re
+from fractions import Fraction
 from typing import Any, Callable, Optional, Sequence
 
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
-from nemo_prorl.rewards.extract import code_like, last_tag, literal_or_text, strip_thinking, sympy_expression
-from nemo_prorl.rewards.workers import HardTimeoutPool
+from nemo_prorl.rewards.extract import arithmetic, code_like, last_tag, literal_or_text, strip_thinking, sympy_expression
+from nemo_prorl.rewards.workers import GUARDED_OBJECTS, HardTimeoutPool
 
 
 # The tasks whose scorer evaluates the answer (reasoning-gym 0.1.25: `eval` or sympy's `parse_expr` in
 # score_answer) and the grammar an answer must follow to reach it; tests/test_rewards_reasoning_gym.py
 # scans the installed package so that a new evaluating scorer fails CI until it is listed here.
 ANSWER_GRAMMARS: dict[str, Callable[[str], bool]] = {
-    "countdown": sympy_expression, "puzzle24": sympy_expression, "polynomial_multiplication": sympy_expression,
+    "countdown": arithmetic, "puzzle24": arithmetic, "polynomial_multiplication": sympy_expression,
     "simple_integration": sympy_expression, "intermediate_integration": sympy_expression,
     "n_queens": literal_or_text, "spiral_matrix": literal_or_text, "binary_matrix": literal_or_text,
     "string_insertion": literal_or_text,
@@ -58,8 +61,27 @@ def grammar_refuses(tasks: Sequence[str], answer: str) -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=512)
+# The worker's datasets, built once per (task, config). A dict rather than a cache decorator: the worker's
+# state guard checks each dataset object's attributes after every call (see _guarded_datasets).
+_DATASETS: dict[tuple[str, str], Any] = {}
+_MAX_DATASETS = 512
+
+
 def _dataset(task: str, config_json: str) -> Any:
+    ds = _DATASETS.get((task, config_json))
+    if ds is None:
+        ds = _build_dataset(task, config_json)
+        if len(_DATASETS) >= _MAX_DATASETS:
+            _DATASETS.pop(next(iter(_DATASETS)))
+        _DATASETS[(task, config_json)] = ds
+        _BUILT[0] += 1
+    return ds
+
+
+_BUILT = [0]  # datasets built so far: a new one is new state for the guard's snapshot
+
+
+def _build_dataset(task: str, config_json: str) -> Any:
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
 
@@ -73,6 +95,13 @@ def _dataset(task: str, config_json: str) -> Any:
     return reasoning_gym.create_dataset(task, **config)
 
 
+def _guarded_datasets() -> list[tuple[str, Any]]:
+    return [(f"reasoning_gym dataset {task}", ds) for (task, _), ds in _DATASETS.items()]
+
+
+GUARDED_OBJECTS.append(_guarded_datasets)
+
+
 @functools.lru_cache(maxsize=4096)  # the n samples of a prompt share one regenerated entry
 def _entry(task: str, config_json: str, index: int) -> dict:
     return _dataset(task, config_json)[index]
@@ -82,8 +111,38 @@ def _strict_bool(answer: Optional[str], entry: dict) -> float:
     return float(isinstance(answer, str) and answer.strip().lower() == str(entry["answer"]).strip().lower())
 
 
+def _puzzle24(answer: Optional[str], entry: dict) -> float:
+    """puzzle24's scorer checks that the answer makes 24 with four numbers in range, not that they are the
+    puzzle's four: `1*2*3*4` scored 1 on every puzzle. Here the numbers must be the puzzle's, and the
+    arithmetic answer (its grammar) is evaluated exactly, without eval. 0.01 otherwise, as upstream."""
+    if not isinstance(answer, str) or not arithmetic(answer):
+        return 0.01
+    used = sorted(int(n) for n in re.findall(r"\d+", answer))
+    if used != sorted(int(n) for n in entry["metadata"]["numbers"]):
+        return 0.01
+    try:
+        value = _exact(ast.parse(answer.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError, MemoryError):
+        return 0.01
+    return 1.0 if value == 24 else 0.01
+
+
+def _exact(node: ast.AST) -> Fraction:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return Fraction(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _exact(node.operand)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+        a, b = _exact(node.left), _exact(node.right)
+        return {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}.get(type(node.op)) if not isinstance(node.op, ast.Div) \
+            else a / b
+    raise ValueError("not arithmetic")
+
+
 # task -> scorer used instead of the package's (see the module docstring for why)
-OVERRIDES: dict[str, Callable[[Optional[str], dict], float]] = {"game_of_life_halting": _strict_bool}
+OVERRIDES: dict[str, Callable[[Optional[str], dict], float]] = {"game_of_life_halting": _strict_bool,
+                                                                "puzzle24": _puzzle24}
 
 
 def _regenerated(task: str, config_json: str, entry_meta: dict) -> Optional[dict]:
@@ -99,16 +158,16 @@ def prepare_in_worker(arg: tuple[str, str, dict, str, Any, str]) -> bool:
     time per task it also scores the oracle (trusted), so that the scorer's lazily built state exists
     before any answer runs. Returns whether it did new work."""
     task, config_json, entry_meta = arg[:3]
-    misses = _dataset.cache_info().misses + _entry.cache_info().misses
+    before = (_BUILT[0], _entry.cache_info().misses)
     ds = _dataset(task, config_json)
     regen = _regenerated(task, config_json, entry_meta)
-    fresh = _dataset.cache_info().misses + _entry.cache_info().misses != misses or task not in _WARMED
+    fresh = (_BUILT[0], _entry.cache_info().misses) != before or task not in _WARMED
     if task not in _WARMED:
         _WARMED.add(task)
     if fresh:
         entry = copy.deepcopy(_entry_for(arg, ds, regen))
         try:
-            OVERRIDES.get(task, ds.score_answer)(entry.get("answer"), entry)
+            _scorer(task, ds)(entry.get("answer"), entry)
         except Exception:  # noqa: BLE001  warming only
             pass
     return fresh  # new work done (from trusted data): the worker re-takes its state snapshot
@@ -124,6 +183,14 @@ def _entry_for(arg: tuple[str, str, dict, str, Any, str], ds: Any, regen: Option
     return {"question": prompt, "answer": oracle, "metadata": entry_meta}
 
 
+def _scorer(task: str, ds: Any) -> Callable[[Optional[str], dict], float]:
+    """The task's scorer, looked up on the dataset's class (an attribute set on the cached instance is not
+    used), or our override."""
+    if task in OVERRIDES:
+        return OVERRIDES[task]
+    return functools.partial(type(ds).score_answer, ds)
+
+
 def score_in_worker(arg: tuple[str, str, dict, str, Any, str]) -> tuple[str, float, str]:
     """Worker entry point: (task, config json, entry metadata, prompt, oracle answer, model answer) ->
     ("ok", score, "") or ("exception", 0, what the scorer raised)."""
@@ -132,7 +199,7 @@ def score_in_worker(arg: tuple[str, str, dict, str, Any, str]) -> tuple[str, flo
     # a copy: some scorers change the entry they are given, which must not reach the cached one
     entry = copy.deepcopy(_entry_for(arg, ds, _regenerated(task, config_json, entry_meta)))
     try:
-        score = float(OVERRIDES.get(task, ds.score_answer)(answer, entry))
+        score = float(_scorer(task, ds)(answer, entry))
     except Exception as e:  # noqa: BLE001
         return "exception", 0.0, f"{type(e).__name__}: {e}"
     return "ok", score, ""

@@ -205,8 +205,8 @@ def _kill_leftovers(pid: int, pid1: bool) -> None:
 
 
 def run_test(spec: dict, test: dict, timeout: float, uid: int | None, out_left: int) -> dict:
-    """One test; `out_left`: bytes of output the run may still return (stdout and result each take at
-    most this and the per-test limit)."""
+    """One test; `out_left`: bytes of output the run may still return. Stdout and the harness's result
+    each keep at most the per-test limit, together at most `out_left`."""
     lim, confined = spec["limits"], spec["confined"]
     workdir = fresh_workdir(spec, uid, confined)
     fds = (_memfd("stdin", test["stdin"].encode()), _memfd("stdout"), _memfd("stderr"), _memfd("result"))
@@ -223,10 +223,10 @@ def run_test(spec: dict, test: dict, timeout: float, uid: int | None, out_left: 
         os.kill(pid, signal.SIGKILL)
         status = os.waitpid(pid, 0)[1]
     _kill_leftovers(pid, confined)
-    cap = min(int(lim["max_output_bytes"]), out_left)
-    stdout, out_cut = _read_fd(fds[1], cap)
+    per_test = int(lim["max_output_bytes"])
+    stdout, out_cut = _read_fd(fds[1], min(per_test, out_left))
     stderr, _ = _read_fd(fds[2], 4096)
-    result, res_cut = _read_fd(fds[3], max(0, cap - len(stdout)))
+    result, res_cut = _read_fd(fds[3], min(per_test, max(0, out_left - len(stdout.encode()))))
     out_cut = out_cut or res_cut
     for fd in fds:
         os.close(fd)
@@ -260,7 +260,8 @@ def run_all(spec: dict, notes: list[str]) -> None:
                             "stdout": "", "stderr": "", "result": "", "wall_s": 0.0, "skipped": True})
             continue
         res = run_test(spec, test, min(spec["per_test_timeout_s"], left), uid, out_left)
-        out_left -= len(res["stdout"].encode()) + len(res["result"].encode())
+        # as the trainer receives it: JSON, where a control character takes six bytes
+        out_left -= len(json.dumps(res["stdout"])) + len(json.dumps(res["result"]))
         results.append(res)
     _emit({"results": results, "notes": notes})
 

@@ -112,6 +112,9 @@ def _jail(ro_paths: Sequence[str], uid: Optional[int]) -> None:
 
 
 _MISSING = object()
+# Providers of (label, object) pairs whose attributes the state guard checks too: objects a scorer keeps
+# between calls (reasoning_gym.py registers its cached datasets).
+GUARDED_OBJECTS: list[Callable[[], list[tuple[str, Any]]]] = []
 # what os.fork itself replaces in the child (threading re-creates its locks)
 _FORK_CHANGES = frozenset({("threading", "_active_limbo_lock"), ("threading", "_shutdown_locks_lock"),
                            ("threading", "_shutdown_locks")})
@@ -159,6 +162,10 @@ class StateGuard:
                 for v in list(d.values()):
                     if isinstance(v, type) and v.__module__ == name:
                         self._take(f"{name}.{v.__name__}", v.__dict__, scorer=False)
+        for provider in GUARDED_OBJECTS:  # the scorers' own long-lived objects (cached datasets)
+            for label, obj in provider():
+                if isinstance(getattr(obj, "__dict__", None), dict):
+                    self._take(label, obj.__dict__, scorer=True)
 
     def _take(self, name: str, d: Any, *, scorer: bool) -> None:
         self.items.append((name, d, dict(d)))

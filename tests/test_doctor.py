@@ -1,0 +1,117 @@
+"""`prorl doctor`: each failure the issue names is injected on this CPU machine, and the doctor reports it as a
+FAIL line with a fix and exits 1; a healthy embedded config passes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nemo_prorl import doctor
+from nemo_prorl.config.schema import ProRLConfig, SourceConfig
+
+
+def _run(capsys, overrides: list[str]) -> tuple[int, dict[str, list[str]]]:
+    rc = doctor.main(overrides)
+    out = capsys.readouterr().out
+    lines: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        if line[:4].strip() in (doctor.OK, doctor.WARN, doctor.FAIL):
+            lines.setdefault(line[:4].strip(), []).append(line)
+    return rc, lines
+
+
+def test_the_embedded_default_is_healthy(capsys, tmp_path):
+    rc, lines = _run(capsys, [f"trainer.output_dir={tmp_path}/run"])
+    assert rc == 0 and "FAIL" not in lines, lines
+    names = " ".join(lines["OK"])
+    for name in ("python", "torch", "gpus", "megatron-core", "ray", "sandbox", "/dev/shm", "checkpoints", "data",
+                 "model"):
+        assert name in names, name
+    assert any("a test program ran end to end" in line for line in lines["OK"])
+
+
+def test_the_cli_exits_1_naming_a_missing_vllm_environment(tmp_path):
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    proc = subprocess.run([sys.executable, "-m", "nemo_prorl.cli", "doctor", "rollout=vllm",
+                           f"rollout.vllm.python={missing}", f"trainer.output_dir={tmp_path}/run"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    fail = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fail) == 1 and "vllm" in fail[0] and str(missing) in fail[0], proc.stdout
+    assert "fix: build the vLLM environment" in proc.stdout
+
+
+def test_a_broken_vllm_environment_is_a_fail(capsys, tmp_path):
+    """An interpreter that exists but cannot import vLLM (the trainer's own here)."""
+    rc, lines = _run(capsys, ["rollout=vllm", f"rollout.vllm.python={sys.executable}",
+                              f"trainer.output_dir={tmp_path}/run"])
+    assert rc == 1 and any("cannot import vLLM" in line for line in lines["FAIL"]), lines
+
+
+def test_unreadable_and_malformed_data_files_are_named(capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n{not json\n")
+    missing = tmp_path / "missing.jsonl"
+    rc, lines = _run(capsys, ["data=blend", f"+data.blend={{m:{{path:{bad},format:deepscaler}}}}",
+                              f"+data.validation={{v:{{path:{missing},format:deepscaler}}}}",
+                              f"trainer.output_dir={tmp_path}/run"])
+    assert rc == 1, lines
+    fails = "\n".join(lines["FAIL"])
+    assert "data.blend.m" in fails and str(bad) in fails and "1 rejected" in fails, fails
+    assert "data.validation.v" in fails and str(missing) in fails, fails
+
+
+def test_a_model_folder_without_weights(capsys, tmp_path, tiny_model_dir):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in Path(tiny_model_dir).iterdir():
+        if not f.name.endswith(".safetensors"):
+            (folder / f.name).write_bytes(f.read_bytes())
+    rc, lines = _run(capsys, [f"model.path={folder}", f"trainer.output_dir={tmp_path}/run"])
+    assert rc == 1 and any("model" in line and "no weights" in line for line in lines["FAIL"]), lines
+    rc, lines = _run(capsys, [f"model.path={tiny_model_dir}", f"trainer.output_dir={tmp_path}/run"])
+    assert rc == 0 and any("qwen2" in line and "tensors" in line for line in lines["OK"]), lines
+
+
+def test_fp8_without_transformer_engine(capsys, tmp_path):
+    """The config refuses it (named key) and the TE line says why, with the fix; the other checks still run."""
+    pytest.importorskip("megatron.core")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        pytest.skip("Transformer Engine is installed here")
+    except Exception:  # noqa: BLE001
+        pass
+    rc, lines = _run(capsys, ["policy=megatron", "policy.megatron.fp8=hybrid", f"trainer.output_dir={tmp_path}/run"])
+    fails = "\n".join(lines["FAIL"])
+    assert rc == 1 and "policy.megatron.fp8" in fails and "transformer_engine" in fails, fails
+    assert any("sandbox" in line for line in lines["OK"])
+
+
+def _code_config() -> ProRLConfig:
+    cfg = ProRLConfig()
+    cfg.data.source = "blend"
+    cfg.data.blend = {"apps": SourceConfig(path="/data/apps.jsonl", domain="code")}
+    return cfg
+
+
+def test_no_namespaces_fails_the_sandbox_only_where_code_is_scored(monkeypatch):
+    from nemo_prorl.rewards import sandbox
+
+    monkeypatch.setattr(sandbox, "_namespaces_available", lambda: False)
+    [f] = doctor.code_sandbox(_code_config())
+    assert f.status == doctor.FAIL and "namespaces NO" in f.detail and "allow_unconfined" in f.detail, f
+    assert "backend=remote" in f.fix
+    [f] = doctor.code_sandbox(ProRLConfig())  # no code source: a warning
+    assert f.status == doctor.WARN, f
+
+
+def test_a_check_that_breaks_is_a_finding_not_a_crash():
+    def broken(cfg):
+        raise RuntimeError("boom")
+
+    [f] = doctor.run_checks(ProRLConfig(), [broken])
+    assert f.status == doctor.FAIL and "boom" in f.detail and f.name == "broken"
