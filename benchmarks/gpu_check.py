@@ -44,10 +44,13 @@ QWEN2_0P5B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, nu
 TINY = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, by device-name fragment.
-BF16_PEAK_TFLOPS = [("H200", 989.4), ("GH200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4),
-                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0)]
-TIME_LIMITS_S = {"env": 60, "embedded": 150, "megatron_local": 90, "megatron_te": 90, "mfu_0p5b": 120,
-                 "weight_sync": 90}
+# The first fragment that matches wins: more specific names first.
+BF16_PEAK_TFLOPS = [("H200 NVL", 835.0), ("H200", 989.4), ("GH200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
+                    ("H100", 989.4), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0),
+                    ("A10", 125.0)]
+TIME_LIMITS_S = {"env": 45, "embedded": 120, "megatron_local": 75, "megatron_te": 75, "mfu_0p5b": 100,
+                 "weight_sync": 75}
+DEADLINE_S = 480  # the whole check (issue 19: at most 8 minutes); a section never runs past it
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {}
 
 
@@ -102,6 +105,7 @@ def embedded(args: argparse.Namespace) -> dict[str, Any]:
 
     run = Path(args.out) / "embedded"
     overrides = [f"cluster.device={args.device}", f"model.dtype={_dtype(args)}", "trainer.num_steps=4",
+                 *(["cluster.gpus_per_node=1"] if args.device == "cuda" else []),
                  f"trainer.output_dir={run}", "trainer.progress_bar=false", "trainer.plot=false",
                  "trainer.tensorboard=false", "trainer.checkpoint_every_n_steps=1000", "validation.every_n_steps=1000"]
     if args.quick:
@@ -266,8 +270,17 @@ def _engine_child(conn: Any, model_dir: str, device: str, dtype: str) -> None:
         engine.load_weights(weights)
         finish_reads(handle)
         conn.send(len(weights))
-    first = next(iter(engine.model.state_dict().values()))
-    conn.send(float(first.float().abs().sum()))
+    conn.send(_checksum(dict(engine.model.state_dict())))
+
+
+def _checksum(state: dict) -> float:
+    """Sum over every tensor (tied weights once), in float64."""
+    seen, total = set(), 0.0
+    for t in state.values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += float(t.double().sum())
+    return total
 
 
 @section
@@ -284,7 +297,9 @@ def weight_sync(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = _model_dir(shape, dtype)
     from safetensors.torch import load_file
 
-    state = {k: v.to(args.device) for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+    # the trainer's weights differ from what the engine loaded at start: a sync that did nothing fails
+    state = {k: (v.float() + 0.5).to(getattr(torch, dtype)).to(args.device)
+             for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_engine_child, args=(child, str(model_dir), args.device, dtype), daemon=True)
@@ -318,8 +333,8 @@ def weight_sync(args: argparse.Namespace) -> dict[str, Any]:
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
-    expect = float(next(iter(state.values())).float().abs().sum())
-    if loaded != len(state) or abs(checksum - expect) > 1e-3 * max(1.0, expect):
+    expect = _checksum(state)
+    if loaded != len(state) or abs(checksum - expect) > 1e-6 * max(1.0, abs(expect)):
         raise RuntimeError(f"the engine loaded {loaded}/{len(state)} tensors, checksum {checksum} != {expect}")
     return {"megabytes": round(nbytes / 2**20, 1), "sync_s": round(sync_s, 4), "floor_copy_s": round(floor_s, 5),
             "x_floor": round(sync_s / floor_s, 1) if floor_s > 0 else None,
@@ -362,11 +377,16 @@ def main() -> int:
         return 0
     report: dict[str, Any] = {"device": args.device, "quick": args.quick, "sections": {}}
     t_all = time.perf_counter()
+    deadline = time.monotonic() + (DEADLINE_S * 4 if args.device == "cpu" else DEADLINE_S)
     for name in args.sections.split(","):
         t0 = time.perf_counter()
+        Path(args.out, f"{name}.json").unlink(missing_ok=True)  # never a previous run's result
         cmd = [sys.executable, __file__, "--section", name, "--out", args.out, "--device", args.device] + \
             (["--quick"] if args.quick else [])
-        limit = TIME_LIMITS_S[name] * (4 if args.device == "cpu" else 1)
+        limit = min(TIME_LIMITS_S[name] * (4 if args.device == "cpu" else 1), int(deadline - time.monotonic()))
+        if limit <= 0:
+            report["sections"][name] = {"status": "failed", "error": "no time left in the check's 8 minutes"}
+            continue
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=ROOT)
             res_file = Path(args.out, f"{name}.json")
@@ -378,6 +398,8 @@ def main() -> int:
         report["sections"][name] = res
         shown = {k: v for k, v in res.items() if k not in ("trace",)}
         print(f"{name:15s} {json.dumps(shown)}", flush=True)
+        report["wall_s"] = round(time.perf_counter() - t_all, 1)
+        Path(args.out, "gpu_check.json").write_text(json.dumps(report, indent=1))  # after each: a cut run keeps its figures
     report["wall_s"] = round(time.perf_counter() - t_all, 1)
     Path(args.out, "gpu_check.json").write_text(json.dumps(report, indent=1))
     failed = [n for n, r in report["sections"].items() if r["status"] == "failed"]

@@ -14,6 +14,9 @@ venv="${1:?usage: install_vllm_env.sh VENV REQUIREMENTS TORCH_SPEC [DROP ...]}"
 requirements="${2:?usage: install_vllm_env.sh VENV REQUIREMENTS TORCH_SPEC [DROP ...]}"
 torch_spec="${3:?usage: install_vllm_env.sh VENV REQUIREMENTS TORCH_SPEC [DROP ...]}"
 shift 3
+# The vLLM environment is independent of the base image's: NGC's PIP_CONSTRAINT pins NGC's torch, which
+# would make the torch vLLM needs unresolvable here.
+unset PIP_CONSTRAINT
 py="${venv}/bin/python"
 test -x "${py}" || "${PYTHON:-python3}" -m venv "${venv}"
 "${py}" -m pip install --quiet --upgrade pip

@@ -99,6 +99,13 @@ def torch_and_gpus(cfg: ProRLConfig) -> list[Finding]:
     caps = sorted({torch.cuda.get_device_capability(i) for i in range(n)})
     names = sorted({torch.cuda.get_device_name(i) for i in range(n)})
     want = cfg.cluster.gpus_per_node if _cuda(cfg) else 0
+    for i in range(n):  # visible is not usable: a GPU in a bad state fails its first allocation
+        try:
+            torch.ones(1, device=f"cuda:{i}").add_(1).item()
+        except Exception as e:  # noqa: BLE001
+            out.append(Finding(FAIL if _cuda(cfg) else WARN, "gpus", f"cuda:{i} is visible but fails a computation: "
+                               f"{type(e).__name__}: {e}", "nvidia-smi on this node; drain it if it is faulty"))
+            return out
     out.append(Finding(OK if n >= want else FAIL, "gpus",
                        f"{n} x {', '.join(names)}, compute capability {', '.join(f'{a}.{b}' for a, b in caps)}",
                        "" if n >= want else f"cluster.gpus_per_node={want} but {n} visible"))

@@ -31,14 +31,15 @@ def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
 
 
 def test_the_sections_run_on_cpu_with_tiny_shapes(tmp_path):
-    sections = "env,megatron_local,megatron_te,mfu_0p5b,weight_sync"
+    sections = "env,embedded,megatron_local,megatron_te,mfu_0p5b,weight_sync"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
                            "--sections", sections, "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=1200, cwd=ROOT)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     res = report["sections"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert [res[s]["status"] for s in sections.split(",")] == ["ok", "ok", res["megatron_te"]["status"], "ok", "ok"]
+    assert [res[s]["status"] for s in sections.split(",")] == ["ok", "ok", "ok", res["megatron_te"]["status"], "ok", "ok"]
+    assert res["embedded"]["updates_taken"] >= 1
     assert res["megatron_te"]["status"] in ("ok", "skipped")  # skipped where Transformer Engine is absent
     assert res["megatron_local"]["train_tokens_per_s"] > 0 and res["megatron_local"]["grad_norm"] > 0
     assert res["mfu_0p5b"]["model_tflops"] > 0 and res["mfu_0p5b"]["mfu"] is None  # no GPU peak on CPU
@@ -49,3 +50,4 @@ def test_flops_per_token_of_the_0p5b_shape():
     """494M parameters without the embedding lookup (Qwen2.5-0.5B: 494M), 6 FLOPs each, plus attention."""
     assert gpu_check._flops_per_token(gpu_check.QWEN2_0P5B, 1000) == 6 * 493_961_216 + 6 * 24 * 896 * 1000
     assert gpu_check.peak_tflops("NVIDIA H200") == 989.4 and gpu_check.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_check.peak_tflops("NVIDIA H200 NVL") == 835.0 and gpu_check.peak_tflops("NVIDIA L40") == 181.0

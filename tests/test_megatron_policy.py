@@ -310,3 +310,14 @@ def test_prorl_convert_round_trip(tiny_model_dir, tmp_path, capsys):
     (meg / "release" / "mp_rank_00_001" / "model_optim_rng.pt").write_bytes(b"\x80")
     with pytest.raises(RuntimeError, match="mp_rank_00_001/model_optim_rng.pt: cannot read Megatron shard"):
         main(["convert", "megatron-to-hf", str(meg), str(tmp_path / "again")])
+
+
+def test_micro_batch_width_fits_sequence_parallelism_and_fp8():
+    """FP8 GEMMs (Transformer Engine) need tokens divisible by 16; sequence parallelism splits the width over TP."""
+    from nemo_prorl.config.schema import MegatronConfig
+    from nemo_prorl.policy.megatron_worker import sequence_pad_multiple
+
+    assert sequence_pad_multiple(MegatronConfig()) == 1
+    assert sequence_pad_multiple(MegatronConfig(tensor_parallel_size=4, sequence_parallel=True)) == 4
+    assert sequence_pad_multiple(MegatronConfig(fp8="hybrid")) == 16
+    assert sequence_pad_multiple(MegatronConfig(tensor_parallel_size=3, sequence_parallel=True, fp8="e4m3")) == 48

@@ -53,6 +53,17 @@ def _quiet_optional_dependency_warnings() -> None:
         warnings.filterwarnings("ignore", message=msg)
 
 
+# Transformer Engine's FP8 GEMMs need the token dimension (rows x width) divisible by 16.
+FP8_TOKEN_MULTIPLE = 16
+
+
+def sequence_pad_multiple(m: MegatronConfig) -> int:
+    """What a micro-batch's width is rounded up to: the TP size with sequence parallelism (the sequence is
+    split over the TP ranks), and a multiple of 16 with FP8."""
+    base = m.tensor_parallel_size if m.sequence_parallel else 1
+    return math.lcm(base, FP8_TOKEN_MULTIPLE) if m.fp8 else base
+
+
 class MegatronWorker:
     def __init__(self, spec: WorkerSpec, store_fd: Optional[int] = None) -> None:
         from megatron.core import parallel_state as ps
@@ -75,7 +86,7 @@ class MegatronWorker:
         self.dp_rank = ps.get_data_parallel_rank()
         self.is_last = ps.is_pipeline_last_stage()
         self.te = parallel.use_transformer_engine(m.transformer_impl)
-        self.pad_multiple = m.tensor_parallel_size if m.sequence_parallel else 1
+        self.pad_multiple = sequence_pad_multiple(m)
         hf = lazy_hf_weights(spec.model_dir)
         chunks = self._build_chunks(hf)
         o = spec.optim
