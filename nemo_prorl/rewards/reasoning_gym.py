@@ -127,16 +127,19 @@ def _puzzle24(answer: Optional[str], entry: dict) -> float:
     return 1.0 if value == 24 else 0.01
 
 
+_ARITH = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+          ast.Div: lambda a, b: a / b}
+
+
 def _exact(node: ast.AST) -> Fraction:
+    """The exact value of an arithmetic expression tree (integers, + - * /, signs); ValueError otherwise."""
     if isinstance(node, ast.Constant) and type(node.value) is int:
         return Fraction(node.value)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         v = _exact(node.operand)
         return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
-        a, b = _exact(node.left), _exact(node.right)
-        return {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}.get(type(node.op)) if not isinstance(node.op, ast.Div) \
-            else a / b
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
+        return _ARITH[type(node.op)](_exact(node.left), _exact(node.right))
     raise ValueError("not arithmetic")
 
 
