@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                          "exit status 1 when a needed check fails")]:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.kl_coef=0 experiment=prorl_1p5b")
+        if name == "doctor":
+            sp.add_argument("--no-engine-start", action="store_true",
+                            help="do not start a vLLM engine (by default one starts and samples when rollout.engine=vllm)")
     from nemo_prorl.data import inspect
     from nemo_prorl.policy import convert
 
@@ -145,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "doctor":
         from nemo_prorl import doctor
 
-        return doctor.main(args.overrides)
+        return doctor.main(args.overrides, start_engine=not args.no_engine_start)
     try:
         cfg, resolved = load_config(args.overrides)
     except ConfigError as e:

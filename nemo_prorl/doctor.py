@@ -9,17 +9,20 @@ whether a problem is a FAIL (needed) or a WARN (not needed by this run).
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import shutil
-import subprocess
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from nemo_prorl.config.schema import ProRLConfig
+from nemo_prorl.procs import run_in_group
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 # Transformer Engine's FP8 needs Ada/Hopper/Blackwell tensor cores: compute capability 8.9 or newer.
@@ -27,6 +30,7 @@ FP8_MIN_CAPABILITY = (8, 9)
 MEGATRON_SERIES = "0.16."  # pyproject.toml pins megatron-core 0.16.x (0.17+ need Python 3.12)
 SHM_MIN_GB = 1.0  # Ray's object store and NCCL live in /dev/shm; Docker's default is 64 MB
 DISK_MIN_GB = 20.0
+SAMPLE_ALLOWANCE_S = 60.0  # the doctor's engine: time to sample, beyond rollout.vllm.startup_timeout_s
 
 
 @dataclass
@@ -172,38 +176,97 @@ def megatron_core(cfg: ProRLConfig) -> list[Finding]:
     return out
 
 
-def vllm_python(cfg: ProRLConfig) -> str:
-    return cfg.rollout.vllm.python or os.environ.get("PRORL_VLLM_PYTHON") or sys.executable
+# `from vllm import LLM` imports what the engine needs (transformers' processors, torchvision if present)
+_VLLM_PROBE = ("import json, torch, transformers, vllm; from vllm import LLM; "
+               "print(json.dumps({'vllm': vllm.__version__, 'torch': torch.__version__, "
+               "'transformers': transformers.__version__, 'cuda': torch.cuda.is_available()}))")
 
 
-_VLLM_PROBE = ("import json, torch, transformers, vllm; print(json.dumps({'vllm': vllm.__version__, "
-               "'torch': torch.__version__, 'transformers': transformers.__version__, "
-               "'cuda': torch.cuda.is_available()}))")
+@functools.lru_cache(maxsize=4)
+def _probe_vllm(py: str) -> tuple[Optional[dict[str, Any]], str]:
+    """(versions, "") when `py` imports vLLM, else (None, why). Cached: two checks ask, the import is slow."""
+    if not (os.path.isfile(py) and os.access(py, os.X_OK)):
+        return None, "missing"
+    try:
+        rc, out, err = run_in_group([py, "-c", _VLLM_PROBE], 600)
+        if rc == 0:
+            return json.loads(out.strip().splitlines()[-1]), ""
+    except (OSError, ValueError, IndexError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    return None, (err.strip().splitlines() or [f"exit code {rc}" if rc is not None else "no answer in 600s"])[-1]
 
 
 @check
 def vllm_environment(cfg: ProRLConfig) -> list[Finding]:
-    needed = cfg.rollout.engine == "vllm"
-    if not needed:
+    from nemo_prorl.rollout.vllm_engine import engine_python
+
+    if cfg.rollout.engine != "vllm":
         return [Finding(OK, "vllm", f"not used (rollout.engine={cfg.rollout.engine})")]
-    py = vllm_python(cfg)
-    if not (os.path.isfile(py) and os.access(py, os.X_OK)):
+    py = engine_python(cfg)
+    info, err = _probe_vllm(py)
+    if err == "missing":
         return [Finding(FAIL, "vllm", f"interpreter {py} does not exist",
                         "build the vLLM environment (make vllm-env; in the container /opt/vllm-env) and set "
                         "rollout.vllm.python or PRORL_VLLM_PYTHON to its python")]
-    try:
-        r = subprocess.run([py, "-c", _VLLM_PROBE], capture_output=True, text=True, timeout=600)
-        info = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
-    except (subprocess.TimeoutExpired, OSError, ValueError, IndexError) as e:
-        info, r = None, None
-        err = f"{type(e).__name__}: {e}"
     if info is None:
-        err = (r.stderr.strip().splitlines() or ["no output"])[-1] if r is not None else err
         return [Finding(FAIL, "vllm", f"{py} cannot import vLLM: {err[:200]}",
                         "rebuild the vLLM environment (make vllm-env, or the container's install script)")]
     gpu = info["cuda"] or not _cuda(cfg)
     return [Finding(OK if gpu else FAIL, "vllm", f"vllm {info['vllm']}, torch {info['torch']}, transformers "
                     f"{info['transformers']} ({py})", "" if gpu else "the vLLM environment's torch sees no GPU")]
+
+
+def _engine_model(cfg: ProRLConfig, scratch: Path) -> Optional[Path]:
+    """The run's model folder; the cached warm-started tiny model; or, when neither exists yet, an untrained
+    tiny model built in `scratch` (the engine's start is checked, not the model's quality). None when
+    model.path is not a model folder (the model line says so)."""
+    if cfg.model.path:
+        d = Path(cfg.model.path).expanduser()
+        return d if (d / "config.json").is_file() else None
+    from nemo_prorl.demo.warmstart import cache_key, warm_started_model
+
+    cached = Path(os.path.expanduser(cfg.model.warm_start.cache_dir)) / f"tiny-qwen2-{cache_key(cfg)}"
+    if (cached / "model.safetensors").is_file():
+        return cached
+    tiny = copy.deepcopy(cfg)
+    tiny.model.warm_start.enabled, tiny.model.warm_start.cache_dir = False, str(scratch)
+    return warm_started_model(tiny)
+
+
+@check
+def vllm_engine(cfg: ProRLConfig) -> list[Finding]:
+    """Start one engine as the trainer's actors do (its spec, environment and worker extension; no Ray) and
+    sample a few tokens: a CUDA, driver or model mismatch shows here, not an hour into a job."""
+    from nemo_prorl.rollout import vllm_engine as ve
+    from nemo_prorl.rollout.vllm_server import SMOKE_MARK
+
+    if cfg.rollout.engine != "vllm" or _probe_vllm(ve.engine_python(cfg))[0] is None:
+        return []  # not used, or the vllm line above already fails
+    with tempfile.TemporaryDirectory(prefix="prorl-doctor-") as scratch:
+        model = _engine_model(cfg, Path(scratch))
+        if model is None:
+            return []
+        shutil.copy(Path(ve.__file__).with_name("vllm_server.py"), Path(scratch) / f"{ve._MODULE}.py")
+        spec = ve.engine_spec(cfg, model)
+        code = f"import json, sys; from {ve._MODULE} import smoke; smoke(json.loads(sys.argv[1]))"
+        env = {**os.environ, **ve.engine_env(cfg, Path(scratch))}
+        log = Path(tempfile.gettempdir()) / f"prorl-doctor-vllm-{os.getpid()}.log"
+        limit = cfg.rollout.vllm.startup_timeout_s + SAMPLE_ALLOWANCE_S
+        rc, out, err = run_in_group([ve.engine_python(cfg), "-c", code, json.dumps(spec)], limit, env=env, cwd=scratch)
+        if rc is None:
+            err += f"\nno engine after {limit:g}s (rollout.vllm.startup_timeout_s + {SAMPLE_ALLOWANCE_S:g}s)"
+    marked = [line[len(SMOKE_MARK):] for line in out.splitlines() if line.startswith(SMOKE_MARK)]
+    if rc == 0 and marked:
+        fig = json.loads(marked[-1])
+        good = fig["tokens"] > 0 and fig["finite_logprobs"]
+        return [Finding(OK if good else FAIL, "vllm engine",
+                        f"started in {fig['start_s']}s ({model.name}, {spec['dtype']}), {fig['samples']} samples, "
+                        f"{fig['tokens']} tokens in {fig['generate_s']}s",
+                        "" if good else "the engine sampled no tokens or non-finite log-probabilities")]
+    log.write_text(out + "\n" + err)
+    why = " | ".join((err.strip().splitlines() or [f"exit code {rc}"])[-2:])
+    return [Finding(FAIL, "vllm engine", f"did not start ({model.name}): {why[:300]}",
+                    f"read {log}; the engine's settings are rollout.vllm.* (prorl config rollout.vllm)")]
 
 
 @check
@@ -367,9 +430,10 @@ def _config(overrides: Sequence[str]) -> tuple[Optional[ProRLConfig], list[Findi
         return None, [finding]
 
 
-def main(overrides: Sequence[str]) -> int:
+def main(overrides: Sequence[str], start_engine: bool = True) -> int:
     cfg, findings = _config(overrides)
-    findings += run_checks(cfg if cfg is not None else ProRLConfig())
+    checks = [c for c in CHECKS if start_engine or c is not vllm_engine]
+    findings += run_checks(cfg if cfg is not None else ProRLConfig(), checks)
     for f in findings:
         print(f.line())
     failed = [f for f in findings if f.status == FAIL]

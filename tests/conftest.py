@@ -62,6 +62,27 @@ TINY_OVERRIDES = [
 ]
 
 
+# vLLM's CPU attention takes head sizes 32, 64, ...: two heads of 32, and two KV heads so that TP=2 splits them
+VLLM_TINY = [*TINY_OVERRIDES, "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128",
+             "model.tiny.num_attention_heads=2", "model.tiny.num_key_value_heads=2",
+             "rollout.max_response_length=10", "rollout=vllm", "rollout.vllm.enforce_eager=true",
+             "rollout.vllm.kv_cache_gb=0.25"]
+# `make test` sets both, so in CI the vLLM tests run or fail; elsewhere they skip without an interpreter
+VLLM_PYTHON = os.environ.get("PRORL_VLLM_PYTHON")
+if not VLLM_PYTHON and os.environ.get("PRORL_REQUIRE_VLLM") == "1":
+    raise RuntimeError("PRORL_REQUIRE_VLLM=1 but PRORL_VLLM_PYTHON is not set (make vllm-env)")
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A warm-started tiny model that vLLM's CPU build can run, built once per session."""
+    from nemo_prorl.config import load_config
+    from nemo_prorl.demo.warmstart import warm_started_model
+
+    cfg, _ = load_config([*VLLM_TINY, f"model.warm_start.cache_dir={tmp_path_factory.mktemp('vllm_warmstart')}"])
+    return warm_started_model(cfg)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A warm-started tiny model folder (safetensors, config.json, tokenizer), built once per session."""

@@ -24,9 +24,8 @@ from nemo_prorl import cluster
 from nemo_prorl.config import load_config
 from nemo_prorl.policy import POLICY_BACKENDS
 from tests.checks import assert_every_step_updated, assert_same_state, assert_update_matches
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, VLLM_PYTHON
 
-VLLM_PYTHON = os.environ.get("PRORL_VLLM_PYTHON")
 NOISY = ("time/", "throughput/gen")
 
 
@@ -155,17 +154,8 @@ def test_megatron_ranks_on_two_nodes_update_like_transformers(two_nodes, tiny_mo
 
 # ---------------------------------------------------------------- prorl train on two nodes
 
-@pytest.fixture(scope="module")
-def vllm_tiny_dir(tmp_path_factory):
-    from tests.test_vllm_engine import VLLM_TINY
-    from nemo_prorl.demo.warmstart import warm_started_model
-
-    cfg, _ = load_config([*VLLM_TINY, f"model.warm_start.cache_dir={tmp_path_factory.mktemp('ws')}"])
-    return warm_started_model(cfg)
-
-
 def _train(model_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
-    from tests.test_vllm_engine import VLLM_TINY
+    from tests.conftest import VLLM_TINY
 
     args = [*VLLM_TINY, f"model.path={model_dir}", f"trainer.output_dir={out}", f"rollout.vllm.python={VLLM_PYTHON}",
             "policy=megatron", "policy.megatron.data_parallel_size=2", "trainer.num_steps=3",
@@ -198,14 +188,14 @@ def _kill_after_checkpoint(proc: subprocess.Popen, run: Path, step: int, kind: s
 
 
 @pytest.mark.skipif(not VLLM_PYTHON, reason="no vLLM interpreter (PRORL_VLLM_PYTHON; make vllm-env)")
-def test_prorl_train_on_two_nodes_equals_one_machine_and_survives_killed_actors(two_nodes, vllm_tiny_dir, tmp_path):
+def test_prorl_train_on_two_nodes_equals_one_machine_and_survives_killed_actors(two_nodes, vllm_model_dir, tmp_path):
     """Megatron DP=2 and a vLLM engine on each of two nodes (weights synced node-locally) trains exactly as
     one machine with one engine; a killed rank, then a killed engine, stop the run with a named error and
     resume=auto continues exactly."""
     on_two = ["cluster.num_nodes=2", "cluster.cpu_slots_per_node=1", f"cluster.ray_address={two_nodes.address}",
               "rollout.num_engines=2"]
     # the reference: one machine, one engine, the trainer's own private Ray
-    single = _train(vllm_tiny_dir, tmp_path / "single", "rollout.num_engines=1")
+    single = _train(vllm_model_dir, tmp_path / "single", "rollout.num_engines=1")
     out, err = single.communicate(timeout=900)
     assert single.returncode == 0, err[-3000:]
     expected = _rows(tmp_path / "single")
@@ -214,7 +204,7 @@ def test_prorl_train_on_two_nodes_equals_one_machine_and_survives_killed_actors(
     # rewards of several domains (the synthetic tasks: exact-match and arithmetic verifiers)
     assert len({k for k in expected[1] if k.split("/")[-1] in ("reverse", "sort", "arithmetic")}) >= 2
     # the same run on two nodes with two engines: identical metrics, and no weight byte across nodes
-    whole = _train(vllm_tiny_dir, tmp_path / "whole", *on_two)
+    whole = _train(vllm_model_dir, tmp_path / "whole", *on_two)
     out, err = whole.communicate(timeout=900)
     assert whole.returncode == 0, err[-3000:]
     rows = _rows(tmp_path / "whole")
@@ -228,25 +218,25 @@ def test_prorl_train_on_two_nodes_equals_one_machine_and_survives_killed_actors(
     # a rank killed during step 2, then an engine during step 3 (whichever command reaches it first: on a
     # loaded machine the kill can land after the generation): named errors soon after; resumes exactly
     run = tmp_path / "run"
-    err, stopped_s = _kill_after_checkpoint(_train(vllm_tiny_dir, run, *on_two), run, 1, "MegatronRank")
+    err, stopped_s = _kill_after_checkpoint(_train(vllm_model_dir, run, *on_two), run, 1, "MegatronRank")
     assert re.search(r"megatron rank \d on node \d \(.*pid \d+\) died during (logprobs|train_minibatch|sync_\w+|"
                      r"save_state)", err) and "resume with resume=auto" in err, [x for x in err.splitlines() if " during " in x]
     print(f"killed rank -> trainer stopped with a named error in {stopped_s:.1f}s")
-    err, stopped_s = _kill_after_checkpoint(_train(vllm_tiny_dir, run, *on_two, "resume=auto"), run, 2, "EngineServer")
+    err, stopped_s = _kill_after_checkpoint(_train(vllm_model_dir, run, *on_two, "resume=auto"), run, 2, "EngineServer")
     assert re.search(r"vllm engine \d on node \d \(.*pid \d+\) died during (generate|sleep|\w+weight_update|load_bucket)",
                      err) and "resume with resume=auto" in err, [line for line in err.splitlines() if " during " in line]
     print(f"killed engine -> trainer stopped with a named error in {stopped_s:.1f}s")
-    resumed = _train(vllm_tiny_dir, run, *on_two, "resume=auto")
+    resumed = _train(vllm_model_dir, run, *on_two, "resume=auto")
     out, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, err[-3000:]
     assert _rows(run) == _rows(tmp_path / "whole")
     last = Path("checkpoints") / "step_000003"
     assert (run / last / "megatron").is_dir()
-    assert_same_state(tmp_path / "whole" / last, run / last, _policy_for(vllm_tiny_dir, on_two))
+    assert_same_state(tmp_path / "whole" / last, run / last, _policy_for(vllm_model_dir, on_two))
 
 
 def _policy_for(model_dir: Path, on_two: list[str]):
-    from tests.test_vllm_engine import VLLM_TINY
+    from tests.conftest import VLLM_TINY
 
     cfg, _ = load_config([*VLLM_TINY, f"model.path={model_dir}", "policy=megatron", "rollout=torch",
                           "policy.megatron.data_parallel_size=2", *on_two[:-1]])

@@ -4,23 +4,30 @@ FAIL line with a fix and exits 1; a healthy embedded config passes."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from nemo_prorl import doctor
 from nemo_prorl.config.schema import ProRLConfig, SourceConfig
+from tests.conftest import VLLM_PYTHON
 
 
 def _run(capsys, overrides: list[str]) -> tuple[int, dict[str, list[str]]]:
     rc = doctor.main(overrides)
     out = capsys.readouterr().out
     lines: dict[str, list[str]] = {}
+    last: list[str] = []
     for line in out.splitlines():
         if line[:4].strip() in (doctor.OK, doctor.WARN, doctor.FAIL):
-            lines.setdefault(line[:4].strip(), []).append(line)
+            last = lines.setdefault(line[:4].strip(), [])
+            last.append(line)
+        elif line.startswith("      fix: ") and last:
+            last[-1] += "\n" + line  # a finding's fix, on the line below it
     return rc, lines
 
 
@@ -115,3 +122,70 @@ def test_a_check_that_breaks_is_a_finding_not_a_crash():
 
     [f] = doctor.run_checks(ProRLConfig(), [broken])
     assert f.status == doctor.FAIL and "boom" in f.detail and f.name == "broken"
+
+
+needs_vllm = pytest.mark.skipif(not VLLM_PYTHON, reason="no vLLM interpreter (PRORL_VLLM_PYTHON; make vllm-env)")
+
+
+@needs_vllm
+def test_the_doctor_starts_a_vllm_engine_that_samples(capsys, tmp_path, vllm_model_dir):
+    rc, lines = _run(capsys, ["rollout=vllm", f"rollout.vllm.python={VLLM_PYTHON}", f"model.path={vllm_model_dir}",
+                              f"trainer.output_dir={tmp_path}/run"])
+    [engine] = [line for line in lines.get("OK", []) if "vllm engine" in line]
+    assert rc == 0 and "FAIL" not in lines, lines
+    tokens = int(engine.split(" tokens in ")[0].rsplit(" ", 1)[1])
+    assert f"({Path(vllm_model_dir).name}, float32)" in engine and tokens > 0, engine
+
+
+@needs_vllm
+def test_an_engine_that_cannot_start_fails_with_vllms_reason_and_log(capsys, tmp_path, vllm_model_dir):
+    """A setting only the engine refuses (more positions than the model has): the config and the import pass."""
+    rc, lines = _run(capsys, ["rollout=vllm", f"rollout.vllm.python={VLLM_PYTHON}", f"model.path={vllm_model_dir}",
+                              "rollout.vllm.max_model_len=100000", f"trainer.output_dir={tmp_path}/run"])
+    fails = "\n".join(lines.get("FAIL", []))
+    assert rc == 1 and "vllm engine" in fails and "did not start" in fails and "max_model_len" in fails, lines
+    log = Path(fails.split("fix: read ")[1].split(";")[0])  # vLLM's whole output
+    assert "Traceback" in log.read_text()
+    log.unlink()
+    assert not any("vllm engine" in line for line in lines.get("OK", []))
+
+
+def _fake_vllm(monkeypatch, tmp_path: Path, body: str) -> ProRLConfig:
+    """An interpreter that 'imports vLLM' (the probe is stubbed) but runs `body` as the engine."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n" + body)
+    fake.chmod(0o755)
+    monkeypatch.setattr(doctor, "_probe_vllm", lambda py: ({"vllm": "0", "torch": "0", "transformers": "0",
+                                                             "cuda": False}, ""))
+    cfg = ProRLConfig()
+    cfg.rollout.engine = "vllm"
+    cfg.rollout.vllm.python = str(fake)
+    cfg.model.warm_start.cache_dir = str(tmp_path / "cache")
+    return cfg
+
+
+def test_an_engine_that_hangs_is_killed_with_its_children(monkeypatch, tmp_path):
+    """Its child holds the output pipes: only killing the process group ends the read."""
+    pid_file = tmp_path / "child.pid"
+    cfg = _fake_vllm(monkeypatch, tmp_path, f"sleep 3600 &\necho $! > {pid_file}\nwait\n")
+    cfg.rollout.vllm.startup_timeout_s = 1.0
+    monkeypatch.setattr(doctor, "SAMPLE_ALLOWANCE_S", 0.0)
+    [f] = doctor.vllm_engine(cfg)
+    assert f.status == doctor.FAIL and "no engine after 1s" in f.detail, f
+    child = int(pid_file.read_text())
+    for _ in range(100):  # the orphan is reaped by init after the kill
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the engine's child {child} outlived the doctor's timeout")
+
+
+def test_an_engine_that_exits_without_sampling_is_a_fail(monkeypatch, tmp_path):
+    cfg = _fake_vllm(monkeypatch, tmp_path, "echo engine says hello\necho 'CUDA error: no kernel image' >&2\n")
+    [f] = doctor.vllm_engine(cfg)
+    assert f.status == doctor.FAIL and "no kernel image" in f.detail, f
+    # no model.path and no cached warm start: an untrained tiny model was built for the check, then removed
+    assert "tiny-qwen2-" in f.detail and not list((tmp_path / "cache").glob("*"))

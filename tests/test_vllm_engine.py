@@ -30,25 +30,9 @@ from nemo_prorl.trainer.batching import build_batch
 from nemo_prorl.trainer.grpo import microbatch_loss
 from nemo_prorl.weight_sync import load_into_engine, sync_weights
 from tests.checks import assert_every_step_updated
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, VLLM_PYTHON, VLLM_TINY
 
-VLLM_PYTHON = os.environ.get("PRORL_VLLM_PYTHON")
-if not VLLM_PYTHON and os.environ.get("PRORL_REQUIRE_VLLM") == "1":
-    raise RuntimeError("PRORL_REQUIRE_VLLM=1 but PRORL_VLLM_PYTHON is not set (make vllm-env)")
 pytestmark = pytest.mark.skipif(not VLLM_PYTHON, reason="no vLLM interpreter (PRORL_VLLM_PYTHON; make vllm-env)")
-
-# vLLM's CPU attention takes head sizes 32, 64, ...: two heads of 32, and two KV heads so that TP=2 splits them
-VLLM_TINY = [*TINY_OVERRIDES, "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128",
-             "model.tiny.num_attention_heads=2", "model.tiny.num_key_value_heads=2",
-             "rollout.max_response_length=10", "rollout=vllm", "rollout.vllm.enforce_eager=true",
-             "rollout.vllm.kv_cache_gb=0.25"]
-
-
-@pytest.fixture(scope="module")
-def vllm_model_dir(tmp_path_factory) -> Path:
-    cache = tmp_path_factory.mktemp("vllm_warmstart")
-    cfg, _ = load_config([*VLLM_TINY, f"model.warm_start.cache_dir={cache}"])
-    return warm_started_model(cfg)
 
 
 def _cfg(model_dir: Path, out: Path, *extra: str):

@@ -78,10 +78,7 @@ class VLLMRolloutEngine(EnginePool):
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         logs = [log_path if i == 0 else log_path.with_name(f"{log_path.stem}_{i}{log_path.suffix}") for i in range(num)]
-        env = {"PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p),
-               "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
-        if cfg.rollout.vllm.batch_invariant and cfg.cluster.device.startswith("cuda"):
-            env["VLLM_BATCH_INVARIANT"] = "1"  # vLLM's batch-invariant kernels exist on CUDA only
+        env = engine_env(cfg, folder)
         v = cfg.rollout.vllm
         setup = EngineSetup("vllm engine", server.EngineServer, spec, DTYPES[spec["dtype"]], logs, env=env,
                             runtime_env={"py_executable": python}, startup_timeout_s=v.startup_timeout_s,
@@ -98,8 +95,21 @@ def _model_max_len(model_dir: Path) -> Optional[int]:
         return None
 
 
-@ROLLOUT_ENGINES.register("vllm")
-def build_vllm_engine(cfg: ProRLConfig, model_dir: Path) -> RolloutEngine:
+def engine_env(cfg: ProRLConfig, folder: Path) -> dict[str, str]:
+    """The engine process's environment additions: `folder` (holding `prorl_vllm_server.py`) on PYTHONPATH."""
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p),
+           "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
+    if cfg.rollout.vllm.batch_invariant and cfg.cluster.device.startswith("cuda"):
+        env["VLLM_BATCH_INVARIANT"] = "1"  # vLLM's batch-invariant kernels exist on CUDA only
+    return env
+
+
+def engine_python(cfg: ProRLConfig) -> str:
+    return cfg.rollout.vllm.python or os.environ.get("PRORL_VLLM_PYTHON") or sys.executable
+
+
+def engine_spec(cfg: ProRLConfig, model_dir: Path) -> dict[str, Any]:
+    """What `EngineServer.init` builds its `vllm.LLM` from (the trainer's engines and `prorl doctor` alike)."""
     v = cfg.rollout.vllm
     on_gpu = cfg.cluster.device.startswith("cuda")
     max_len = v.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_response_length
@@ -113,5 +123,10 @@ def build_vllm_engine(cfg: ProRLConfig, model_dir: Path) -> RolloutEngine:
                 gpu_memory_utilization=v.gpu_memory_utilization,
                 kv_cache_bytes=int(kv_gb * 2**30) if kv_gb else None,
                 sleep_mode=v.sleep_during_update and on_gpu)  # vLLM's CPU build has no sleep mode
-    python = v.python or os.environ.get("PRORL_VLLM_PYTHON") or sys.executable
-    return VLLMRolloutEngine(cfg, spec, python=python, log_path=Path(cfg.trainer.output_dir) / "vllm_engine.log")
+    return spec
+
+
+@ROLLOUT_ENGINES.register("vllm")
+def build_vllm_engine(cfg: ProRLConfig, model_dir: Path) -> RolloutEngine:
+    return VLLMRolloutEngine(cfg, engine_spec(cfg, model_dir), python=engine_python(cfg),
+                             log_path=Path(cfg.trainer.output_dir) / "vllm_engine.log")

@@ -191,3 +191,25 @@ class EngineServer:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
+
+
+SMOKE_MARK = "prorl-engine-smoke "
+
+
+def smoke(spec: dict[str, Any]) -> dict[str, Any]:
+    """`prorl doctor`: build the engine from the trainer's spec, as an engine actor does (worker extension
+    included), and sample a few tokens; the figures come back on one marked line of stdout."""
+    import json
+    import time
+
+    t0 = time.perf_counter()
+    server = EngineServer("")
+    server.init(spec)
+    t1 = time.perf_counter()
+    params = dict(n=2, temperature=1.0, top_p=1.0, max_tokens=8, stop_token_ids=[], stop=[])
+    out = server.generate([[1, 2, 3, 4]], params, seeds=[0])
+    result = {"start_s": round(t1 - t0, 1), "generate_s": round(time.perf_counter() - t1, 2),
+              "samples": len(out), "tokens": sum(len(o[1]) for o in out),
+              "finite_logprobs": all(lp == lp and lp <= 0.0 for o in out for lp in o[2])}
+    print(SMOKE_MARK + json.dumps(result), flush=True)
+    return result
