@@ -13,7 +13,10 @@ import copy
 import functools
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 import warnings
@@ -193,7 +196,9 @@ def _probe_vllm(py: str) -> tuple[Optional[dict[str, Any]], str]:
             return json.loads(out.strip().splitlines()[-1]), ""
     except (OSError, ValueError, IndexError) as e:
         return None, f"{type(e).__name__}: {e}"
-    return None, (err.strip().splitlines() or [f"exit code {rc}" if rc is not None else "no answer in 600s"])[-1]
+    if rc is None:
+        return None, "no answer in 600s"
+    return None, (err.strip().splitlines() or [""])[-1] + f" ({_exit(rc)})"
 
 
 @check
@@ -237,11 +242,16 @@ def _engine_model(cfg: ProRLConfig, scratch: Path) -> Optional[Path]:
 def vllm_engine(cfg: ProRLConfig) -> list[Finding]:
     """Start one engine as the trainer's actors do (its spec, environment and worker extension; no Ray) and
     sample a few tokens: a CUDA, driver or model mismatch shows here, not an hour into a job."""
+    from nemo_prorl import cluster
     from nemo_prorl.rollout import vllm_engine as ve
-    from nemo_prorl.rollout.vllm_server import SMOKE_MARK
+    from nemo_prorl.rollout.pool import plan_problems
 
-    if cfg.rollout.engine != "vllm" or _probe_vllm(ve.engine_python(cfg))[0] is None:
+    info = _probe_vllm(ve.engine_python(cfg))[0] if cfg.rollout.engine == "vllm" else None
+    if info is None or (_cuda(cfg) and not info["cuda"]):
         return []  # not used, or the vllm line above already fails
+    problems = plan_problems(cluster.plan_from_config(cfg, engine="vllm"))
+    if problems:
+        return [Finding(FAIL, "vllm engine", f"not started: {problems[0][2]}", "see rollout.* and cluster.*")]
     with tempfile.TemporaryDirectory(prefix="prorl-doctor-") as scratch:
         model = _engine_model(cfg, Path(scratch))
         if model is None:
@@ -250,23 +260,80 @@ def vllm_engine(cfg: ProRLConfig) -> list[Finding]:
         spec = ve.engine_spec(cfg, model)
         code = f"import json, sys; from {ve._MODULE} import smoke; smoke(json.loads(sys.argv[1]))"
         env = {**os.environ, **ve.engine_env(cfg, Path(scratch))}
-        log = Path(tempfile.gettempdir()) / f"prorl-doctor-vllm-{os.getpid()}.log"
         limit = cfg.rollout.vllm.startup_timeout_s + SAMPLE_ALLOWANCE_S
+        print(f"....  vllm engine        starting ({model.name}; at most {limit:g}s)", flush=True)
         rc, out, err = run_in_group([ve.engine_python(cfg), "-c", code, json.dumps(spec)], limit, env=env, cwd=scratch)
-        if rc is None:
-            err += f"\nno engine after {limit:g}s (rollout.vllm.startup_timeout_s + {SAMPLE_ALLOWANCE_S:g}s)"
-    marked = [line[len(SMOKE_MARK):] for line in out.splitlines() if line.startswith(SMOKE_MARK)]
-    if rc == 0 and marked:
-        fig = json.loads(marked[-1])
+    return [_engine_finding(cfg, model.name, spec, rc, out, err, limit)]
+
+
+def _engine_finding(cfg: ProRLConfig, model: str, spec: dict[str, Any], rc: Optional[int], out: str, err: str,
+                    limit: float) -> Finding:
+    from nemo_prorl.rollout.vllm_server import SMOKE_MARK
+
+    marks = [json.loads(line[len(SMOKE_MARK):]) for line in out.splitlines() if line.startswith(SMOKE_MARK)]
+    where = f"{model}, {spec['dtype']}" + (", cuda:0" if _cuda(cfg) else "")
+    end = "ran past {:g}s (rollout.vllm.startup_timeout_s + {:g}s)".format(limit, SAMPLE_ALLOWANCE_S) \
+        if rc is None else _exit(rc)
+    if marks and "tokens" in marks[-1]:
+        fig = marks[-1]
         good = fig["tokens"] > 0 and fig["finite_logprobs"]
-        return [Finding(OK if good else FAIL, "vllm engine",
-                        f"started in {fig['start_s']}s ({model.name}, {spec['dtype']}), {fig['samples']} samples, "
-                        f"{fig['tokens']} tokens in {fig['generate_s']}s",
-                        "" if good else "the engine sampled no tokens or non-finite log-probabilities")]
-    log.write_text(out + "\n" + err)
-    why = " | ".join((err.strip().splitlines() or [f"exit code {rc}"])[-2:])
-    return [Finding(FAIL, "vllm engine", f"did not start ({model.name}): {why[:300]}",
-                    f"read {log}; the engine's settings are rollout.vllm.* (prorl config rollout.vllm)")]
+        detail = (f"started in {fig['start_s']}s ({where}), {'slept and woke, ' if fig['slept'] else ''}"
+                  f"{fig['samples']} samples, {fig['tokens']} tokens in {fig['generate_s']}s")
+        if not good:
+            return Finding(FAIL, "vllm engine", detail, "the engine sampled no tokens or log-probabilities that "
+                           f"are not finite; {_keep_log(cfg, out, err)}")
+        if rc != 0:
+            return Finding(WARN, "vllm engine", f"{detail}; then {end}", _keep_log(cfg, out, err))
+        return Finding(OK, "vllm engine", detail)
+    what = f"started in {marks[-1]['start_s']}s but did not sample" if marks else "did not start"
+    return Finding(FAIL, "vllm engine", f"{what} ({where}): {end}: {_reason(err)}",
+                   f"{_keep_log(cfg, out, err)}; the engine's settings are rollout.vllm.* (prorl config)")
+
+
+def _exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?[\w.]*(?:Error|Exception)\b.*")
+
+
+def _reason(err: str, n: int = 3) -> str:
+    """The last exception line of vLLM's output and the (at most n - 1) lines after it: its message may
+    span them. The generic 'Engine core initialization failed' is passed over (with TP the root cause comes
+    before it). Without an exception line, the last n lines."""
+    lines = [line.strip() for line in err.splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line) and "initialization failed" not in line]
+    if not starts:
+        return " | ".join(lines[-n:])[:500] or "no output"
+    picked = lines[starts[-1]:starts[-1] + 1]
+    for line in lines[starts[-1] + 1:starts[-1] + n]:
+        if _EXCEPTION_LINE.match(line):  # the next exception: not this one's message
+            break
+        picked.append(line)
+    return " | ".join(picked)[:500]
+
+
+def _keep_log(cfg: ProRLConfig, out: str, err: str) -> str:
+    """vLLM's whole output, kept in the run's folder (shared storage on a cluster: readable after the job)
+    under a fresh name per node and attempt; in /tmp when that folder cannot be written."""
+    text = f"{out}\n--- stderr ---\n{err}"
+    for folder in (Path(cfg.trainer.output_dir) / "doctor", None):
+        try:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+            fd, path = tempfile.mkstemp(prefix=f"vllm_engine-{socket.gethostname()}-", suffix=".log",
+                                        dir=folder)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return f"vLLM's output: {path}"
+        except OSError:
+            continue
+    return "vLLM's output could not be saved"
 
 
 @check
@@ -400,15 +467,22 @@ def model_folder(cfg: ProRLConfig) -> list[Finding]:
     return [Finding(OK, "model", f"{d}: {conf.model_type}, {len(weights)} weight file(s), {tensors} tensors")]
 
 
-def run_checks(cfg: ProRLConfig, checks: Sequence[Check] = ()) -> list[Finding]:
-    out = []
+def run_checks(cfg: ProRLConfig, checks: Sequence[Check] = (),
+               emit: Optional[Callable[[Finding], None]] = None) -> list[Finding]:
+    """Every finding of `checks` (all by default); `emit` sees each as it comes (a killed doctor has
+    printed what it found so far)."""
+    out: list[Finding] = []
     with warnings.catch_warnings():  # libraries' import-time notices (no apex, no TE): the lines say it
         warnings.simplefilter("ignore")
         for fn in checks or CHECKS:
             try:
-                out.extend(fn(cfg))
+                found = fn(cfg)
             except Exception as e:  # noqa: BLE001  a broken check is a finding, not a crash of the doctor
-                out.append(Finding(FAIL, fn.__name__, f"the check itself failed: {type(e).__name__}: {e}"))
+                found = [Finding(FAIL, fn.__name__, f"the check itself failed: {type(e).__name__}: {e}")]
+            for f in found:
+                if emit is not None:
+                    emit(f)
+                out.append(f)
     return out
 
 
@@ -432,10 +506,11 @@ def _config(overrides: Sequence[str]) -> tuple[Optional[ProRLConfig], list[Findi
 
 def main(overrides: Sequence[str], start_engine: bool = True) -> int:
     cfg, findings = _config(overrides)
-    checks = [c for c in CHECKS if start_engine or c is not vllm_engine]
-    findings += run_checks(cfg if cfg is not None else ProRLConfig(), checks)
     for f in findings:
-        print(f.line())
+        print(f.line(), flush=True)
+    checks = [c for c in CHECKS if start_engine or c is not vllm_engine]
+    findings += run_checks(cfg if cfg is not None else ProRLConfig(), checks,
+                           emit=lambda f: print(f.line(), flush=True))
     failed = [f for f in findings if f.status == FAIL]
     print(f"prorl doctor: {len(findings)} checks, {len(failed)} failed, "
           f"{sum(f.status == WARN for f in findings)} warnings")

@@ -43,20 +43,37 @@ def _kill_leftovers() -> None:
 
 def run_in_group(cmd: Sequence[str], timeout_s: float, **kwargs: Any) -> tuple[Optional[int], str, str]:
     """(exit code, stdout, stderr) of `cmd`, run in a session of its own; the exit code is None when it ran
-    past `timeout_s`. The whole process group is killed at the end: a program's own children (vLLM's
-    workers) hold its pipes, so killing the leader alone would leave the read waiting on them."""
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            errors="replace", start_new_session=True, **kwargs)
-    rc: Optional[int] = None
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
-        out, err = proc.communicate()
-    finally:
-        _kill_group(proc.pid)
-    return rc, out, err
+    past `timeout_s`. Output goes to files, not pipes: a program's own children (vLLM's workers) may hold
+    them after it exits. At the end, and when this process is told to stop (SIGTERM, SIGHUP), the whole
+    process group is killed, so no engine is left holding a GPU."""
+    import tempfile
+    import threading
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    watched = (signal.SIGTERM, signal.SIGHUP)
+    main = threading.current_thread() is threading.main_thread()
+    before = {sig: signal.signal(sig, stop) for sig in watched} if main else {}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                start_new_session=True, **kwargs)
+        rc: Optional[int] = None
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            _kill_group(proc.pid)
+            proc.wait()
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+        return rc, *(_read(f) for f in (out, err))  # type: ignore[return-value]
+
+
+def _read(f: Any) -> str:
+    f.seek(0)
+    return f.read().decode(errors="replace")
 
 
 def _kill_group(pid: int) -> None:

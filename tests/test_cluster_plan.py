@@ -134,3 +134,14 @@ def test_prorl_1p5b_fills_the_4x8_cluster_and_prorl_plan_prints_it(capsys):
     assert "DP=16: 16 ranks" in capsys.readouterr().out
     assert main(["plan", "experiment=prorl_1p5b", "policy.megatron.pipeline_parallel_size=3"]) == 2
     assert "policy.megatron.data_parallel_size=None" in capsys.readouterr().err
+
+
+def test_plans_the_engine_pool_would_refuse_are_named_before_anything_starts():
+    """The pool and `prorl doctor` share this check: an engine over several GPUs is refused (by its key)."""
+    from nemo_prorl.rollout.pool import plan_problems
+
+    [(index, node, why)] = plan_problems(make_plan(Layout("gpu", 1, 2, engine="vllm", engine_tp=2)))
+    assert (index, node) == (0, 0) and why.startswith("rollout.vllm.tensor_parallel_size=2:")
+    assert plan_problems(make_plan(Layout("gpu", 2, 2, rollout_nodes=1, megatron=(1, 1, None), engine="vllm",
+                                          num_engines=None))) == []
+    assert plan_problems(make_plan(Layout("cpu", 1, 2, engine="vllm", engine_tp=2))) == []  # the CPU build splits

@@ -7,12 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from nemo_prorl import doctor
+from nemo_prorl import doctor, procs
 from nemo_prorl.config.schema import ProRLConfig, SourceConfig
 from tests.conftest import VLLM_PYTHON
 
@@ -131,8 +132,8 @@ needs_vllm = pytest.mark.skipif(not VLLM_PYTHON, reason="no vLLM interpreter (PR
 def test_the_doctor_starts_a_vllm_engine_that_samples(capsys, tmp_path, vllm_model_dir):
     rc, lines = _run(capsys, ["rollout=vllm", f"rollout.vllm.python={VLLM_PYTHON}", f"model.path={vllm_model_dir}",
                               f"trainer.output_dir={tmp_path}/run"])
-    [engine] = [line for line in lines.get("OK", []) if "vllm engine" in line]
     assert rc == 0 and "FAIL" not in lines, lines
+    [engine] = [line for line in lines["OK"] if "vllm engine" in line]
     tokens = int(engine.split(" tokens in ")[0].rsplit(" ", 1)[1])
     assert f"({Path(vllm_model_dir).name}, float32)" in engine and tokens > 0, engine
 
@@ -144,48 +145,95 @@ def test_an_engine_that_cannot_start_fails_with_vllms_reason_and_log(capsys, tmp
                               "rollout.vllm.max_model_len=100000", f"trainer.output_dir={tmp_path}/run"])
     fails = "\n".join(lines.get("FAIL", []))
     assert rc == 1 and "vllm engine" in fails and "did not start" in fails and "max_model_len" in fails, lines
-    log = Path(fails.split("fix: read ")[1].split(";")[0])  # vLLM's whole output
-    assert "Traceback" in log.read_text()
-    log.unlink()
+    [log] = (tmp_path / "run" / "doctor").glob("vllm_engine-*.log")  # vLLM's whole output, named in the fix
+    assert str(log) in fails and "Traceback" in log.read_text()
     assert not any("vllm engine" in line for line in lines.get("OK", []))
 
 
-def _fake_vllm(monkeypatch, tmp_path: Path, body: str) -> ProRLConfig:
-    """An interpreter that 'imports vLLM' (the probe is stubbed) but runs `body` as the engine."""
+def _fake_vllm(monkeypatch, tmp_path: Path, body: str, cuda: bool = False) -> ProRLConfig:
+    """An interpreter that 'imports vLLM' (the probe is stubbed) but runs `body` as the engine; the scratch
+    folders go under tmp_path/tmp."""
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\n" + body)
     fake.chmod(0o755)
     monkeypatch.setattr(doctor, "_probe_vllm", lambda py: ({"vllm": "0", "torch": "0", "transformers": "0",
-                                                             "cuda": False}, ""))
+                                                             "cuda": cuda}, ""))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     cfg = ProRLConfig()
     cfg.rollout.engine = "vllm"
     cfg.rollout.vllm.python = str(fake)
     cfg.model.warm_start.cache_dir = str(tmp_path / "cache")
+    cfg.trainer.output_dir = str(tmp_path / "run")
     return cfg
 
 
+def _live_in_group(pgid: int) -> list[int]:
+    """Processes of process group `pgid` that are neither gone nor zombies (from /proc/<pid>/stat)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            live.append(int(stat.parent.name))
+    return live
+
+
 def test_an_engine_that_hangs_is_killed_with_its_children(monkeypatch, tmp_path):
-    """Its child holds the output pipes: only killing the process group ends the read."""
-    pid_file = tmp_path / "child.pid"
-    cfg = _fake_vllm(monkeypatch, tmp_path, f"sleep 3600 &\necho $! > {pid_file}\nwait\n")
+    """A stuck engine and the worker it started: the doctor kills the engine's whole process group."""
+    started: list[subprocess.Popen] = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            started.append(self)
+
+    monkeypatch.setattr(procs.subprocess, "Popen", Recorded)
+    cfg = _fake_vllm(monkeypatch, tmp_path, "sleep 3600 &\nwait\n")
     cfg.rollout.vllm.startup_timeout_s = 1.0
     monkeypatch.setattr(doctor, "SAMPLE_ALLOWANCE_S", 0.0)
     [f] = doctor.vllm_engine(cfg)
-    assert f.status == doctor.FAIL and "no engine after 1s" in f.detail, f
-    child = int(pid_file.read_text())
-    for _ in range(100):  # the orphan is reaped by init after the kill
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
+    assert f.status == doctor.FAIL and "did not start" in f.detail and "ran past 1s" in f.detail, f
+    [proc] = started
+    for _ in range(200):  # SIGKILLed processes leave as soon as they are scheduled; a busy machine may lag
+        if not _live_in_group(proc.pid):
             break
         time.sleep(0.05)
-    else:
-        raise AssertionError(f"the engine's child {child} outlived the doctor's timeout")
+    assert not _live_in_group(proc.pid), "the engine's child outlived the doctor's timeout"
 
 
-def test_an_engine_that_exits_without_sampling_is_a_fail(monkeypatch, tmp_path):
-    cfg = _fake_vllm(monkeypatch, tmp_path, "echo engine says hello\necho 'CUDA error: no kernel image' >&2\n")
+def test_an_engine_that_exits_without_sampling_is_a_fail_with_its_output_kept(monkeypatch, tmp_path):
+    cfg = _fake_vllm(monkeypatch, tmp_path, "echo engine says hello\necho 'RuntimeError: no kernel image' >&2\n"
+                     "echo 'RuntimeError: Engine core initialization failed. See root cause above.' >&2\nexit 1\n")
     [f] = doctor.vllm_engine(cfg)
-    assert f.status == doctor.FAIL and "no kernel image" in f.detail, f
-    # no model.path and no cached warm start: an untrained tiny model was built for the check, then removed
-    assert "tiny-qwen2-" in f.detail and not list((tmp_path / "cache").glob("*"))
+    assert f.status == doctor.FAIL and "did not start" in f.detail and "exit code 1" in f.detail, f
+    assert "RuntimeError: no kernel image" in f.detail and "initialization failed" not in f.detail, f
+    [log] = (tmp_path / "run" / "doctor").glob("vllm_engine-*.log")
+    assert str(log) in f.fix and "engine says hello" in log.read_text()
+    # no model.path and no cached warm start: an untrained tiny model was built in a scratch folder, removed
+    assert "tiny-qwen2-" in f.detail and not (tmp_path / "cache").exists()
+    assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_an_engine_that_samples_then_crashes_at_exit_is_a_warning(monkeypatch, tmp_path):
+    from nemo_prorl.rollout.vllm_server import SMOKE_MARK
+
+    done = json.dumps({"start_s": 1.0, "generate_s": 0.1, "samples": 2, "tokens": 5, "slept": True,
+                       "finite_logprobs": True})
+    cfg = _fake_vllm(monkeypatch, tmp_path, f"echo '{SMOKE_MARK}{{\"start_s\": 1.0}}'\necho '{SMOKE_MARK}{done}'\n"
+                     "kill -SEGV $$\n")
+    [f] = doctor.vllm_engine(cfg)
+    assert f.status == doctor.WARN and "5 tokens" in f.detail and "slept and woke" in f.detail, f
+    assert "killed by SIGSEGV" in f.detail, f
+
+
+def test_an_engine_this_runtime_would_not_start_is_refused_without_starting(monkeypatch, tmp_path):
+    """The trainer's engine pool refuses an engine over several GPUs: a green doctor must not precede that."""
+    cfg = _fake_vllm(monkeypatch, tmp_path, f"touch {tmp_path}/started\n", cuda=True)
+    cfg.cluster.device, cfg.cluster.gpus_per_node = "cuda", 2
+    cfg.rollout.vllm.tensor_parallel_size = 2
+    [f] = doctor.vllm_engine(cfg)
+    assert f.status == doctor.FAIL and "not started" in f.detail and "tensor_parallel_size=2" in f.detail, f
+    assert not (tmp_path / "started").exists()

@@ -88,6 +88,13 @@ def test_slurm_dry_run_prints_every_command(script, nodes):
     assert opts[1:3] == [f"--nodes={nodes}", "--ntasks-per-node=1"] and cmd == "ray stop --force"
 
 
+def test_doctor_flags_reach_every_nodes_doctor_quoted():
+    lines = _dry_run("multi_node.sbatch", 2, "a=1", DOCTOR_ARGS="--no-engine-start  x;touch", CKPT_DIR="/c")
+    [doctor] = [line for line in lines if line.startswith("doctor: ")]
+    _, cmd = _srun(doctor, "doctor")
+    assert shlex.split(cmd)[:7] == ["exec", "python", "-m", "nemo_prorl.cli", "doctor", "--no-engine-start", "x;touch"]
+
+
 def test_a_run_name_cannot_break_the_commands():
     lines = _dry_run("single_node.sbatch", 1, "a=1", RUN_NAME="r 1;touch x", CKPT_DIR="/c")
     _, cmd = _srun(lines[3], "train")

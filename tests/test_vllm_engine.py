@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from nemo_prorl.config.loader import load_config
-from nemo_prorl.demo.warmstart import warm_started_model
 from nemo_prorl.policy import POLICY_BACKENDS
 from nemo_prorl.policy.base import PolicyBackend
 from nemo_prorl.policy.megatron_convert import ModelShape, hf_to_megatron, megatron_to_hf_lazy

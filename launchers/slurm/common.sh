@@ -16,6 +16,7 @@
 #   DATA_DIR, MODEL_DIR, CKPT_DIR   host folders mounted at /data, /models, /checkpoints
 #   RUN_NAME         run folder under /checkpoints (default: the job name)
 #   GPUS_PER_NODE    GPUs per node (default: SLURM_GPUS_ON_NODE, else 8)
+#   DOCTOR_ARGS      flags for `prorl doctor` (e.g. --no-engine-start: skip its vLLM engine start)
 #   PRORL_DRY_RUN=1  print every command instead of running it
 # Arguments are Hydra overrides, passed to `prorl train` unchanged.
 set -euo pipefail
@@ -95,7 +96,13 @@ prorl_launch() {
   local train_cmd="exec python -m nemo_prorl.cli train resume=auto trainer.output_dir=${q_run_dir}${cluster_args}"
   # `prorl doctor` on every node first, with the run's config: a node without GPUs, a broken vLLM
   # environment or an unreadable data file stops the job before hours of allocation are spent.
-  local doctor_cmd="exec python -m nemo_prorl.cli doctor trainer.output_dir=${q_run_dir}${cluster_args}"
+  local doctor_flags="" flag
+  local -a doctor_args=()
+  read -r -a doctor_args <<<"${DOCTOR_ARGS:-}"
+  for flag in "${doctor_args[@]}"; do
+    doctor_flags+=" $(printf '%q' "$flag")"
+  done
+  local doctor_cmd="exec python -m nemo_prorl.cli doctor${doctor_flags} trainer.output_dir=${q_run_dir}${cluster_args}"
 
   # shellcheck disable=SC2054  # the commas belong to srun's --container-mounts and --export lists
   local -a container=(--container-image="${image}" --container-mounts="${mounts}" --container-workdir=/workspace

@@ -58,6 +58,19 @@ class EngineSetup:
     on_close: Optional[Callable[[], None]] = None
 
 
+def plan_problems(plan: Any) -> list[tuple[int, int, str]]:
+    """(engine index, node, why) for each engine of `plan` this runtime does not start (`prorl doctor` asks too)."""
+    out = []
+    for e in plan.engines:
+        if e.node != 0 and not plan.ranks:
+            out.append((e.index, e.node, f"engine {e.index} on node {e.node}: with the policy in the controller "
+                        "(policy=hf) the engines take their weights from it, on node 0"))
+        if plan.layout.kind == "gpu" and len(e.devices) > 1:
+            out.append((e.index, 0, f"rollout.vllm.tensor_parallel_size={len(e.devices)}: an engine actor over "
+                        "several GPUs is not started by this runtime yet; use 1"))
+    return out
+
+
 class EnginePool(RolloutEngine):
     def __init__(self, cfg: Any, setup: EngineSetup, *, engine: str) -> None:
         from nemo_prorl import cluster
@@ -90,15 +103,11 @@ class EnginePool(RolloutEngine):
             raise
 
     def _check_plan(self, plan: Any) -> None:
-        for e in plan.engines:
-            if e.node != 0 and not plan.ranks:
-                raise self.setup.error_type(
-                    f"engine {e.index} on node {e.node}: with the policy in the controller (policy=hf) the engines "
-                    "take their weights from it, on node 0", role=self.role, index=e.index, node=f"node {e.node}")
-            if plan.layout.kind == "gpu" and len(e.devices) > 1:
-                raise self.setup.error_type(
-                    f"rollout.vllm.tensor_parallel_size={len(e.devices)}: an engine actor over several GPUs is not "
-                    "started by this runtime yet; use 1", role=self.role, index=e.index)
+        problems = plan_problems(plan)
+        if problems:
+            index, node, why = problems[0]
+            where = {"node": f"node {node}"} if node else {}
+            raise self.setup.error_type(why, role=self.role, index=index, **where)
 
     @property
     def num_engines(self) -> int:

@@ -198,18 +198,27 @@ SMOKE_MARK = "prorl-engine-smoke "
 
 def smoke(spec: dict[str, Any]) -> dict[str, Any]:
     """`prorl doctor`: build the engine from the trainer's spec, as an engine actor does (worker extension
-    included), and sample a few tokens; the figures come back on one marked line of stdout."""
+    included), go through sleep and wake-up where the spec asks for sleep mode, and sample a few tokens.
+    Progress and figures come back on marked lines of stdout."""
     import json
+    import math
+    import signal
     import time
 
     t0 = time.perf_counter()
     server = EngineServer("")
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # no trainer here to stop this process: the defaults
+        signal.signal(sig, signal.SIG_DFL)
     server.init(spec)
+    result: dict[str, Any] = {"start_s": round(time.perf_counter() - t0, 1)}
+    print(SMOKE_MARK + json.dumps(result), flush=True)
     t1 = time.perf_counter()
+    server.sleep()  # a no-op without sleep mode
+    server.wake_up()
     params = dict(n=2, temperature=1.0, top_p=1.0, max_tokens=8, stop_token_ids=[], stop=[])
     out = server.generate([[1, 2, 3, 4]], params, seeds=[0])
-    result = {"start_s": round(t1 - t0, 1), "generate_s": round(time.perf_counter() - t1, 2),
-              "samples": len(out), "tokens": sum(len(o[1]) for o in out),
-              "finite_logprobs": all(lp == lp and lp <= 0.0 for o in out for lp in o[2])}
+    result.update(generate_s=round(time.perf_counter() - t1, 2), samples=len(out),
+                  tokens=sum(len(o[1]) for o in out), slept=server.sleep_mode,
+                  finite_logprobs=all(math.isfinite(lp) and lp <= 0.0 for o in out for lp in o[2]))
     print(SMOKE_MARK + json.dumps(result), flush=True)
     return result
