@@ -52,23 +52,24 @@ def run_in_group(cmd: Sequence[str], timeout_s: float, **kwargs: Any) -> tuple[O
     def stop(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    watched = (signal.SIGTERM, signal.SIGHUP)
     main = threading.current_thread() is threading.main_thread()
-    before = {sig: signal.signal(sig, stop) for sig in watched} if main else {}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=True, **kwargs)
-        rc: Optional[int] = None
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            _kill_group(proc.pid)
-            proc.wait()
-            for sig, handler in before.items():
-                signal.signal(sig, handler)
-        return rc, *(_read(f) for f in (out, err))  # type: ignore[return-value]
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)} if main else {}
+    try:
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True, **kwargs)
+            rc: Optional[int] = None
+            try:
+                rc = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                _kill_group(proc.pid)
+                proc.wait()
+            return rc, _read(out), _read(err)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _read(f: Any) -> str:

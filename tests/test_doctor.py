@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -202,6 +203,39 @@ def test_an_engine_that_hangs_is_killed_with_its_children(monkeypatch, tmp_path)
             break
         time.sleep(0.05)
     assert not _live_in_group(proc.pid), "the engine's child outlived the doctor's timeout"
+
+
+def test_a_doctor_told_to_stop_takes_the_engine_down_with_it(tmp_path):
+    """SIGTERM (Slurm, `timeout`) to the doctor while its engine starts: the engine's whole group dies too,
+    rather than holding a GPU."""
+    group_file = tmp_path / "group"
+    code = ("from nemo_prorl.procs import run_in_group; "
+            f"run_in_group(['sh', '-c', 'echo $$ > {group_file}.tmp; mv {group_file}.tmp {group_file}; "
+            "sleep 3600 & wait'], 3600)")
+    doc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        for _ in range(6000):  # until the engine has started (a busy machine may take long)
+            if group_file.exists() or doc.poll() is not None:
+                break
+            time.sleep(0.05)
+        group = int(group_file.read_text())
+        doc.terminate()
+        assert doc.wait(timeout=600) == 128 + 15
+    finally:
+        doc.kill()
+    for _ in range(200):
+        if not _live_in_group(group):
+            break
+        time.sleep(0.05)
+    assert not _live_in_group(group), "the engine outlived the doctor"
+
+
+def test_run_in_group_gives_back_the_signal_handlers_when_the_program_cannot_start():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(OSError):
+        procs.run_in_group(["/nonexistent/python"], 1)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert procs.run_in_group(["sh", "-c", "echo out; echo err >&2; exit 3"], 600) == (3, "out\n", "err\n")
 
 
 def test_an_engine_that_exits_without_sampling_is_a_fail_with_its_output_kept(monkeypatch, tmp_path):
