@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. algo.kl_coef=0 experiment=prorl_1p5b")
         if name == "doctor":
             sp.add_argument("--no-engine-start", action="store_true",
-                            help="do not start a vLLM engine (by default one starts and samples when rollout.engine=vllm)")
+                            help="do not start a vLLM engine (by default, with rollout.engine=vllm, one "
+                            "starts and samples)")
     from nemo_prorl.data import inspect
     from nemo_prorl.policy import convert
 

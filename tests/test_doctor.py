@@ -271,3 +271,16 @@ def test_an_engine_this_runtime_would_not_start_is_refused_without_starting(monk
     [f] = doctor.vllm_engine(cfg)
     assert f.status == doctor.FAIL and "not started" in f.detail and "tensor_parallel_size=2" in f.detail, f
     assert not (tmp_path / "started").exists()
+
+
+def test_no_engine_start_skips_only_the_engine(monkeypatch, tmp_path, capsys):
+    from nemo_prorl.cli import main as cli_main
+
+    cfg = _fake_vllm(monkeypatch, tmp_path, f"touch {tmp_path}/started\n")
+    args = ["rollout=vllm", f"rollout.vllm.python={cfg.rollout.vllm.python}", f"trainer.output_dir={tmp_path}/run",
+            f"model.warm_start.cache_dir={tmp_path}/cache"]
+    assert cli_main(["doctor", "--no-engine-start", *args]) == 0
+    out = capsys.readouterr().out
+    assert "OK    vllm               vllm 0" in out and "vllm engine" not in out and not (tmp_path / "started").exists()
+    cli_main(["doctor", *args])  # without the flag the engine starts (and, being a fake, fails)
+    assert "FAIL  vllm engine" in capsys.readouterr().out and (tmp_path / "started").exists()
