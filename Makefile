@@ -19,7 +19,7 @@ else
 TEST_DEPS  := $(STAMP)
 endif
 
-.PHONY: run test setup vllm-env bench-trl gpu-wheels clean
+.PHONY: run test test-torch setup vllm-env bench-trl gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,20 @@ run: $(STAMP)
 test: $(TEST_DEPS)
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
+# The suite on another torch: by default 2.9.0, the series of NGC 25.10's torch, which the container's trainer
+# runs (README "Containers"). PyPI's CUDA wheel and its CUDA libraries (several GB) go into a virtualenv of
+# their own, with the project installed under a constraint that keeps that torch; not part of `make test`.
+TORCH_COMPAT ?= 2.9.0
+COMPAT_VENV  := .venv-torch$(TORCH_COMPAT)
+COMPAT_PY    := $(COMPAT_VENV)/bin/python
+test-torch: $(filter-out $(STAMP),$(TEST_DEPS))
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install --quiet --upgrade pip
+	$(COMPAT_PY) -m pip install --quiet torch==$(TORCH_COMPAT)
+	echo torch==$(TORCH_COMPAT) > $(COMPAT_VENV)/constraints.txt
+	PIP_CONSTRAINT=$(abspath $(COMPAT_VENV))/constraints.txt $(COMPAT_PY) -m pip install --quiet -e '.[dev]'
+	$(TEST_ENV) $(COMPAT_PY) -m pytest $(PYTEST_ARGS)
+
 # The wheels benchmarks/gpu_check.sh installs offline on a GPU machine with PyTorch preinstalled (README "GPU
 # check"): for its Python (GPU_PY), no torch among them.
 GPU_PY ?= 3.12
@@ -64,4 +78,4 @@ bench-trl: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/vs_trl.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) .venv-torch* runs

@@ -4,8 +4,8 @@ project can never replace them (containers/Dockerfile). Distributions that are a
 
 import importlib.metadata as metadata
 
-KEEP = ("torch", "transformer_engine", "transformer_engine_torch", "transformer_engine_cu12", "apex", "flash_attn",
-        "triton", "nvidia-modelopt")
+KEEP = ("torch", "transformer_engine", "transformer_engine_torch", "transformer_engine_cu12",
+        "transformer_engine_cu13", "apex", "flash_attn", "triton", "nvidia-modelopt")
 
 for dist in KEEP:
     try:

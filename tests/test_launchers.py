@@ -2,12 +2,14 @@
 (the job's Ray token, head, workers, the trainer and the cleanup) for 1 and 4 nodes, and the container's
 pins agree with the project's."""
 
+import importlib.metadata
 import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import tomllib
 from pathlib import Path
@@ -19,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SCRIPTS = [ROOT / "launchers" / "local.sh", *sorted((ROOT / "launchers" / "slurm").iterdir()),
            ROOT / "containers" / "enroot.sh", ROOT / "containers" / "install_vllm_env.sh",
+           ROOT / "containers" / "install_trainer_env.sh",
            ROOT / "benchmarks" / "gpu_check.sh"]
 
 
@@ -187,8 +190,9 @@ def test_container_pins_match_the_project():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     base = re.search(r"ARG BASE_IMAGE=(\S+)", docker).group(1)
     assert re.fullmatch(r"nvcr\.io/nvidia/(pytorch|nemo):[\w.-]+", base) and not base.endswith(":latest")
-    # the trainer's environment: the project without vLLM, NGC's compiled packages as constraints
-    assert 'pip install -e ".[megatron]"' in docker and "/opt/constraints-ngc.txt" in docker
+    # the trainer's environment: the project without vLLM, NGC's compiled packages as constraints, by the
+    # script the tests below run
+    assert re.search(r"CONSTRAINTS=/opt/constraints-ngc\.txt bash containers/install_trainer_env\.sh megatron\b", docker)
     assert 'pip install "torch' not in docker.split("install_vllm_env.sh /opt/vllm-env")[0]  # NGC's torch stays
     # the vLLM environment: one script for the image and for `make vllm-env`
     vllm_run = re.search(r"install_vllm_env\.sh /opt/vllm-env requirements/vllm-gpu\.txt \"torch==([\w.]+)\"", docker)
@@ -216,6 +220,81 @@ def test_container_pins_match_the_project():
 def test_ngc_constraints_pin_what_is_installed():
     out = subprocess.run([sys.executable, str(ROOT / "containers" / "ngc_constraints.py")], capture_output=True,
                          text=True, check=True).stdout.split()
-    import torch
+    # the distribution's version, which pip compares: PyPI's CUDA wheels say "2.9.0" there but "2.9.0+cu128" in
+    # torch.__version__ (NGC's builds say "2.9.0a0+145a3a7bda.nv25.10" in both)
+    assert f"torch=={importlib.metadata.version('torch')}" in out and all("==" in line for line in out)
 
-    assert f"torch=={torch.__version__}" in out and all("==" in line for line in out)
+
+def _bare_venv(tmp_path: Path) -> Path:
+    """A virtualenv with no packages of its own that sees this one's (torch, megatron-core, ...) through a .pth
+    file: like NGC's Python, installed packages that the trainer's install must keep. Offline and quick."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    (site / "parent.pth").write_text("\n".join(paths) + "\n")
+    return venv / "bin" / "python"
+
+
+def _recording(py: Path, tmp_path: Path, then: str = "") -> Path:
+    """A wrapper of `py` that records the PIP_CONSTRAINT each pip run gets, then runs the shell line `then`."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/bash\n"{py}" "$@"; rc=$?\nif [[ "$1 $2" == "-m pip" ]]; then\n'
+                       f'  echo "$PIP_CONSTRAINT" >> "{tmp_path}/pip-constraints"\n  {then or ":"}\nfi\nexit $rc\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def _install_trainer(py: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    # none of the runner's PIP_* settings (a PIP_TARGET would install elsewhere); offline, and "0" turns build
+    # isolation off (pip's inverted switch)
+    e = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    e.update(PYTHON=str(py), CONSTRAINTS=str(tmp_path / "pins.txt"), PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0",
+             **env)
+    return subprocess.run(["bash", str(ROOT / "containers" / "install_trainer_env.sh"), "megatron"], env=e,
+                          cwd=tmp_path, capture_output=True, text=True)
+
+
+def _imports_project(py: Path, cwd: Path) -> bool:
+    out = subprocess.run([str(py), "-c", "import nemo_prorl; print(nemo_prorl.__file__)"], cwd=cwd,
+                         capture_output=True, text=True)
+    return out.returncode == 0 and out.stdout.startswith(str(ROOT))
+
+
+def test_trainer_env_install_holds_the_compiled_packages(tmp_path):
+    """The Dockerfile's trainer step, run on CPU: the project goes in, torch is held at what was installed,
+    and with NGC_CONSTRAINTS=compiled a conflicting pin of NGC's own file (here numpy) no longer applies."""
+    py = _bare_venv(tmp_path)
+    assert not _imports_project(py, tmp_path)
+    (tmp_path / "ngc.txt").write_text("numpy==0.0.1\n")
+    out = _install_trainer(_recording(py, tmp_path), tmp_path, PIP_CONSTRAINT=str(tmp_path / "ngc.txt"),
+                           NGC_CONSTRAINTS="compiled")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"torch=={importlib.metadata.version('torch')}" in (tmp_path / "pins.txt").read_text().split()
+    assert (tmp_path / "pip-constraints").read_text().split() == [str(tmp_path / "pins.txt")]
+    assert "trainer: torch" in out.stdout and "transformers " in out.stdout and _imports_project(py, tmp_path)
+
+
+def test_trainer_env_install_keeps_ngcs_pins_by_default(tmp_path):
+    py = _bare_venv(tmp_path)
+    (tmp_path / "ngc.txt").write_text("numpy==0.0.1\n")
+    out = _install_trainer(_recording(py, tmp_path), tmp_path, PIP_CONSTRAINT=str(tmp_path / "ngc.txt"))
+    assert out.returncode != 0 and "ResolutionImpossible" in out.stderr and "numpy" in out.stdout + out.stderr
+    assert (tmp_path / "pip-constraints").read_text().split() == [str(tmp_path / "ngc.txt"),
+                                                                   str(tmp_path / "pins.txt")]
+    assert not _imports_project(py, tmp_path)
+    bad = _install_trainer(py, tmp_path, NGC_CONSTRAINTS="some")
+    assert bad.returncode == 2 and "NGC_CONSTRAINTS must be all or compiled, not 'some'" in bad.stderr
+
+
+def test_trainer_env_install_fails_when_a_compiled_package_is_replaced(tmp_path):
+    """Should pip ever get around a constraint, the install fails and names the package: here the wrapper bumps
+    a (fake) flash_attn's version while pip runs."""
+    py = _bare_venv(tmp_path)
+    dist = next(py.parent.parent.glob("lib/python3*/site-packages")) / "flash_attn-2.7.4.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: flash_attn\nVersion: 2.7.4\n")
+    out = _install_trainer(_recording(py, tmp_path, f'sed -i s/2.7.4/9.9.9/ "{dist}/METADATA"'), tmp_path,
+                           NGC_CONSTRAINTS="compiled")
+    assert out.returncode == 1 and "a compiled package was replaced" in out.stderr, out.stderr[-3000:]
+    assert "flash_attn==2.7.4" in out.stderr and "flash_attn==9.9.9" in out.stderr
