@@ -19,7 +19,7 @@ else
 TEST_DEPS  := $(STAMP)
 endif
 
-.PHONY: run test test-torch setup vllm-env bench-trl gpu-wheels clean
+.PHONY: run test test-torch setup vllm-env bench-trl gpu-wheels gpu-rehearsal clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,14 +62,33 @@ test-torch: $(filter-out $(STAMP),$(TEST_DEPS))
 	$(TEST_ENV) $(COMPAT_PY) -m pytest $(PYTEST_ARGS)
 
 # The wheels benchmarks/gpu_check.sh installs offline on a GPU machine with PyTorch preinstalled (README "GPU
-# check"): for its Python (GPU_PY), no torch among them.
-GPU_PY ?= 3.12
+# check"), no torch among them: for each Python that machine may have (GPU_PYS; transformers 5.24 needs 3.11+),
+# since a few are built per Python; pip there takes its own. Checked here: every Python finds a wheel for every
+# requirement, and all of them fit in 60 MB (what travels with the project to the GPU machine).
+GPU_PYS      ?= 3.11 3.12 3.13
+GPU_PLATFORM := --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
 gpu-wheels: $(STAMP)
 	rm -rf benchmarks/wheels && mkdir -p benchmarks/wheels
-	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY) --platform manylinux2014_x86_64 \
-		--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d benchmarks/wheels -r requirements/gpu-check.txt
-	$(PIP) wheel --quiet --no-deps -w benchmarks/wheels antlr4-python3-runtime==4.9.3
+	for v in $(GPU_PYS); do \
+	  $(PIP) download --quiet --no-deps --only-binary=:all: --python-version $$v $(GPU_PLATFORM) \
+	    -d benchmarks/wheels -r requirements/gpu-check.txt || exit 1; \
+	done
+	$(PIP) wheel --quiet --no-deps -w benchmarks/wheels -r requirements/gpu-check-sdist.txt
+	for v in $(GPU_PYS); do \
+	  $(PIP) install --quiet --dry-run --no-index --no-deps --only-binary=:all: --python-version $$v $(GPU_PLATFORM) \
+	    --target benchmarks/wheels/.dry-run --find-links benchmarks/wheels \
+	    -r requirements/gpu-check.txt -r requirements/gpu-check-sdist.txt || exit 1; \
+	done
 	du -sh benchmarks/wheels
+	test "$$(du -sm benchmarks/wheels | cut -f1)" -le 60 || (echo "benchmarks/wheels is over 60 MB" >&2; exit 1)
+
+# The GPU check rehearsed on CPU as the GPU machine will run it: a Python with only torch and numpy, the wheels
+# installed by gpu_check.sh itself, every section with tiny shapes (figures to benchmarks/out/rehearsal)
+REHEARSAL_VENV := .venv-gpu-rehearsal
+gpu-rehearsal: gpu-wheels
+	rm -rf $(REHEARSAL_VENV) && $(PYTHON) -m venv $(REHEARSAL_VENV)
+	$(REHEARSAL_VENV)/bin/python -m pip install --quiet $(TORCH) numpy
+	PYTHON=$(REHEARSAL_VENV)/bin/python GPU_CHECK_ON_CPU=1 OUT=benchmarks/out/rehearsal bash benchmarks/gpu_check.sh
 
 # TRL's GRPOTrainer against ours on this CPU (README "Against TRL"); installs the `bench` extra into .venv
 bench-trl: $(STAMP)
@@ -78,4 +97,4 @@ bench-trl: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/vs_trl.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .venv-torch* runs
+	rm -rf $(VENV) $(VLLM_VENV) .venv-torch* $(REHEARSAL_VENV) runs

@@ -30,6 +30,16 @@ def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no figures pretend a check ran
 
 
+def test_the_rehearsal_runs_the_scripts_steps_on_cpu(tmp_path):
+    """GPU_CHECK_ON_CPU=1 (make gpu-rehearsal) goes through gpu_check.sh past the GPU test, with tiny shapes."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, GPU_CHECK_ON_CPU="1")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--sections", "env"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "gpu_check: torch" in proc.stdout, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["device"] == "cpu" and report["quick"] is True and report["sections"]["env"]["status"] == "ok"
+
+
 def test_the_sections_run_on_cpu_with_tiny_shapes(tmp_path):
     sections = "env,embedded,megatron_local,megatron_te,mfu_0p5b,weight_sync"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
