@@ -21,16 +21,15 @@ if compgen -G "benchmarks/wheels/*.whl" >/dev/null; then
   # virtualenv, whose torch a nested one would not see. No torch among the wheels, --no-deps: never replaced.
   # The folder holds wheels for several Pythons; pip takes this one's for each requirement.
   site="$(mktemp -d /tmp/prorl-gpu-check-XXXXXX)"
+  trap 'rm -rf "${site}"' EXIT
   if "${py}" -m pip install --quiet --no-index --no-deps --only-binary=:all: --find-links benchmarks/wheels \
     --target "${site}" -r requirements/gpu-check.txt -r requirements/gpu-check-sdist.txt; then
     export PYTHONPATH="${site}${PYTHONPATH:+:${PYTHONPATH}}"
   else
-    echo "gpu_check: the wheels do not fit this Python ($("${py}" -V)); running with what is installed" >&2
+    echo "gpu_check: the wheels could not be installed for this Python ($("${py}" -V 2>&1); pip above says why);" \
+      "running with what is installed" >&2
   fi
 fi
 "${py}" -c "import torch; print('gpu_check: torch', torch.__version__, 'on',
                               torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU')"
-rc=0
-"${py}" benchmarks/gpu_check.py --out "${out}" "$@" || rc=$?
-if [[ -n "${site:-}" ]]; then rm -rf "${site}"; fi
-exit "${rc}"
+"${py}" benchmarks/gpu_check.py --out "${out}" "$@"
