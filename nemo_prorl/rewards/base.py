@@ -10,6 +10,8 @@ the others run on a thread pool.
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -52,12 +54,26 @@ class RewardFn(Protocol):
 REWARDS: Registry[Callable[[Any], RewardFn]] = Registry("reward")
 
 
-def _guarded(fn: Callable[[RewardInput], RewardResult], inp: RewardInput) -> RewardResult:
+def checked(res: Any, name: str = "reward") -> RewardResult:
+    """`res` if it is a RewardResult whose reward and extra figures are finite numbers, else a verifier
+    error that says why. A NaN reward would otherwise pass silently: DAPO's spread test (NaN > atol is
+    False) drops its group as uniform, and without DAPO it turns the advantages and the loss into NaN."""
+    if not isinstance(res, RewardResult):
+        return failed("error", f"{name} returned {type(res).__name__}, not RewardResult")
+    bad = [f"reward={res.reward!r}"] if not _finite(res.reward) else []
+    bad += [f"info[{k!r}]={v!r}" for k, v in res.info.items() if not _finite(v)]
+    if bad:
+        return failed("error", f"{name} returned a non-finite or non-numeric value: {', '.join(bad)}")
+    return res
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _guarded(fn: Callable[[RewardInput], RewardResult], inp: RewardInput, name: str = "reward") -> RewardResult:
     try:
-        res = fn(inp)
-        if not isinstance(res, RewardResult):
-            return failed("error", f"reward returned {type(res).__name__}, not RewardResult")
-        return res
+        return checked(fn(inp), name)
     except Exception as e:  # noqa: BLE001  the contract is that scoring never takes the trainer down
         return failed("error", f"{type(e).__name__}: {e}")
 
@@ -83,7 +99,7 @@ class RewardSuite:
             fn = self.get(name)
         except Exception as e:  # noqa: BLE001  an unknown name is recorded per row, not raised
             return failed("error", f"{type(e).__name__}: {e}")
-        return _guarded(fn.score, inp)
+        return _guarded(fn.score, inp, name)
 
     def score_batch(self, names: Sequence[str], inputs: Sequence[RewardInput]) -> list[RewardResult]:
         """Score row i with reward names[i]. Rows are grouped by reward; batch-capable rewards get their
@@ -118,7 +134,7 @@ class RewardSuite:
             except Exception as e:  # noqa: BLE001
                 results = [failed("error", f"{type(e).__name__}: {e}")] * len(rows)
             for i, r in zip(rows, results):
-                out[i] = r if isinstance(r, RewardResult) else failed("error", f"{name} returned {type(r).__name__}")
+                out[i] = checked(r, name)
         for i, f in singles:
             out[i] = f.result()
         return out  # type: ignore[return-value]

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from nemo_prorl.algo.sampling import minibatch_sizes
 from nemo_prorl.rollout.base import Completion
 
 
@@ -37,3 +38,16 @@ def build_batch(
 
 def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v[rows] for k, v in batch.items()}
+
+
+def minibatch_plan(num_groups: int, group_size: int, groups_per_minibatch: int, num_epochs: int,
+                   generator: torch.Generator) -> list[torch.Tensor]:
+    """The rows of each update of a step, in order: whole groups, shuffled by `generator` every epoch, in
+    the mini-batches `minibatch_sizes` gives (the planned size, or the kept groups spread evenly over
+    fewer updates when DAPO's rounds fell short)."""
+    plan = []
+    for _ in range(num_epochs):
+        order = torch.randperm(num_groups, generator=generator)
+        for groups in torch.split(order, minibatch_sizes(num_groups, groups_per_minibatch)):
+            plan.append((groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten())
+    return plan

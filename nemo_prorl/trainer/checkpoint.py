@@ -22,6 +22,7 @@ import os
 import pickle
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -152,19 +153,58 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _prune(ckpt_root, keep_last, keep_best_metric)
+    _prune(ckpt_root, keep_last, keep_best_metric, just_written=final)
     return final
 
 
-def _prune(ckpt_root: Path, keep_last: int, keep_best_metric: Optional[str]) -> None:
+def _prune(ckpt_root: Path, keep_last: int, keep_best_metric: Optional[str],
+           just_written: Optional[Path] = None) -> None:
+    """Drop all but the last `keep_last` checkpoints (and the best); never the one just written, even if
+    newer ones of another timeline were on disk (set_aside_newer moves those away on resume)."""
     done = list_checkpoints(ckpt_root)
-    keep = set(done[-keep_last:])
+    keep = set(done[-keep_last:]) | ({just_written} if just_written is not None else set())
     best = best_checkpoint(ckpt_root, keep_best_metric) if keep_best_metric else None
     if best is not None:
         keep.add(best)
     for old in done:
         if old not in keep:
             shutil.rmtree(old, ignore_errors=True)
+
+
+ABANDONED_DIR = "abandoned"
+
+
+def set_aside_newer(ckpt_root: Path, step: int) -> Optional[Path]:
+    """Move the complete checkpoints after `step` into `ckpt_root/abandoned/<time>-after-step_N/` and
+    return that folder (None if there were none). Resuming from an earlier checkpoint (a rollback) starts a
+    new timeline: the newer checkpoints belong to the abandoned one, and left in place they would be kept by
+    pruning in favour of the new ones, and picked by a later `resume=auto`. Moved, not deleted: they may be
+    what the user wants back."""
+    newer = [p for p in list_checkpoints(ckpt_root) if int(p.name.split("_")[1]) > step]
+    if not newer:
+        return None
+    when = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = ckpt_root / ABANDONED_DIR / f"{when}-after-step_{step:06d}"
+    n = 1
+    while dest.exists():  # two rollbacks in one second
+        dest, n = dest.with_name(f"{when}-{n}-after-step_{step:06d}"), n + 1
+    dest.mkdir(parents=True)
+    for p in newer:
+        os.replace(p, dest / p.name)
+    return dest
+
+
+def remove_stale_temporaries(ckpt_root: Path) -> list[str]:
+    """Remove the `.tmp-step_*-<pid>` folders of checkpoint writes that a kill interrupted, and return their
+    names. Each is as large as a checkpoint, and the resumed run has another pid, so nothing else would
+    ever remove them. Called on resume, when no earlier job of the run is still writing."""
+    if not ckpt_root.is_dir():
+        return []
+    mine = f"-{os.getpid()}"
+    stale = sorted(p for p in ckpt_root.glob(".tmp-step_*") if p.is_dir() and not p.name.endswith(mine))
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in stale]
 
 
 def best_checkpoint(ckpt_root: Path, metric: str) -> Optional[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import signal
 import threading
 from pathlib import Path
@@ -29,13 +30,16 @@ from nemo_prorl.data.templates import encode_prompts
 from nemo_prorl.policy.base import Batch, LossFn, PolicyBackend
 from nemo_prorl.rewards.sandbox import sandbox_confines
 from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams
-from nemo_prorl.trainer.batching import build_batch, select_rows
-from nemo_prorl.trainer.checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint, set_rng_state
-from nemo_prorl.trainer.logger import MetricsLogger
+from nemo_prorl.trainer.batching import build_batch, minibatch_plan, select_rows
+from nemo_prorl.trainer.checkpoint import (CheckpointError, read_checkpoint_file, remove_stale_temporaries,
+                                           save_checkpoint, set_aside_newer, set_rng_state)
+from nemo_prorl.trainer.logger import MetricsLogger, truncate_logs
 from nemo_prorl.trainer.phases import PhaseTimer
 from nemo_prorl.trainer.scoring import per_domain_means, reward_health, score_completions, shaped_rewards
 from nemo_prorl.trainer.validate import validate
 from nemo_prorl.weight_sync import sync_weights
+
+log = logging.getLogger("nemo_prorl")
 
 
 @dataclasses.dataclass
@@ -139,6 +143,8 @@ class ProRLTrainer:
             # Groups whose rewards were all equal (no learning signal), out of all generated this step.
             "filter/filtered_group_frac": uniform_groups / max(gen_groups, 1),
             "filter/kept_groups": float(len(kept)),
+            # groups the step planned for but did not get (DAPO's rounds fell short); see minibatch_sizes
+            "filter/shortfall_groups": float(need - len(kept)),
             "filter/generation_rounds": float(rounds),
             "data/dropped_long_prompts": float(dropped_prompts),
             "data/skipped_rows": float(self.source.skipped_rows()),
@@ -159,16 +165,11 @@ class ProRLTrainer:
         return batch
 
     def minibatch_plan(self, num_groups: int, step: int) -> list[torch.Tensor]:
-        """The rows of each update of the step, in order: whole groups, shuffled (seeded) every epoch."""
-        a, n = self.cfg.algo, self.cfg.algo.num_generations_per_prompt
+        """The rows of each update of the step (see batching.minibatch_plan), seeded by the step."""
+        a = self.cfg.algo
         gen = torch.Generator().manual_seed(_seed(self.cfg.trainer.seed, step, 7))
-        plan = []
-        for _ in range(a.num_epochs_per_step):
-            order = torch.randperm(num_groups, generator=gen)
-            for start in range(0, num_groups, a.num_prompts_per_minibatch):
-                groups = order[start : start + a.num_prompts_per_minibatch]
-                plan.append((groups.unsqueeze(1) * n + torch.arange(n)).flatten())
-        return plan
+        return minibatch_plan(num_groups, a.num_generations_per_prompt, a.num_prompts_per_minibatch,
+                              a.num_epochs_per_step, gen)
 
     def loss_fn(self, mb: Batch) -> LossFn:
         """The ProRL loss for one mini-batch; its normalisers are the mini-batch totals, so micro-batching
@@ -231,6 +232,7 @@ class ProRLTrainer:
         with timer("advantages"):
             batch = self.make_batch(groups)
         plan = self.minibatch_plan(len(groups), step)
+        metrics["actor/num_updates"] = float(len(plan))
         with timer("logprobs"):
             metrics.update(self.logprobs_phase(batch, plan, step))
         with timer("update"):
@@ -319,6 +321,10 @@ class ProRLTrainer:
         """One step: train, validate (every k steps), reset the reference if due."""
         t, v = self.cfg.trainer, self.cfg.validation
         metrics = self.train_step(self.step, timer)
+        if metrics["filter/shortfall_groups"] > 0:
+            logger.event(self.step, "groups_short", kept=int(metrics["filter/kept_groups"]),
+                         planned=self.cfg.algo.num_prompts_per_step, updates=int(metrics.get("actor/num_updates", 0)),
+                         rounds=int(metrics["filter/generation_rounds"]))
         last = self.step == t.num_steps
         if v.every_n_steps > 0 and self.val_records and (self.step % v.every_n_steps == 0 or last):
             self.last_validation = self.validate(self.step, timer)
@@ -334,10 +340,11 @@ class ProRLTrainer:
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
         resumed_at = self.step
-        if resumed_at:  # rows logged after the checkpoint belong to steps that run again now
-            truncate_logs(self.out_dir, resumed_at)
+        tidied = self._tidy_for_resume() if resumed_at else {}
         logger = MetricsLogger(self.out_dir, total_steps=t.num_steps, start_step=self.step,
                                tensorboard=t.tensorboard, progress_bar=t.progress_bar)
+        if tidied:
+            logger.event(self.step, "resume_cleanup", **tidied)
         validations: dict[int, dict[str, float]] = {}
         try:
             with StopSignals() as stop:
@@ -369,6 +376,25 @@ class ProRLTrainer:
             logger.close()
             self.rewards.close()
         return {"validations": validations, "out_dir": str(self.out_dir), "preempted": stop.signal}
+
+    def _tidy_for_resume(self) -> dict[str, Any]:
+        """Before a resumed run logs or saves anything: checkpoints newer than the one resumed from belong to
+        an abandoned timeline (a rollback) and are set aside with their log rows; rows logged after the
+        checkpoint run again; a torn last log line is dropped; temporary folders of interrupted checkpoint
+        writes are removed. Returns what was done, for the events log (and says it here)."""
+        ckpts = self.out_dir / "checkpoints"
+        tidied: dict[str, Any] = {}
+        if removed := remove_stale_temporaries(ckpts):
+            tidied["removed_partial_checkpoints"] = removed
+        aside = set_aside_newer(ckpts, self.step)
+        if aside is not None:
+            tidied["abandoned_checkpoints"] = sorted(p.name for p in aside.iterdir())
+            tidied["moved_to"] = str(aside)
+        tidied.update(truncate_logs(self.out_dir, self.step, dropped_to=aside))
+        for k, v in tidied.items():  # rows of the steps that run again are routine; the rest is news
+            log.log(logging.INFO if k.endswith("_rows_dropped") else logging.WARNING, "resume at step %d: %s: %s",
+                    self.step, k, v)
+        return tidied
 
     def _begin(self, logger: MetricsLogger, resumed_at: int, validations: dict[int, dict[str, float]]) -> None:
         """A fresh run validates the starting policy; a resumed one logs the event, and a resume into a new
@@ -426,12 +452,3 @@ class StopSignals:
 
 PREEMPTED_MARKER = "PREEMPTED"
 RESET_REQUEST = "RESET_REFERENCE"  # written by `prorl reset-reference RUN_DIR`; read at the next step's end
-
-
-def truncate_logs(out_dir: Path, step: int) -> None:
-    """Drop metric and event rows of steps after `step` (they re-run after a resume)."""
-    for name in ("metrics.jsonl", "events.jsonl"):
-        f = out_dir / name
-        if f.is_file():
-            rows = [line for line in f.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            f.write_text("".join(r + "\n" for r in rows))

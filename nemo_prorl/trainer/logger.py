@@ -1,9 +1,10 @@
-"""Metrics to JSONL (one line per step), TensorBoard, and the progress bar."""
+"""Metrics to JSONL (one line per step), TensorBoard, and the progress bar; reading the logs back."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -64,3 +65,73 @@ class MetricsLogger:
             self.tb.close()
         self.jsonl.close()
         self.events.close()
+
+
+class LogFileError(ValueError):
+    """A metrics or events log that cannot be read; the message names the file and the line."""
+
+
+def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], Optional[str]]:
+    """The rows of a JSONL log, each an object with an integer "step", and the text of a torn last line
+    that was dropped (None if there was none). The last line alone may be torn: a kill or a full disk
+    during its write leaves it so, and the row it held is written again when its step runs again after the
+    resume. A bad line before it is damage nothing explains; LogFileError names the file and line."""
+    rows, torn = _parse_jsonl(path)
+    return [row for row, _ in rows], torn
+
+
+def _parse_jsonl(path: Path) -> tuple[list[tuple[dict[str, Any], str]], Optional[str]]:
+    numbered = [(i, line) for i, line in enumerate(path.read_text(errors="replace").split("\n"), 1) if line.strip()]
+    rows = []
+    for j, (i, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError('not a JSON object with an integer "step"')
+        except ValueError as e:
+            if j == len(numbered) - 1:
+                return rows, line
+            raise LogFileError(f"{path}, line {i}: {e}: {line[:200]!r}") from e
+        rows.append((row, line))
+    return rows, None
+
+
+def truncate_logs(out_dir: Path, step: int, *, dropped_to: Optional[Path] = None) -> dict[str, Any]:
+    """Drop the metric and event rows of steps after `step` (they run again after a resume), and a torn
+    last line. Each file is rewritten atomically (a kill during the resume leaves the old file or the new
+    one, never an empty one). The dropped rows are appended to `dropped_to/<name>` when given (a rollback
+    keeps the abandoned timeline's history). Returns what was dropped, for the events log."""
+    report: dict[str, Any] = {}
+    for name in ("metrics.jsonl", "events.jsonl"):
+        f = out_dir / name
+        if not f.is_file():
+            continue
+        rows, torn = _parse_jsonl(f)
+        kept = [line for r, line in rows if r["step"] <= step]
+        dropped = [line for r, line in rows if r["step"] > step]
+        if torn is not None:
+            report[f"{name}_torn_line"] = torn[:200]
+        if dropped:
+            report[f"{name}_rows_dropped"] = len(dropped)
+            if dropped_to is not None:
+                with open(dropped_to / name, "a") as out:
+                    out.writelines(line + "\n" for line in dropped)
+        if torn is None and not dropped and _ends_with_newline(f):
+            continue
+        tmp = f.with_name(f".{name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as out:
+            out.writelines(line + "\n" for line in kept)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, f)
+    return report
+
+
+def _ends_with_newline(f: Path) -> bool:
+    """False for a non-empty file whose last row lacks its newline (a write cut just before it): the next
+    row appended would join that line."""
+    with open(f, "rb") as fh:
+        if fh.seek(0, os.SEEK_END) == 0:
+            return True
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from nemo_prorl.trainer.logger import read_jsonl
+
 CURVES = [
     ("reward/mean", "train reward"),
     ("val/pass@1", "validation pass@1"),
@@ -17,8 +19,7 @@ CURVES = [
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)[0]  # a torn last line (a kill mid-write) is left out
 
 
 def before_after_table(before: dict[str, float], after: dict[str, float], keys: Sequence[str]) -> str:
