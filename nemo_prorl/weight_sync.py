@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from nemo_prorl.cluster import shm
 from nemo_prorl.cluster.actors import ActorBase
 
 if TYPE_CHECKING:  # (policy/megatron.py imports this module: no import of the policy package here)
@@ -57,13 +57,18 @@ class TransferBuffer:
     with O_EXCL, mode 0600), CUDA memory shared by IPC on GPU. Its `handle` is what an engine needs to map
     it (vllm_server._open_buffer); `metas` describe the tensors packed in it. It lives for one sync: closed
     (its file removed) at the end, so no model-sized file outlives a sync, even if the run is killed later,
-    and the next sync's engines (a new one among them) map a fresh buffer under a new handle."""
+    and the next sync's engines (a new one among them) map a fresh buffer under a new handle.
 
-    def __init__(self, device: torch.device) -> None:
+    The file's name carries the run's tag (`tag`, else $PRORL_SHM_TAG, which the cluster gives every actor)
+    and this process's pid (cluster/shm.py): what a failed sync or a killed job leaves is removed by the
+    controller, or by the run's next job, by name. Untagged (a tool outside a run), a tag of its own."""
+
+    def __init__(self, device: torch.device, tag: Optional[str] = None) -> None:
         self.device = device
         self.tensor: Optional[torch.Tensor] = None
         self.handle: Optional[tuple] = None
         self._path: Optional[str] = None
+        self.tag = tag or os.environ.get(shm.TAG_ENV) or ""
 
     def ensure(self, nbytes: int) -> torch.Tensor:
         if self.tensor is None or self.tensor.numel() < nbytes:
@@ -74,8 +79,10 @@ class TransferBuffer:
                 self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
                 self.handle = ("cuda", reduce_tensor(self.tensor))
             else:
-                shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-                self._path = os.path.join(shm, f"prorl-weights-{os.getpid()}-{secrets.token_hex(8)}-{nbytes}")
+                if self.tag:  # a later job of the run: first what an earlier one left on this node
+                    shm.remove_stale(self.tag)
+                tag = self.tag or secrets.token_hex(8)  # outside a run: a name no run's clean-up matches
+                self._path = str(shm.shm_dir() / f"{shm.PREFIX}-{tag}-{os.getpid()}-{secrets.token_hex(8)}-{nbytes}")
                 # created here, ours alone: never a file (or a link) someone put at that name beforehand
                 os.close(os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
                 self.tensor = torch.from_file(self._path, shared=True, size=nbytes, dtype=torch.uint8)
@@ -314,13 +321,25 @@ def sync_node_local(source: NodeLocalSource, engine: "EnginePool", *, bucket_mb:
                 n_bytes += sum(_meta_bytes([(n, shape, dt)]) for n, _, shape, dt in metas_k)
         engine.finish_weight_update()
     except BaseException:
-        try:  # the error in flight names the actor; a group it killed cannot clean up
-            source.sync_end(relays)
-        except Exception:  # noqa: BLE001
-            pass
+        _end_failed_sync(source, relays)
         raise
     source.sync_end(relays)
     return SyncStats(n_tensors, n_bytes, n_buckets, time.perf_counter() - start, cross_node_bytes=cross)
+
+
+def _end_failed_sync(source: NodeLocalSource, relays: Any) -> None:
+    """After a failure mid-sync (the error in flight names the actor): every leader that is still alive
+    drops its buffers. A group that failed was killed and its buffers removed by the controller
+    (ActorGroup.abort); if it was the ranks, the relays' transport peers are gone (a relay may be waiting on
+    one), so they are stopped the same way: a later sync of this pool fails by name, as after any relay
+    failure (EnginePool.relays)."""
+    try:
+        source.sync_end(relays)
+        return
+    except Exception:  # noqa: BLE001
+        pass
+    if relays is not None and relays.actors:  # alive: the ranks are what failed
+        relays.abort()
 
 
 class NodeLocalSender:

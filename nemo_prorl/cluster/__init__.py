@@ -25,6 +25,8 @@ class ClusterSession:
     # placement groups per plan, shared by the actors of one run (the policy's ranks and the engines sit
     # on the same devices), with the number of users
     placements: dict[Plan, list[Any]] = field(default_factory=dict)
+    # the tag of the run this process drives (cluster/shm.py): its actors name their transfer buffers after it
+    run_tag: str = ""
 
     def place(self, plan: Plan, timeout_s: float) -> Any:
         """The placement groups of `plan` (one per node), created on first use; `release` when done."""
@@ -57,10 +59,13 @@ def session(cfg: Any, plan: Plan) -> ClusterSession:
     """This process's Ray session for `cfg`: reused if it is on the same cluster (cluster.ray_address, or
     a private one), else replaced."""
     global _SESSION
+    from nemo_prorl.cluster.shm import run_tag
+
     want = cfg.cluster.ray_address
     if _SESSION is not None:
         same = (not want and _SESSION.runtime.private) or want == _SESSION.runtime.address
         if same:
+            _SESSION.run_tag = run_tag(cfg.trainer.output_dir)
             return _SESSION
         close_session()
     c = cfg.cluster
@@ -79,7 +84,7 @@ def session(cfg: Any, plan: Plan) -> ClusterSession:
         # plans of several sizes (the plan's placement groups take exactly what they need).
         resources = {} if lay.kind == "gpu" else {CPU_SLOT: float(max(lay.devices_per_node, 64))}
         rt = start_private(resources=resources, object_store_gb=c.ray_object_store_gb, dashboard=c.ray_dashboard)
-    _SESSION = ClusterSession(rt)
+    _SESSION = ClusterSession(rt, run_tag=run_tag(cfg.trainer.output_dir))
     return _SESSION
 
 

@@ -10,7 +10,7 @@ import os
 import re
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from nemo_prorl.cluster.plan import Plan
@@ -106,7 +106,8 @@ class NodePlacement:
 class ActorGroup:
     """Actors of one role driven together: every command goes to all of them and their answers come back
     in order. The first failure or death kills the whole group (its peers would wait in a collective
-    forever) and raises `error_type` naming the actor, its node and the command."""
+    forever), removes what its actors left in shared memory (`abort`), and raises `error_type` naming the
+    actor, its node and the command."""
 
     role: str
     actors: list[Any]
@@ -114,6 +115,8 @@ class ActorGroup:
     error_type: Callable[..., ActorError] = ActorError
     placement: Optional[NodePlacement] = None
     slots: Sequence[tuple[int, int, float]] = ()
+    infos: list[dict[str, Any]] = field(default_factory=list)  # each actor's node_info, once started
+    shm_tag: str = ""  # the run's tag in its actors' transfer-buffer names (cluster/shm.py)
 
     def call(self, method: str, per_actor_args: Sequence[tuple], *, timeout_s: float,
              label: Optional[str] = None) -> list[Any]:
@@ -128,7 +131,7 @@ class ActorGroup:
         return gather_groups([(self, refs)], command, timeout_s)[0]
 
     def _fail(self, i: int, command: str, what: str, detail: str) -> None:
-        self.kill()
+        self.abort()
         detail = _ANSI.sub("", detail).strip()
         raise self.error_type(f"{self.role} {i} on {self.nodes[i]} {what} during {command}:\n{detail}",
                               role=self.role, index=i, node=self.nodes[i], command=command) from None
@@ -145,6 +148,26 @@ class ActorGroup:
         if actors and self.placement is not None:
             for slot in self.slots:
                 self.placement.free(*slot)
+
+    def abort(self) -> None:
+        """Kill the group after a failure, and remove the transfer buffers its actors held (a sync they were
+        in the middle of, the healthy ones' too): killed, they cannot remove their own. Never raises: the
+        failure being reported matters more."""
+        alive = bool(self.actors)
+        self.kill()
+        if not (alive and self.shm_tag and self.infos):
+            return
+        from nemo_prorl.cluster.shm import remove_on_nodes
+
+        by_node: dict[str, list[int]] = {}
+        for info in self.infos:
+            by_node.setdefault(info["node_id"], []).append(info["pid"])
+        try:
+            removed = remove_on_nodes(self.shm_tag, by_node)
+            if removed:
+                log.info("removed the transfer buffers of the failed %s group: %s", self.role, ", ".join(removed))
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not remove the transfer buffers of the failed %s group: %s", self.role, e)
 
 
 def gather_groups(calls: Sequence[tuple[ActorGroup, list[Any]]], command: str, timeout_s: float) -> list[list[Any]]:
@@ -186,9 +209,16 @@ def start_group(role: str, actor_cls: Any, placement: NodePlacement, slots: Sequ
     answers `node_info` (so a failed start is named here, not at the first command)."""
     import ray
 
+    from nemo_prorl.cluster import current_session
+    from nemo_prorl.cluster.shm import TAG_ENV
+
     remote = ray.remote(actor_cls)
+    session = current_session()
+    tag = session.run_tag if session is not None else ""
     renv = dict(runtime_env or {})
-    renv["env_vars"] = {**renv.get("env_vars", {}), **(env or {})}
+    # the run's tag: the actor names its transfer buffers after it (weight_sync.TransferBuffer), so that
+    # the controller and the run's next job can find them
+    renv["env_vars"] = {**renv.get("env_vars", {}), **(env or {}), **({TAG_ENV: tag} if tag else {})}
     options: list[dict[str, Any]] = []
     try:
         for n, d, share in slots:
@@ -198,7 +228,9 @@ def start_group(role: str, actor_cls: Any, placement: NodePlacement, slots: Sequ
             placement.free(*slot)
         raise
     actors = [remote.options(**o, runtime_env=renv).remote(*args) for o, args in zip(options, init_args)]
-    group = ActorGroup(role, actors, [f"node {n}" for n, _, _ in slots], error_type, placement, list(slots))
+    group = ActorGroup(role, actors, [f"node {n}" for n, _, _ in slots], error_type, placement, list(slots),
+                       shm_tag=tag)
     infos = group.call_all("node_info", timeout_s=timeout_s)
+    group.infos = infos
     group.nodes = [f"node {n} ({info['host']}, {info['ip']}, pid {info['pid']})" for (n, _, _), info in zip(slots, infos)]
     return group

@@ -1,7 +1,8 @@
 """Rewards scored on every node: one reward-worker actor per node of the plan, each with its own
 RewardSuite (its own verifier pools and code sandbox, on that node's CPUs), a step's rows split between
-them. A worker that dies is replaced and its rows are scored again; if the replacement fails too, those
-rows are recorded as verifier errors (the reward contract: scoring never raises).
+them. A worker that dies, or hangs (no answer within `reward.worker_timeout_s`, by default derived from the
+verifiers' own limits: `derived_worker_timeout`), is replaced and its rows are scored again; if the
+replacement fails too, those rows are recorded as verifier errors (the reward contract: scoring never raises).
 
 `reward_suite(cfg)` is what the trainer asks for: this, when `cluster.rewards_on_every_node` says so
 (default: on a cluster of several nodes), else a RewardSuite in the controller's process.
@@ -19,9 +20,38 @@ from nemo_prorl.rewards.base import RewardResult, failed
 
 log = logging.getLogger("nemo_prorl")
 
-# One step's rows on one node (each verifier call has its own, much shorter limit): a worker silent for this
-# long is replaced once, then its rows are recorded as errors.
-SCORE_TIMEOUT_S = 3600.0
+# How long a node's worker may take for its rows (reward.worker_timeout_s, else derived_worker_timeout): a
+# worker silent for longer is taken for hung, replaced once and its rows scored again, then recorded as errors.
+# A fresh worker starts its verifier pools on its first rows: each spawned checker may take up to
+# HardTimeoutPool's start_timeout (300 s) to import sympy / reasoning-gym; plus Ray's round trip.
+START_MARGIN_S = 360.0
+# A verifier call past its limit has its process killed and replaced (spawn and imports) before the next row
+VERIFIER_RESTART_S = 5.0
+# What the code reward waits for a program beyond reward.sandbox.total_timeout_s (the runner's outer limit in
+# rewards/sandbox.py; the HTTP client's in rewards/sandbox_remote.py)
+SANDBOX_SLACK_S = {"local": 10.0, "remote": 30.0}
+# Rewards without a limit of their own (exact_match, ifeval, ...) run in the worker's threads, in milliseconds
+IN_THREAD_ROW_S = 1.0
+
+
+def derived_worker_timeout(reward: Any, names: Sequence[str]) -> float:
+    """The longest a worker may legitimately take for rows scored by `names` (reward config `reward`): each
+    row at its verifier's per-answer limit, spread over that verifier's processes, plus the start margin.
+    Verifiers run side by side, so the sum over them is a safe bound."""
+    sb = reward.sandbox
+    per_row = {  # seconds a row may take / how many rows of that reward are checked at once
+        "math": (reward.math.timeout_s + VERIFIER_RESTART_S) / reward.math.num_workers,
+        "stem": reward.math.timeout_s + VERIFIER_RESTART_S,  # expression answers: one checker process
+        "reasoning_gym": (reward.reasoning_gym.timeout_s + VERIFIER_RESTART_S) / reward.reasoning_gym.num_workers,
+        "code": (sb.total_timeout_s + SANDBOX_SLACK_S.get(sb.backend, 30.0)) / sb.num_workers,
+    }
+    in_thread = IN_THREAD_ROW_S / max(1, reward.num_workers)
+    return START_MARGIN_S + sum(per_row.get(n, in_thread) for n in names)
+
+
+def worker_timeout(reward: Any, names: Sequence[str]) -> float:
+    """reward.worker_timeout_s, or the one derived for these rows."""
+    return reward.worker_timeout_s or derived_worker_timeout(reward, names)
 
 
 class RewardWorkerError(ActorError):
@@ -113,7 +143,7 @@ class NodeRewardSuite:
             try:
                 if ref is None:
                     raise RewardWorkerError(f"reward worker of node {node} is not running", role="reward worker")
-                return self.workers[node].gather([ref], "score_batch", SCORE_TIMEOUT_S)[0]
+                return self.workers[node].gather([ref], "score_batch", worker_timeout(self.cfg.reward, names[a:b]))[0]
             except ActorError as e:
                 log.warning("reward worker on node %d failed (%s); %s", node, str(e).splitlines()[0],
                             "starting a new one and scoring its rows again" if attempt == 0 else "giving up")

@@ -318,6 +318,10 @@ class RewardConfig:
     stem_rel_tol: float = 0.01
     overlong: OverlongShapingConfig = field(default_factory=OverlongShapingConfig)
     stop_properly: StopProperlyConfig = field(default_factory=StopProperlyConfig)
+    # Seconds a node's reward worker (cluster.rewards_on_every_node) may take for its share of a batch before
+    # it is taken for hung: replaced, its rows scored again, then recorded as errors. null: derived from the
+    # verifiers' own limits above and the rows of the share (cluster/rewards.py, derived_worker_timeout).
+    worker_timeout_s: Optional[float] = None
 
 
 @dataclass

@@ -62,6 +62,13 @@ def validate_config(cfg: ProRLConfig) -> None:
         "algo.num_prompts_per_minibatch",
         f"must be between 1 and algo.num_prompts_per_step={a.num_prompts_per_step}",
     )
+    # Every planned update gets the same number of groups; a remainder would get a whole optimizer step.
+    check(
+        a.num_prompts_per_minibatch < 1 or a.num_prompts_per_step % a.num_prompts_per_minibatch == 0,
+        "algo.num_prompts_per_minibatch",
+        f"must divide algo.num_prompts_per_step={a.num_prompts_per_step}, so that every update of a step gets "
+        f"as many groups",
+    )
     min_n = 2 if a.advantage_estimator in NEEDS_GROUP else 1
     check(
         a.num_generations_per_prompt >= min_n,
@@ -132,6 +139,8 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(rw.reasoning_gym.timeout_s > 0, "reward.reasoning_gym.timeout_s", "must be > 0")
     check(rw.reasoning_gym.num_workers >= 1, "reward.reasoning_gym.num_workers", "must be >= 1")
     check(rw.stem_rel_tol >= 0, "reward.stem_rel_tol", "must be >= 0")
+    check(rw.worker_timeout_s is None or rw.worker_timeout_s > 0, "reward.worker_timeout_s",
+          "must be > 0, or null (derived from the verifiers' time limits)")
     sb = rw.sandbox
     check(sb.backend in SANDBOXES, "reward.sandbox.backend", f"allowed values: {', '.join(SANDBOXES.names())}")
     check(sb.backend != "remote" or sb.url.startswith(("http://", "https://")), "reward.sandbox.url",

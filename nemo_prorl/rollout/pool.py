@@ -155,7 +155,7 @@ class EnginePool(RolloutEngine):
             raise self.setup.error_type(f"engines {away} are not on the controller's node: they take their weights "
                                         "from the Megatron ranks of their own node (policy=megatron)", role=self.role)
         if self._buffer is None:
-            self._buffer = TransferBuffer(self._device)
+            self._buffer = TransferBuffer(self._device, tag=self._session.run_tag)  # named after the run
         return self._buffer.ensure(nbytes)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
