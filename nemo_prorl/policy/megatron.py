@@ -5,8 +5,10 @@ The trainer stays one process (a single controller, as in verl): each rank (tens
 parallel, see policy/megatron_worker.py) is a Ray actor placed by the cluster plan (nemo_prorl/cluster);
 this class sends every command to all of them and gathers the answers. Data parallelism splits a
 mini-batch's rows; the loss normalisers are the mini-batch totals and gradients are summed over ranks, so
-the update does not depend on the layout. A rank that fails or dies stops the whole group and raises
-MegatronWorkerError naming the rank, its node and the command.
+the update does not depend on the layout. A mini-batch with fewer rows than DP replicas leaves some of them
+none: those run an empty, fully masked micro-batch (MegatronWorker._split), which takes part in every
+collective and adds nothing to the loss, the gradients or the metrics. A rank that fails or dies stops the
+whole group and raises MegatronWorkerError naming the rank, its node and the command.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
         return self._call(name, [args] * self.world)
 
     def _dp_rows(self, n: int) -> list[torch.Tensor]:
+        """Each DP replica's rows, as even as they go; with n < DP the last replicas get none."""
         return list(torch.arange(n).tensor_split(self.dp))
 
     def _per_rank_batches(self, batch: Batch) -> list[Any]:

@@ -22,8 +22,8 @@ from nemo_prorl.cluster.actors import ActorBase
 from nemo_prorl.config.schema import MegatronConfig, OptimConfig
 from nemo_prorl.policy.base import Batch, LossFn
 from nemo_prorl.policy.megatron_convert import ModelShape, hf_to_megatron, lazy_hf_weights
-from nemo_prorl.policy.microbatch import (MicroBatch, make_micro_batch, pad_micro_batch, response_values,
-                                          split_micro_batches)
+from nemo_prorl.policy.microbatch import (MicroBatch, empty_micro_batch, make_micro_batch, pad_micro_batch,
+                                          response_values, split_micro_batches)
 from nemo_prorl.procs import ignore_preemption_signals
 from nemo_prorl.torch_utils import DTYPES
 
@@ -158,20 +158,21 @@ class MegatronWorker:
 
     def _split(self, batch: Batch, max_tokens: int) -> list[MicroBatch]:
         mbs = split_micro_batches(batch, max_tokens, pad_token_id=0, pad_multiple=self.pad_multiple)
-        if not mbs:
-            raise RuntimeError("this data-parallel rank got no rows: the mini-batch has fewer rows than "
-                               "policy.megatron.data_parallel_size")
+        # A mini-batch with fewer rows than DP ranks leaves some ranks none. They must still run the step's
+        # collectives (pipeline p2p, the DP gradient reduction, TP all-reduces), so they run an empty, fully
+        # masked micro-batch: the loss normalisers are the mini-batch totals, so it adds exactly nothing.
+        need = self.m.pipeline_parallel_size if self.m.virtual_pipeline_parallel_size else 1
         if self.m.virtual_pipeline_parallel_size:
             # the interleaved schedule wants at least PP micro-batches: split the largest until there are
-            while len(mbs) < self.m.pipeline_parallel_size and max(len(mb.rows) for mb in mbs) > 1:
+            while 0 < len(mbs) < need and max(len(mb.rows) for mb in mbs) > 1:
                 big = max(mbs, key=lambda mb: len(mb.rows))
                 mbs.remove(big)
                 half = len(big.rows) // 2
                 mbs += [make_micro_batch(batch, rows, pad_token_id=0, pad_multiple=self.pad_multiple)
                         for rows in (big.rows[:half].tolist(), big.rows[half:].tolist())]
-            if len(mbs) < self.m.pipeline_parallel_size:
-                raise RuntimeError(f"{len(batch['input_ids'])} rows cannot fill the {self.m.pipeline_parallel_size} "
-                                   "micro-batches the interleaved pipeline schedule needs")
+        mbs += [empty_micro_batch(batch, pad_token_id=0, pad_multiple=self.pad_multiple)
+                for _ in range(need - len(mbs))]
+        if self.m.virtual_pipeline_parallel_size:
             # ... and exchanges fixed-shape tensors between stages: one shape for all micro-batches
             rows, width = max(mb.tokens.shape[0] for mb in mbs), max(mb.tokens.shape[1] for mb in mbs)
             mbs = [pad_micro_batch(mb, rows, width) for mb in mbs]
@@ -189,14 +190,21 @@ class MegatronWorker:
             raise RuntimeError("this policy was built without a reference model (algo.kl_coef is 0)")
         out = torch.zeros(batch["response_mask"].shape, dtype=torch.float32)
         last = self._module(chunks[-1])
+        # The output layer's weight, found while the chunk still is the last stage: megatron looks the tied
+        # one up by post_process (switched off below), the embedding itself on one stage, the last stage's
+        # copy of it with PP > 1. Only the last stage computes logprobs.
+        if not last.post_process:
+            weight = None
+        elif last.share_embeddings_and_output_weights:
+            weight = last.shared_embedding_or_output_weight()
+        else:
+            weight = last.output_layer.weight
 
         def loss_for(mb: MicroBatch, hidden: torch.Tensor) -> Any:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
             if self.m.sequence_parallel:
                 hidden = gather_from_sequence_parallel_region(hidden)
-            weight = last.shared_embedding_or_output_weight() if last.share_embeddings_and_output_weights \
-                else last.output_layer.weight
             per_pos = chunked_vocab_parallel_logprobs(hidden, weight, mb.labels.to(hidden.device), self.shape.vocab_size,
                                                       temperature=temperature)
             if len(mb.rows):  # (padding rows of a fixed-shape micro-batch come last)

@@ -96,6 +96,18 @@ def split_micro_batches(batch: Mapping[str, torch.Tensor], max_tokens: int, *, p
     return [make_micro_batch(batch, rows, pad_token_id=pad_token_id, pad_multiple=pad_multiple) for rows in plans]
 
 
+def empty_micro_batch(batch: Mapping[str, torch.Tensor], *, pad_token_id: int, pad_multiple: int = 1) -> MicroBatch:
+    """A micro-batch of no rows of `batch` (`rows` is empty): one padding row whose loss inputs are all
+    zero (an empty response mask). A data-parallel rank whose share of a mini-batch is empty runs it, so
+    that it still takes part in every collective of the step (pipeline sends, DP gradient reduction,
+    TP all-reduces) while adding exactly nothing: its logprobs, entropies and loss are masked to 0, and
+    a loss of 0 x (finite values) back-propagates zero gradients."""
+    width = _round_up(2, pad_multiple)
+    tokens = torch.full((1, width), pad_token_id, dtype=batch["input_ids"].dtype)
+    extras = {k: v.new_zeros((1, *v.shape[1:])) for k, v in batch.items() if k not in INPUT_KEYS}
+    return MicroBatch(rows=torch.zeros(0, dtype=torch.long), tokens=tokens, labels=tokens.clone(),
+                      response_start=torch.ones(1, dtype=torch.long), extras=extras)
+
 
 def pad_micro_batch(mb: MicroBatch, rows: int, width: int) -> MicroBatch:
     """`mb` grown to [rows, width] with padding rows whose loss inputs are zero (an empty response mask),

@@ -12,6 +12,11 @@ found by running it:
      tensors on the CPU, and synchronize is a no-op.
   4. The optimizers dispatch on `param.type() == "torch.cuda.FloatTensor"`: around their construction and
      step, CPU tensors report CUDA type names.
+  5. With tied embeddings and PP > 1 the last stage holds a copy of the first stage's embedding as its
+     output layer, and the model's constructor moves that copy to the GPU (`.cuda()`) before the
+     embedding group's all-reduce that makes both copies equal: during that setup `.cuda()` of a CPU
+     tensor is the tensor itself. The all-reduce itself runs (over gloo), and so does the one of the two
+     copies' gradients after every backward (finalize_model_grads), which keeps them equal.
 Everything else (DDP with reduce-scatter, the distributed optimizer, vocab-parallel cross entropy, TP/PP
 communication, recomputation) is megatron-core's own code over gloo. What does not run on CPU: sequence
 parallelism (megatron's torch-norm fallback refuses it; it needs Transformer Engine's or apex's norms) and
@@ -77,7 +82,40 @@ def enable_cpu_megatron() -> None:
 
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    _shim_tied_embedding_setup()
     _CPU_SHIMS = True
+
+
+@contextlib.contextmanager
+def _cpu_tensors_stay() -> Any:
+    """Within this block `tensor.cuda()` of a CPU tensor returns the tensor (a machine without CUDA)."""
+    original = torch.Tensor.cuda
+
+    def cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self if self.device.type == "cpu" else original(self, *args, **kwargs)
+
+    torch.Tensor.cuda = cuda  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original  # type: ignore[method-assign]
+
+
+def _shim_tied_embedding_setup() -> None:
+    """Shim 5 (module doc): megatron's LanguageModule.setup_embeddings_and_output_layer, run with CPU
+    tensors staying where they are, so its embedding-group all-reduce runs on the CPU copy."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+    if getattr(setup, "_prorl_cpu", False):
+        return
+
+    def setup_on_cpu(self: Any) -> None:
+        with _cpu_tensors_stay():
+            setup(self)
+
+    setup_on_cpu._prorl_cpu = True  # type: ignore[attr-defined]
+    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -206,6 +244,7 @@ def wrap_for_training(chunks: list[Any], *, use_distributed_optimizer: bool, lr:
 
     Gradients are *summed* over micro-batches and DP ranks (calculate_per_token_loss): the ProRL loss is
     already divided by the global token count of the mini-batch, so no further averaging is wanted."""
+    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -215,6 +254,9 @@ def wrap_for_training(chunks: list[Any], *, use_distributed_optimizer: bool, lr:
         chunk.config.calculate_per_token_loss = True
         chunk.config.finalize_model_grads_func = _sum_finalize(finalize_model_grads)
         wrapped.append(DistributedDataParallel(chunk.config, ddp_cfg, chunk))
+    if use_distributed_optimizer and any(getattr(c, "share_embeddings_and_output_weights", False) for c in chunks) \
+            and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        _fix_unpadded_bucket_sizes(wrapped)  # only the layout it is for: everything else stays megatron's own
     cfg = chunks[0].config
     opt_cfg = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=betas[0],
                               adam_beta2=betas[1], adam_eps=eps, clip_grad=grad_clip, bf16=cfg.bf16, fp16=cfg.fp16,
@@ -222,6 +264,24 @@ def wrap_for_training(chunks: list[Any], *, use_distributed_optimizer: bool, lr:
     with cuda_type_names():
         optimizer = get_megatron_optimizer(opt_cfg, wrapped)
     return wrapped, optimizer
+
+
+def _fix_unpadded_bucket_sizes(ddp_chunks: list[Any]) -> None:
+    """Every gradient bucket's "unpadded" size ending at its last parameter, as megatron-core 0.16 records
+    it for all buckets but one: with tied embeddings, PP > 1 and the distributed optimizer, the shared
+    embedding gets a bucket of its own, and the bucket closed before it counts the alignment padding in
+    front of the embedding as its own. Its distributed checkpoint ("dp_reshardable") then writes a
+    padding piece past the end of the bucket's tensor, and saving fails ("out of bounds chunk"). Seen with
+    the tiny test model (parameters of 32 values); where every parameter size is a multiple of 64 there is
+    no such padding and this changes nothing. Runs before the optimizer, which copies these sizes."""
+    for chunk in ddp_chunks:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            ends: dict[int, int] = {}
+            for _, end, bucket_id in buffer.param_index_map.values():
+                ends[bucket_id] = max(ends.get(bucket_id, 0), end)
+            for i, bucket in enumerate(buffer.buckets):
+                bucket.numel_unpadded = ends[i] - bucket.offset
+            buffer.numel_unpadded = sum(b.numel_unpadded for b in buffer.buckets)
 
 
 def _tp_all_reduce(t: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:
