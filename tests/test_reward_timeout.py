@@ -1,6 +1,7 @@
 """`reward.worker_timeout_s`: how long a node's reward worker may take for its share of a batch before it is
 replaced (cluster/rewards.py). By default derived from the verifiers' own limits and the rows' share; a
-hung (SIGSTOPped) worker is replaced within it and its rows scored again: the step does not stall."""
+hung (SIGSTOPped) worker is replaced within it, or sooner when it cannot answer a liveness check
+(`reward.worker_liveness_timeout_s`), and its rows are scored again: the step does not stall."""
 
 from __future__ import annotations
 
@@ -58,19 +59,27 @@ def test_the_worker_timeout_key_overrides_the_derived_one_and_is_validated(tiny_
     for bad in ("0", "-1"):
         with pytest.raises(ConfigError, match=r"reward.worker_timeout_s=.*must be > 0, or null"):
             load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", f"reward.worker_timeout_s={bad}"])
+        with pytest.raises(ConfigError, match=r"reward.worker_liveness_timeout_s=.*must be > 0"):
+            load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", f"reward.worker_liveness_timeout_s={bad}"])
 
 
-def test_a_stopped_reward_worker_is_replaced_and_its_rows_scored_again(two_nodes, tiny_model_dir):  # noqa: F811
-    """Node 1's worker is SIGSTOPped (hung: alive, silent): after reward.worker_timeout_s it is replaced and
-    its rows are scored by the new one, so the step gets every result. (A watchdog resumes the worker long
-    after that limit, so that a runtime which waits for it fails this test instead of hanging it.)"""
+@pytest.mark.parametrize("limit,found_by", [
+    ("reward.worker_timeout_s=15", "gave no answer"),  # the share's time limit (a liveness check would be later)
+    ("reward.worker_liveness_timeout_s=5", "stopped answering"),  # long before the derived limit (>= 360 s)
+], ids=["worker_timeout", "liveness_check"])
+def test_a_stopped_reward_worker_is_replaced_and_its_rows_scored_again(two_nodes, tiny_model_dir, caplog,  # noqa: F811
+                                                                       limit, found_by):
+    """Node 1's worker is SIGSTOPped (hung: alive, silent). It is replaced, by whichever comes first: the
+    share's time limit (reward.worker_timeout_s) or a liveness check it cannot answer
+    (reward.worker_liveness_timeout_s); its rows are scored by the new one, so the step gets every result.
+    (A watchdog resumes the worker long after both, so that a runtime which waits for it fails this test
+    instead of hanging it.)"""
     from nemo_prorl.cluster.rewards import NodeRewardSuite
     from nemo_prorl.rewards import RewardInput, RewardSuite
 
-    timeout_s = 15.0
     cfg, _ = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "cluster.num_nodes=2",
                           "cluster.cpu_slots_per_node=1", f"cluster.ray_address={two_nodes.address}",
-                          "policy=megatron", f"reward.worker_timeout_s={timeout_s}"])
+                          "policy=megatron", limit])
     rows = [("exact_match", RewardInput(response=f"{i}21", ground_truth="121")) for i in range(6)]
     rows += [("no_such_reward", RewardInput(response="x", ground_truth="x"))]
     names, inputs = [n for n, _ in rows], [x for _, x in rows]
@@ -85,10 +94,11 @@ def test_a_stopped_reward_worker_is_replaced_and_its_rows_scored_again(two_nodes
         assert [(r.reward, r.status) for r in suite.score_batch(names, inputs)] == expected
         pid = suite.workers[1].call_all("node_info", timeout_s=60)[0]["pid"]
         os.kill(pid, signal.SIGSTOP)
-        watchdog = threading.Timer(max(120.0, 10 * timeout_s), _resume, args=(pid,))
+        watchdog = threading.Timer(150.0, _resume, args=(pid,))
         watchdog.start()
         assert [(r.reward, r.status) for r in suite.score_batch(names, inputs)] == expected  # every row scored
         assert suite.replaced == 1, "the hung worker was waited for, not replaced"
+        assert f"pid {pid}) {found_by} during score_batch" in caplog.text
         with pytest.raises(psutil.NoSuchProcess):  # the hung one is gone (killed, not resumed)
             psutil.Process(pid).wait(timeout=120)
             psutil.Process(pid)

@@ -204,15 +204,17 @@ def gather_groups(calls: Sequence[tuple[ActorGroup, list[Any]]], command: str, t
 def start_group(role: str, actor_cls: Any, placement: NodePlacement, slots: Sequence[tuple[int, int, float]],
                 *, init_args: Sequence[tuple], env: Optional[dict[str, str]] = None, timeout_s: float,
                 runtime_env: Optional[dict[str, Any]] = None, error_type: Callable[..., ActorError] = ActorError,
-                ) -> ActorGroup:
+                concurrency_groups: Optional[dict[str, int]] = None) -> ActorGroup:
     """Start one `actor_cls` per (node, device, share) slot, with its init args; wait until every one
-    answers `node_info` (so a failed start is named here, not at the first command)."""
+    answers `node_info` (so a failed start is named here, not at the first command). `concurrency_groups`
+    gives the actors threads of their own for methods called with `.options(concurrency_group=...)` (the
+    others then run one at a time in the default group's thread, no longer the main one)."""
     import ray
 
     from nemo_prorl.cluster import current_session
     from nemo_prorl.cluster.shm import TAG_ENV
 
-    remote = ray.remote(actor_cls)
+    remote = ray.remote(concurrency_groups=concurrency_groups)(actor_cls) if concurrency_groups else ray.remote(actor_cls)
     session = current_session()
     tag = session.run_tag if session is not None else ""
     renv = dict(runtime_env or {})

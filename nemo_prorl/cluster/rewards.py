@@ -11,6 +11,7 @@ replacement fails too, those rows are recorded as verifier errors (the reward co
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Optional, Sequence
 
 from nemo_prorl.cluster.actors import ActorBase, ActorError, ActorGroup
@@ -32,6 +33,11 @@ VERIFIER_RESTART_S = 5.0
 SANDBOX_SLACK_S = {"local": 10.0, "remote": 30.0}
 # Rewards without a limit of their own (exact_match, ifeval, ...) run in the worker's threads, in milliseconds
 IN_THREAD_ROW_S = 1.0
+# While a worker scores, the controller checks every few seconds that its process still answers (in a thread
+# of its own, reward.worker_liveness_timeout_s): a hung process is found in about a minute, not after the
+# worst case of worker_timeout_s, which a working worker may need when every answer runs to its limit.
+LIVENESS_GROUP = "liveness"
+LIVENESS_EVERY_S = 5.0
 
 
 def derived_worker_timeout(reward: Any, names: Sequence[str]) -> float:
@@ -70,6 +76,10 @@ class RewardNode(ActorBase):
 
     def score_batch(self, names: list[str], inputs: list[RewardInput]) -> list[RewardResult]:
         return self.suite.score_batch(names, inputs)
+
+    def alive(self) -> bool:
+        """The liveness check, called in the LIVENESS_GROUP thread beside a running score_batch."""
+        return True
 
     def close(self) -> None:
         """Stop the suite's verifier and sandbox processes (killing the actor would orphan them)."""
@@ -112,7 +122,8 @@ class NodeRewardSuite:
         from nemo_prorl.cluster.actors import start_group
 
         group = start_group("reward worker", RewardNode, self._placement, [(node, 0, 0.0)], init_args=[("",)],
-                            timeout_s=self.cfg.cluster.ray_timeout_s, error_type=RewardWorkerError)
+                            timeout_s=self.cfg.cluster.ray_timeout_s, error_type=RewardWorkerError,
+                            concurrency_groups={LIVENESS_GROUP: 1})
         try:
             group.call_all("init", self.cfg.reward, timeout_s=self.cfg.cluster.ray_timeout_s)
         except ActorError:
@@ -143,7 +154,7 @@ class NodeRewardSuite:
             try:
                 if ref is None:
                     raise RewardWorkerError(f"reward worker of node {node} is not running", role="reward worker")
-                return self.workers[node].gather([ref], "score_batch", worker_timeout(self.cfg.reward, names[a:b]))[0]
+                return self._await(node, ref, worker_timeout(self.cfg.reward, names[a:b]))
             except ActorError as e:
                 log.warning("reward worker on node %d failed (%s); %s", node, str(e).splitlines()[0],
                             "starting a new one and scoring its rows again" if attempt == 0 else "giving up")
@@ -156,6 +167,24 @@ class NodeRewardSuite:
                     return [failed("error", f"reward worker on node {node} cannot be replaced: {e2}") for _ in range(b - a)]
                 ref = self._submit(node, a, b, names, inputs)
         raise AssertionError("unreachable")
+
+    def _await(self, node: int, ref: Any, timeout_s: float) -> list[RewardResult]:
+        """The node's answer to score_batch within `timeout_s`, checking every LIVENESS_EVERY_S that its process
+        still answers. A worker that fails either is killed, and its error (RewardWorkerError) says which."""
+        import ray
+
+        group, liveness = self.workers[node], self.cfg.reward.worker_liveness_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while not ray.wait([ref], timeout=max(0.0, min(LIVENESS_EVERY_S, deadline - time.monotonic())))[0]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                group._fail(0, "score_batch", "gave no answer", f"nothing within {timeout_s:g}s (reward.worker_timeout_s)")
+            ping = group.actors[0].alive.options(concurrency_group=LIVENESS_GROUP).remote()
+            if not ray.wait([ping], timeout=min(liveness, left))[0] and liveness <= left:
+                group._fail(0, "score_batch", "stopped answering",
+                            f"no answer to a liveness check within {liveness:g}s (reward.worker_liveness_timeout_s): "
+                            "its process is stopped or frozen")
+        return group.gather([ref], "score_batch", timeout_s)[0]  # its answer, or its failure named
 
     def close(self) -> None:
         workers, self.workers = self.workers, []

@@ -322,6 +322,10 @@ class RewardConfig:
     # it is taken for hung: replaced, its rows scored again, then recorded as errors. null: derived from the
     # verifiers' own limits above and the rows of the share (cluster/rewards.py, derived_worker_timeout).
     worker_timeout_s: Optional[float] = None
+    # Seconds a busy node reward worker may take to answer a liveness check (sent every few seconds while it
+    # scores, answered by a thread of its own): a stopped or frozen process (SIGSTOP, a verifier stuck in C
+    # code holding the GIL) is replaced after this, without waiting out worker_timeout_s.
+    worker_liveness_timeout_s: float = 60.0
 
 
 @dataclass

@@ -141,6 +141,7 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(rw.stem_rel_tol >= 0, "reward.stem_rel_tol", "must be >= 0")
     check(rw.worker_timeout_s is None or rw.worker_timeout_s > 0, "reward.worker_timeout_s",
           "must be > 0, or null (derived from the verifiers' time limits)")
+    check(rw.worker_liveness_timeout_s > 0, "reward.worker_liveness_timeout_s", "must be > 0")
     sb = rw.sandbox
     check(sb.backend in SANDBOXES, "reward.sandbox.backend", f"allowed values: {', '.join(SANDBOXES.names())}")
     check(sb.backend != "remote" or sb.url.startswith(("http://", "https://")), "reward.sandbox.url",
