@@ -214,7 +214,8 @@ def start_group(role: str, actor_cls: Any, placement: NodePlacement, slots: Sequ
     from nemo_prorl.cluster import current_session
     from nemo_prorl.cluster.shm import TAG_ENV
 
-    remote = ray.remote(concurrency_groups=concurrency_groups)(actor_cls) if concurrency_groups else ray.remote(actor_cls)
+    remote = ray.remote(concurrency_groups=concurrency_groups)(actor_cls) if concurrency_groups \
+        else ray.remote(actor_cls)
     session = current_session()
     tag = session.run_tag if session is not None else ""
     renv = dict(runtime_env or {})

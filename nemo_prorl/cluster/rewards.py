@@ -178,7 +178,8 @@ class NodeRewardSuite:
         while not ray.wait([ref], timeout=max(0.0, min(LIVENESS_EVERY_S, deadline - time.monotonic())))[0]:
             left = deadline - time.monotonic()
             if left <= 0:
-                group._fail(0, "score_batch", "gave no answer", f"nothing within {timeout_s:g}s (reward.worker_timeout_s)")
+                group._fail(0, "score_batch", "gave no answer",
+                            f"nothing within {timeout_s:g}s (reward.worker_timeout_s)")
             ping = group.actors[0].alive.options(concurrency_group=LIVENESS_GROUP).remote()
             if not ray.wait([ping], timeout=min(liveness, left))[0] and liveness <= left:
                 group._fail(0, "score_batch", "stopped answering",
