@@ -1,6 +1,10 @@
 """Our trainer against TRL's GRPOTrainer on this CPU, same model, prompts, reward and hyperparameters.
 
     OMP_NUM_THREADS=2 python benchmarks/vs_trl.py [--steps 20] [--repeats 3] [--out runs/bench/vs_trl.json]
+                                                  [--async-staleness 1]
+
+With --async-staleness K our side runs asynchronous steps (algo.async.max_staleness=K): the torch engine
+generates the next step's rollouts in an actor of its own while the trainer updates, one thread each.
 
 Both sides start from the embedded default's warm-started tiny Qwen2 (conf/experiment/cpu_tiny.yaml) and
 train on the synthetic source's prompts in the same order (TRL with shuffle_dataset=False; the script
@@ -59,14 +63,17 @@ def peak_rss_mb() -> float:
 
 
 # ------------------------------------------------------------------------------------------- our trainer
-def run_ours(steps: int, threads: int, work: Path, seed: int) -> dict[str, Any]:
+def run_ours(steps: int, threads: int, work: Path, seed: int, staleness: int = 0) -> dict[str, Any]:
     from nemo_prorl.config.loader import load_config
     from nemo_prorl.train import build_trainer
     from nemo_prorl.trainer.logger import MetricsLogger
     from nemo_prorl.trainer.phases import PhaseTimer
 
     t0 = time.perf_counter()
-    cfg, resolved = load_config(overrides(steps, str(work / "ours"), threads, seed))
+    # asynchronous steps: the engine is an actor of its own, the threads are shared out (trainer, engine)
+    extra = [f"algo.async.max_staleness={staleness}", f"cluster.num_threads={max(1, threads // 2)}"] \
+        if staleness else []
+    cfg, resolved = load_config([*overrides(steps, str(work / "ours"), threads, seed), *extra])
     trainer = build_trainer(cfg, resolved)
     uids: list[str] = []
     tokens: list[int] = []
@@ -85,6 +92,8 @@ def run_ours(steps: int, threads: int, work: Path, seed: int) -> dict[str, Any]:
     trainer.source.next_prompts, trainer.make_batch = recorded_prompts, counted_batch
     logger = MetricsLogger(Path(cfg.trainer.output_dir), total_steps=steps, start_step=0, tensorboard=False,
                            progress_bar=False)
+    if staleness:
+        trainer.start_producer()  # (fit() does this; the loop below drives run_step itself)
     setup_s, rows = time.perf_counter() - t0, []
     try:
         for step in range(1, steps + 1):
@@ -97,11 +106,15 @@ def run_ours(steps: int, threads: int, work: Path, seed: int) -> dict[str, Any]:
                              update_s=m["time/update"], gen_tokens=m["throughput/generated_tokens"],
                              tokens=tokens[-1], reward=m["reward/mean"]))
     finally:
+        if trainer.producer is not None:
+            trainer.producer.stop()
         logger.close()
         trainer.rewards.close()
         trainer.engine.close()
         trainer.policy.close()
-    return dict(steps=rows, setup_s=setup_s, uids=uids, peak_rss_mb=peak_rss_mb())
+    if staleness:  # the producer drew prompts ahead of the last step: those were never trained on
+        uids = uids[: trainer.prompts_consumed]
+    return dict(steps=rows, setup_s=setup_s, uids=uids, peak_rss_mb=peak_rss_mb(), overlapped=bool(staleness))
 
 
 # ------------------------------------------------------------------------------------------- TRL
@@ -259,7 +272,10 @@ def summary(res: dict[str, Any]) -> dict[str, float]:
 
     other = mean("seconds") - mean("gen_s") - mean("prep_s") - mean("update_s")
     return {"s/step (mean, steps 2..N)": mean("seconds"), "total s (N steps)": sum(r["seconds"] for r in rows),
-            "setup s": res["setup_s"], "gen tok/s": sum(r["gen_tokens"] for r in warm) / sum(r["gen_s"] for r in warm),
+            "setup s": res["setup_s"],
+            # asynchronous steps generate during the whole step: their generate phase only waits for groups
+            "gen tok/s": sum(r["gen_tokens"] for r in warm) / sum(r["seconds" if res.get("overlapped") else "gen_s"]
+                                                                  for r in warm),
             "update tok/s": sum(r["tokens"] for r in warm) / sum(r["update_s"] for r in warm),
             "peak RSS MB": res["peak_rss_mb"], "reward step 1": rows[0]["reward"],
             "reward last 5 (mean)": sum(r["reward"] for r in rows[-5:]) / len(rows[-5:]),
@@ -331,7 +347,7 @@ def spawn(side: str, args: argparse.Namespace, work: Path, log: Path, seed: int)
     result = work / f"{side}.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, __file__, "--child", side, "--steps", str(args.steps), "--threads", str(args.threads),
-           "--work", str(work), "--seed", str(seed)]
+           "--work", str(work), "--seed", str(seed), "--async-staleness", str(args.async_staleness)]
     own0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_seconds(), time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
@@ -371,6 +387,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="runs per side, each with its own sampling seed (42, 43, ...); timings from the fastest, "
                     "reward curves averaged over the seeds")
+    ap.add_argument("--async-staleness", type=int, default=0,
+                    help="our side with algo.async.max_staleness=K (K > 0: the engine runs as an actor beside the "
+                    "trainer, with half the threads each)")
     ap.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="runs/bench/vs_trl.json")
     ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
@@ -378,7 +397,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:  # inside a child: train, then hand the figures back through a file
         work = Path(args.work)
-        res = (run_ours if args.child == "ours" else run_trl)(args.steps, args.threads, work, args.seed)
+        res = run_ours(args.steps, args.threads, work, args.seed, args.async_staleness) if args.child == "ours" \
+            else run_trl(args.steps, args.threads, work, args.seed)
         (work / f"{args.child}.json").write_text(json.dumps(res))
         return
     out = Path(args.out)

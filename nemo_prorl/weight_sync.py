@@ -167,35 +167,44 @@ def pack(bucket: Iterable[LazyWeight], buffer: torch.Tensor,
     return out
 
 
-def sync_weights(policy: PolicyBackend, engine: RolloutEngine, *, bucket_mb: float) -> SyncStats:
+def sync_weights(policy: PolicyBackend, engine: RolloutEngine, *, bucket_mb: float,
+                 version: Optional[int] = None) -> SyncStats:
     """Load the policy's current weights into the engine (after every update, and once at start): from
     the Megatron ranks on each engine's node when the engines are actors (`sync_node_local`), else through
-    this process."""
+    this process. The engine's `version` becomes `version` (None: one more). It may run while another
+    thread generates: engines with `in_flight_updates` take the weights between two decode steps, the
+    others between two generate calls."""
     from nemo_prorl.rollout.base import RolloutEngine
     from nemo_prorl.rollout.pool import EnginePool
 
     if isinstance(engine, EnginePool) and isinstance(policy, NodeLocalSource):
-        return sync_node_local(policy, engine, bucket_mb=bucket_mb)
-    return load_into_engine(policy.lazy_weights(), engine, bucket_mb=bucket_mb)
+        return sync_node_local(policy, engine, bucket_mb=bucket_mb, version=version)
+    return load_into_engine(policy.lazy_weights(), engine, bucket_mb=bucket_mb, version=version)
 
 
-def load_into_engine(weights: Iterable[LazyWeight], engine: RolloutEngine, *, bucket_mb: float) -> SyncStats:
+def load_into_engine(weights: Iterable[LazyWeight], engine: RolloutEngine, *, bucket_mb: float,
+                     version: Optional[int] = None) -> SyncStats:
     """Stream HF-named weights into the engine bucket by bucket, each built in the engine's transfer
-    buffer when it has one."""
+    buffer when it has one; then the engine's `version` is `version` (None: one more). A failure on the
+    way releases the engine (`abort_weight_update`): generation paused by the update goes on."""
     start = time.perf_counter()
     n_tensors = n_bytes = n_buckets = 0
     dtype = engine.weight_dtype
     engine.begin_weight_update()
-    for bucket in iter_buckets(weights, int(bucket_mb * 2**20), dtype):
-        buffer = engine.staging_buffer(packed_size(bucket, dtype))
-        if buffer is None:  # an in-process engine copies from the pieces' views itself
-            engine.load_weights((w.name, w.materialize()) for w in bucket)
-        else:
-            engine.load_weights(pack(bucket, buffer, dtype))
-        n_buckets += 1
-        n_tensors += len(bucket)
-        n_bytes += sum(w.nbytes(dtype) for w in bucket)
-    engine.finish_weight_update()
+    try:
+        for bucket in iter_buckets(weights, int(bucket_mb * 2**20), dtype):
+            buffer = engine.staging_buffer(packed_size(bucket, dtype))
+            if buffer is None:  # an in-process engine copies from the pieces' views itself
+                engine.load_weights((w.name, w.materialize()) for w in bucket)
+            else:
+                engine.load_weights(pack(bucket, buffer, dtype))
+            n_buckets += 1
+            n_tensors += len(bucket)
+            n_bytes += sum(w.nbytes(dtype) for w in bucket)
+        engine.finish_weight_update(version)
+    except BaseException:
+        engine.abort_weight_update()
+        raise
     return SyncStats(n_tensors, n_bytes, n_buckets, time.perf_counter() - start)
 
 
@@ -283,13 +292,14 @@ def _meta_bytes(meta: ShardMeta) -> int:
 DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 
-def sync_node_local(source: NodeLocalSource, engine: "EnginePool", *, bucket_mb: float) -> SyncStats:
+def sync_node_local(source: NodeLocalSource, engine: "EnginePool", *, bucket_mb: float,
+                    version: Optional[int] = None) -> SyncStats:
     """Each engine gets its weights from the Megatron ranks of its own node: a leader per buffer site
     (`transfer_plan`) collects the shards it lacks (from its node's peers; across nodes only what no local
     rank holds, by torch.distributed point-to-point), converts them to Hugging Face tensors straight into
     its transfer buffer, bucket by bucket, and the site's engines load each bucket from there. A node
     without ranks (split mode) gets a weight relay as its leader, which receives every shard. The
-    controller sends commands and metadata only."""
+    controller sends commands and metadata only. The engines' `version` becomes `version` (None: one more)."""
     start = time.perf_counter()
     held, rank_nodes, metas = source.shard_layout()
     rank_sites = list(source.rank_sites())
@@ -308,10 +318,12 @@ def sync_node_local(source: NodeLocalSource, engine: "EnginePool", *, bucket_mb:
         kinds.setdefault(r, set()).add("device" if dev >= 0 else "host")
     dtype = DTYPE_NAMES[engine.weight_dtype] if engine.weight_dtype is not None else ""
     n_tensors = n_bytes = 0
+    begun = False
     try:
         counts = source.sync_prepare(transfers, kinds, int(bucket_mb * 2**20), dtype, relays)
         n_buckets = max(counts[r] for r in kinds)
         engine.begin_weight_update()
+        begun = True
         for k in range(n_buckets):
             out = source.sync_pack(k, relays)  # per leader rank: {buffer kind: (handle, metas)}
             packed = {site: out[r]["device" if site[1] >= 0 else "host"] for site, r in leaders.items()}
@@ -319,8 +331,10 @@ def sync_node_local(source: NodeLocalSource, engine: "EnginePool", *, bucket_mb:
             for _, metas_k in packed.values():
                 n_tensors += len(metas_k)
                 n_bytes += sum(_meta_bytes([(n, shape, dt)]) for n, _, shape, dt in metas_k)
-        engine.finish_weight_update()
+        engine.finish_weight_update(version)
     except BaseException:
+        if begun:  # generation paused (or held off) by the update goes on
+            engine.abort_weight_update()
         _end_failed_sync(source, relays)
         raise
     source.sync_end(relays)

@@ -103,11 +103,123 @@ def test_engines_of_8_gpus():
     (Layout("gpu", 2, 8, rollout_nodes=2, engine="vllm"), "cluster.rollout_nodes", "at least one node trains"),
     (Layout("gpu", 2, 8, rollout_nodes=1, engine="vllm"), "cluster.rollout_nodes", "split mode needs policy=megatron"),
     (Layout("gpu", 1, 0), "cluster.gpus_per_node", "must be >= 1"),
+    (Layout("gpu", 1, 2, megatron=(1, 1, None), engine="vllm", rollout_devices_per_node=2),
+     "cluster.rollout_devices_per_node", "at least one device of each node trains"),
+    (Layout("gpu", 1, 8, megatron=(1, 1, None), engine="vllm", rollout_devices_per_node=-1),
+     "cluster.rollout_devices_per_node", "must be in [0, cluster.gpus_per_node=8)"),
+    (Layout("gpu", 1, 8, megatron=(1, 1, None), engine="vllm", engine_tp=2, rollout_devices_per_node=3),
+     "cluster.rollout_devices_per_node", "the last 3 device(s) of a node do not hold whole engines of 2 devices"),
+    (Layout("gpu", 1, 8, megatron=(1, 1, None), engine="vllm", engine_tp=4, rollout_devices_per_node=2),
+     "cluster.rollout_devices_per_node", "do not hold whole engines of 4 devices"),
+    (Layout("gpu", 1, 8, engine="vllm", rollout_devices_per_node=2), "cluster.rollout_devices_per_node",
+     "a split inside each node needs policy=megatron"),
+    (Layout("gpu", 2, 8, rollout_nodes=1, megatron=(1, 1, None), engine="vllm", rollout_devices_per_node=2),
+     "cluster.rollout_devices_per_node", "cannot be combined with cluster.rollout_nodes=1"),
+    (Layout("gpu", 1, 8, megatron=(4, 1, None), engine="vllm", rollout_devices_per_node=2),
+     "policy.megatron.tensor_parallel_size", "TP=4 does not divide the 6 training GPUs of a node"),
+    (Layout("gpu", 1, 8, megatron=(2, 1, 4), engine="vllm", rollout_devices_per_node=2),
+     "policy.megatron.data_parallel_size", "8 ranks, but the training nodes have 6 GPUs"),
+    (Layout("gpu", 1, 8, megatron=(1, 1, None), engine="vllm", num_engines=3, rollout_devices_per_node=2),
+     "rollout.num_engines", "3 engines of 1 device(s): 2 fit on the last 2 device(s) of each node"),
+    (Layout("gpu", 1, 8, megatron=(1, 1, None), engine="vllm", async_steps=True), "algo.async.max_staleness",
+     "the engines would share the training devices"),
+    (Layout("cpu", 1, 2, megatron=(1, 1, None), engine="torch", async_steps=True), "algo.async.max_staleness",
+     "cluster.rollout_nodes or cluster.rollout_devices_per_node"),
+    (Layout("gpu", 1, 8, engine="vllm", async_steps=True), "algo.async.max_staleness",
+     "with policy=hf on cuda the policy trains on GPU 0 of node 0"),
 ])
 def test_impossible_layouts_name_the_key(layout, key, why):
     with pytest.raises(PlacementError, match=re.escape(why)) as e:
         make_plan(layout)
     assert e.value.key == key
+
+
+def test_rollout_devices_per_node_splits_each_node():
+    # 1 node x 2 GPUs: rank 0 on GPU 0, the engine on GPU 1
+    plan = make_plan(Layout("gpu", 1, 2, megatron=(1, 1, None), engine="vllm", num_engines=None,
+                            rollout_devices_per_node=1))
+    assert plan.mode == "split-node" and plan.data_parallel_size == 1
+    assert ranks(plan) == [(0, 0, 0, 0, 0, 0)] and engines(plan) == [(0, 0, (1,))]
+    # 2 nodes x 8 GPUs, the last 2 of each generate: DP fills the 12 training GPUs, engines fill the rest
+    plan = make_plan(Layout("gpu", 2, 8, megatron=(2, 1, None), engine="vllm", num_engines=None,
+                            rollout_devices_per_node=2))
+    assert plan.data_parallel_size == 6 and len(plan.ranks) == 12
+    assert [(r.node, r.device) for r in plan.ranks] == [(n, d) for n in range(2) for d in range(6)]
+    assert engines(plan) == [(0, 0, (6,)), (1, 0, (7,)), (2, 1, (6,)), (3, 1, (7,))]
+    assert not {(r.node, r.device) for r in plan.ranks} & {(e.node, d) for e in plan.engines for d in e.devices}
+    # engines of 2 GPUs tile the last 2 of each node; an explicit count takes the first sites
+    plan = make_plan(Layout("gpu", 2, 8, megatron=(1, 1, None), engine="vllm", engine_tp=2, num_engines=1,
+                            rollout_devices_per_node=2))
+    assert engines(plan) == [(0, 0, (6, 7))] and plan.data_parallel_size == 12
+
+
+def test_rollout_devices_per_node_from_the_config():
+    # one CPU machine: the slots grow to hold the ranks and then the rollout slots; null fills those
+    cfg, _ = load_config(["policy=megatron", "policy.megatron.tensor_parallel_size=2", "rollout=vllm",
+                          "cluster.rollout_devices_per_node=2"])
+    plan = plan_from_config(cfg)
+    assert plan.layout.devices_per_node == 4 and plan.layout.rollout_devices_per_node == 2
+    assert ranks(plan) == [(0, 0, 0, 0, 0, 0), (1, 0, 1, 1, 0, 0)]
+    assert engines(plan) == [(0, 0, (2,)), (1, 0, (3,))]
+    # the torch engine: an actor on its own slot (in the controller's process it would leave that slot idle)
+    cfg, _ = load_config(["policy=megatron", "cluster.rollout_devices_per_node=1"])
+    assert engines(plan_from_config(cfg)) == [(0, 0, (1,))]
+    cfg, _ = load_config(["policy=megatron", "rollout=vllm", "cluster.device=cuda", "cluster.gpus_per_node=8",
+                          "cluster.rollout_devices_per_node=2", "policy.megatron.data_parallel_size=null"])
+    assert cfg.policy.megatron.data_parallel_size == 6 and len(plan_from_config(cfg).engines) == 2
+    cfg, _ = load_config(["experiment=prorl_1p5b_async"])  # 4 x 8 GPUs, the last 4 of each node generate
+    plan = plan_from_config(cfg)
+    assert plan.mode == "split-node" and plan.layout.async_steps and cfg.policy.megatron.data_parallel_size == 16
+    assert engines(plan) == [(i, i // 4, (4 + i % 4,)) for i in range(16)]
+    with pytest.raises(ConfigError, match=r"cluster.rollout_devices_per_node=2: a split inside each node needs "
+                                          r"policy=megatron"):
+        load_config(["cluster.rollout_devices_per_node=2"])
+
+
+def test_async_steps_make_a_single_torch_engine_an_actor():
+    cfg, _ = load_config(["algo.async.max_staleness=1"])  # hf on CPU: the engine actor is a process of its own
+    plan = plan_from_config(cfg)
+    assert plan.layout.async_steps and engines(plan) == [(0, 0, (0,))] and plan.needs_ray
+    assert not plan_from_config(load_config([])[0]).layout.async_steps
+    assert make_plan(Layout("cpu", 1, 1, engine="torch")).engines == ()
+    assert engines(make_plan(Layout("cpu", 1, 1, engine="torch", async_steps=True))) == [(0, 0, (0,))]
+
+
+def test_async_steps_need_engines_on_devices_of_their_own():
+    split = make_plan(Layout("gpu", 2, 8, rollout_nodes=1, megatron=(1, 1, None), engine="vllm", num_engines=None,
+                             async_steps=True))
+    assert split.mode == "split" and len(split.engines) == 8
+    inside = make_plan(Layout("gpu", 1, 8, megatron=(1, 1, None), engine="torch", num_engines=None,
+                              rollout_devices_per_node=2, async_steps=True))
+    assert inside.mode == "split-node" and engines(inside) == [(0, 0, (6,)), (1, 0, (7,))]
+    with pytest.raises(PlacementError) as e:
+        make_plan(Layout("gpu", 1, 8, megatron=(1, 1, None), engine="vllm", num_engines=None, async_steps=True))
+    assert e.value.key == "algo.async.max_staleness"
+    assert "cluster.rollout_nodes" in str(e.value) and "cluster.rollout_devices_per_node" in str(e.value)
+
+
+def test_async_colocated_megatron_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"algo.async.max_staleness=1: .*share the training devices"):
+        load_config(["algo.async.max_staleness=1", "policy=megatron"])
+    with pytest.raises(ConfigError, match=r"algo.async.max_staleness=2: .*policy=hf on cuda"):
+        load_config(["algo.async.max_staleness=2", "cluster.device=cuda", "cluster.gpus_per_node=1"])
+    cfg, _ = load_config(["algo.async.max_staleness=1", "policy=megatron", "cluster.rollout_devices_per_node=1"])
+    assert plan_from_config(cfg).mode == "split-node"
+
+
+def test_format_plan_shows_the_split_inside_each_node(capsys):
+    plan = make_plan(Layout("gpu", 1, 4, megatron=(1, 1, None), engine="vllm", num_engines=None,
+                            rollout_devices_per_node=1, async_steps=True))
+    text = format_plan(plan)
+    assert "cluster: 1 node(s) x 4 GPUs; split inside each node: the last 1 GPUs of each training node only " \
+           "generate; asynchronous steps" in text
+    assert "   0  gpu2    2 (0,0,2)                  -" in text and "   0  gpu3    -                          0" in text
+    assert main(["plan", "policy=megatron", "rollout=vllm", "cluster.device=cuda", "cluster.gpus_per_node=8",
+                 "cluster.rollout_devices_per_node=2", "algo.async.max_staleness=1",
+                 "policy.megatron.data_parallel_size=null"]) == 0
+    out = capsys.readouterr().out
+    assert "the last 2 GPUs of each training node only generate" in out and "DP=6: 6 ranks" in out
+    assert "rollout: 2 vllm engine(s) of 1 device(s)" in out
 
 
 def test_config_errors_name_the_key_and_value():

@@ -89,7 +89,7 @@ def test_torch_engines_as_actors_generate_what_one_engine_does(tiny_model_dir):
             assert (type(engine).__name__ == "TorchRolloutEngine") == (k == 1)
             if k > 1:
                 assert len(engine.group.actors) == k
-            out[k] = [(c.prompt_index, c.token_ids, c.logprobs, c.finish_reason) for c in
+            out[k] = [(c.prompt_index, c.token_ids, c.logprobs, c.finish_reason, c.versions) for c in
                       engine.generate(prompts, _params(tok))]
             if k == 3:  # the seed matters, and so does each prompt's own seed
                 again = engine.generate(prompts, _params(tok, seed=6))
@@ -100,4 +100,5 @@ def test_torch_engines_as_actors_generate_what_one_engine_does(tiny_model_dir):
             engine.close()
     assert [x[0] for x in out[1]] == [i for i in range(11) for _ in range(4)]
     assert len({tuple(x[1]) for x in out[1]}) > 20  # varied samples, not one answer
+    assert all(x[4] == [0] * len(x[1]) for x in out[1])  # every token from the weights of version 0
     assert out[2] == out[1] and out[3] == out[1]

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from nemo_prorl.algo.offpolicy import rollout_is_weights
+from nemo_prorl.algo.offpolicy import rollout_is_weights, sequence_geo_mask
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -137,12 +137,18 @@ def policy_loss(
     tis_cap: float = 2.0,
     icepop_low: float = 0.5,
     icepop_high: float = 2.0,
+    seq_geo_mask: bool = False,
+    geo_mask_low: float = 0.999,
+    geo_mask_high: float = 1.002,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The full ProRL loss for one micro-batch.
 
     With `rollout_correction` tis or icepop, the per-token policy-gradient term is weighted by the
     importance ratio of the trainer's sampling-time policy (`old_logprobs`) to the rollout engine's
-    logprobs (`rollout_logprobs`), see nemo_prorl.algo.offpolicy.
+    logprobs (`rollout_logprobs`), see nemo_prorl.algo.offpolicy. With `seq_geo_mask`, responses whose
+    geometric-mean ratio lies outside [geo_mask_low, geo_mask_high] are also dropped from the
+    policy-gradient term (on top of the token weights; the KL and entropy terms are unaffected), and the
+    "rollout_is/seq_*" metrics are sequence sums divided by `global_num_seqs`.
 
     `advantages` is per token ([B, R]) or per sequence ([B], broadcast over tokens). Metrics are token
     sums divided by `global_num_tokens`, so summing them over the micro-batches of a mini-batch gives the
@@ -168,6 +174,18 @@ def policy_loss(
                                           icepop_low=icepop_low, icepop_high=icepop_high)
         pg_mat = pg_mat * weights
         is_metrics = {"rollout_is/mean_weight": token_mean(weights), "rollout_is/cut_frac": token_mean(cut)}
+    if seq_geo_mask:
+        # Only inside this branch: with the mask off the loss and metrics stay bit-identical to before.
+        if rollout_logprobs is None:
+            raise ValueError("seq_geo_mask=True needs rollout_logprobs")
+        keep, geo_mean = sequence_geo_mask(old_logprobs, rollout_logprobs, mask, low=geo_mask_low,
+                                           high=geo_mask_high)
+        pg_mat = pg_mat * keep
+        # Per-response sums over global_num_seqs: the micro-batch values add up to the mini-batch mean,
+        # the same contract as token_mean.
+        is_metrics = {**is_metrics,
+                      "rollout_is/seq_masked_frac": (1.0 - keep).sum() / global_num_seqs,
+                      "rollout_is/seq_geo_mean": geo_mean.sum() / global_num_seqs}
     pg_loss = aggregate(pg_mat, mask, loss_agg_mode, **agg)
     loss = pg_loss
 

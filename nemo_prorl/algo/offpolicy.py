@@ -1,6 +1,6 @@
 """Training-inference mismatch: the rollout engine (vLLM, other kernels, other precision) samples from a
 distribution slightly different from the policy the trainer computes. These functions measure that gap
-and provide the token-level importance-sampling corrections for it.
+and provide the token-level importance-sampling corrections for it, plus a sequence-level mask.
 
 Per-token tensors are [batch, response_len] with `mask` (1 on response tokens)."""
 
@@ -54,3 +54,26 @@ def rollout_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tenso
         cut = (r < icepop_low) | (r > icepop_high)
         return torch.where(cut, torch.zeros_like(r), r), cut.to(r.dtype)
     raise ValueError(f"unknown rollout correction {mode!r}; allowed values: {', '.join(ROLLOUT_CORRECTIONS)}")
+
+
+def sequence_geo_mask(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, *,
+                      low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence-level geometric-mean mask ("seq-mask-tis" in NeMo-RL's ProRL v2.1 guide).
+
+    Per response, g = exp(mean over its tokens of log(pi_old / pi_rollout)), the geometric mean of the
+    token ratios. Token-level corrections judge each token alone; a response whose tokens are each only
+    slightly off, but all in the same direction, was sampled by a policy that differs from the proximal
+    one as a whole (stale in async GRPO, or a systematic kernel mismatch), and its gradient is biased even
+    when no single token is. The mask drops such a response entirely: keep = low <= g <= high.
+
+    Returns (keep [B, 1] 0/1 float, broadcast over tokens; g [B]), both without gradient. A response with
+    no tokens has g = 1 and is always kept: it contributes nothing to the gradient anyway, and counting it
+    as masked would report a mismatch that was never measured.
+    """
+    mask = mask.to(old_logprobs.dtype)
+    # Clamped per token like rollout_is_weights, so one wild token cannot overflow the sum.
+    log_r = (old_logprobs - rollout_logprobs).detach().clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    num_tokens = mask.sum(dim=-1)
+    geo_mean = torch.exp((log_r * mask).sum(dim=-1) / num_tokens.clamp(min=1))
+    keep = ((geo_mean >= low) & (geo_mean <= high)) | (num_tokens == 0)
+    return keep.to(old_logprobs.dtype).unsqueeze(-1), geo_mean

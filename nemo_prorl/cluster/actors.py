@@ -117,6 +117,8 @@ class ActorGroup:
     slots: Sequence[tuple[int, int, float]] = ()
     infos: list[dict[str, Any]] = field(default_factory=list)  # each actor's node_info, once started
     shm_tag: str = ""  # the run's tag in its actors' transfer-buffer names (cluster/shm.py)
+    # The failure that killed the group: a later command (another thread's: asynchronous steps) names it too
+    failure: str = ""
 
     def call(self, method: str, per_actor_args: Sequence[tuple], *, timeout_s: float,
              label: Optional[str] = None) -> list[Any]:
@@ -131,10 +133,11 @@ class ActorGroup:
         return gather_groups([(self, refs)], command, timeout_s)[0]
 
     def _fail(self, i: int, command: str, what: str, detail: str) -> None:
-        self.abort()
         detail = _ANSI.sub("", detail).strip()
-        raise self.error_type(f"{self.role} {i} on {self.nodes[i]} {what} during {command}:\n{detail}",
-                              role=self.role, index=i, node=self.nodes[i], command=command) from None
+        message = f"{self.role} {i} on {self.nodes[i]} {what} during {command}:\n{detail}"
+        self.failure = self.failure or message  # before the group is emptied: another thread may be looking
+        self.abort()
+        raise self.error_type(message, role=self.role, index=i, node=self.nodes[i], command=command) from None
 
     def kill(self) -> None:
         import ray
@@ -180,7 +183,9 @@ def gather_groups(calls: Sequence[tuple[ActorGroup, list[Any]]], command: str, t
     owner: dict[Any, tuple[int, int]] = {}
     for g, (group, refs) in enumerate(calls):
         if not group.actors:
-            raise group.error_type(f"the {group.role} actors have been shut down", role=group.role, command=command)
+            after = f" after a failure: {group.failure}" if group.failure else ""
+            raise group.error_type(f"the {group.role} actors have been shut down{after}", role=group.role,
+                                   command=command)
         owner.update({r: (g, i) for i, r in enumerate(refs)})
     out: list[list[Any]] = [[None] * len(refs) for _, refs in calls]
     pending = [r for _, refs in calls for r in refs]

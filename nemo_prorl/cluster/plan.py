@@ -10,6 +10,10 @@ Rules:
 - Colocated (cluster.rollout_nodes=0): engines of E devices each take E consecutive training devices of
   one node; they share the GPUs with the Megatron ranks and sleep during the update.
 - Split: the last `rollout_nodes` nodes only generate; engines fill them.
+- Split inside each node (cluster.rollout_devices_per_node=R): the last R devices of every node only
+  generate (engines fill them, node by node); the Megatron ranks take the others.
+- Asynchronous steps (algo.async.max_staleness > 0) generate while the policy updates, so the engines are
+  actors (even a single torch engine) and must not share a device with a Megatron rank.
 - Reward workers: the controller's process pools on node 0, or (cluster.rewards_on_every_node, default on
   several nodes) a reward-worker actor with its own pools on every node.
 An impossible layout raises PlacementError naming the config key to change.
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from nemo_prorl.config.schema import async_config
 
 
 class PlacementError(ValueError):
@@ -43,6 +49,8 @@ class Layout:
     num_engines: Optional[int] = 1  # None: as many as fit (vllm), 1 (torch)
     reward_workers: int = 0  # processes of the controller's reward pools
     rewards_on_every_node: bool = False  # a reward-worker actor per node (with those pools) instead
+    rollout_devices_per_node: int = 0  # the last devices of each node that only generate (split inside a node)
+    async_steps: bool = False  # algo.async.max_staleness > 0: engines generate during the update
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,11 @@ class Plan:
 
     @property
     def mode(self) -> str:
-        return "split" if self.layout.rollout_nodes else "colocated"
+        """"split": rollout nodes; "split-node": rollout devices inside each node; "colocated": engines
+        share the training devices."""
+        if self.layout.rollout_nodes:
+            return "split"
+        return "split-node" if self.layout.rollout_devices_per_node else "colocated"
 
     @property
     def needs_ray(self) -> bool:
@@ -87,47 +99,75 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise PlacementError(key, message)
 
 
+def _unit(layout: Layout) -> str:
+    return "GPUs" if layout.kind == "gpu" else "CPU slots"
+
+
+def _key_dev(layout: Layout) -> str:
+    return "cluster.gpus_per_node" if layout.kind == "gpu" else "cluster.cpu_slots_per_node"
+
+
+def train_devices_per_node(layout: Layout) -> int:
+    """The devices of a training node that the Megatron ranks use: the first ones, before the rollout devices."""
+    return layout.devices_per_node - layout.rollout_devices_per_node
+
+
 def data_parallel_size(layout: Layout) -> int:
     """DP of the Megatron layout: as given, or as many replicas as the training devices hold."""
     assert layout.megatron is not None
     tp, pp, dp = layout.megatron
-    per = layout.devices_per_node
-    unit = "GPUs" if layout.kind == "gpu" else "CPU slots"
-    key_dev = "cluster.gpus_per_node" if layout.kind == "gpu" else "cluster.cpu_slots_per_node"
+    per, r, unit = train_devices_per_node(layout), layout.rollout_devices_per_node, _unit(layout)
+    key_dev = _key_dev(layout)
+    node = f"a node ({key_dev}={per})" if not r else \
+        f"a node's training {unit} ({key_dev}={layout.devices_per_node} - cluster.rollout_devices_per_node={r})"
     if layout.kind == "gpu":  # TP's all-reduces need a node's NVLink; CPU slots have no such bound
         _check(tp <= per, "policy.megatron.tensor_parallel_size",
-               f"TP={tp} is larger than a node ({key_dev}={per}): a TP group must stay inside one node")
+               f"TP={tp} is larger than {node}: a TP group must stay inside one node")
         _check(per % tp == 0, "policy.megatron.tensor_parallel_size",
-               f"TP={tp} does not divide the {per} {unit} of a node: TP groups would straddle nodes")
+               f"TP={tp} does not divide the {per} training {unit} of a node: TP groups would straddle nodes")
     train = (layout.num_nodes - layout.rollout_nodes) * per
+    note = f" (cluster.rollout_devices_per_node={r} of each node only generate)" if r else ""
     if dp is None:
         _check(train % (tp * pp) == 0, "policy.megatron.data_parallel_size",
-               f"null (fill the training {unit}): {train} {unit} are not a multiple of TP x PP = {tp * pp}")
+               f"null (fill the training {unit}): {train} {unit}{note} are not a multiple of TP x PP = {tp * pp}")
         return train // (tp * pp)
     _check(tp * pp * dp <= train, "policy.megatron.data_parallel_size",
-           f"TP x PP x DP = {tp * pp * dp} ranks, but the training nodes have {train} {unit}")
+           f"TP x PP x DP = {tp * pp * dp} ranks, but the training nodes have {train} {unit}{note}")
     return dp
 
 
 def engines_are_actors(layout: Layout) -> bool:
-    """vLLM engines always are; the torch engine runs in the controller's process unless there are several
-    or they have nodes of their own (split)."""
-    return layout.engine == "vllm" or (layout.num_engines or 1) > 1 or layout.rollout_nodes > 0
+    """vLLM engines always are; the torch engine runs in the controller's process unless there are several,
+    they have devices of their own (split), or they generate while the controller updates (async)."""
+    return (layout.engine == "vllm" or (layout.num_engines or 1) > 1 or layout.rollout_nodes > 0
+            or layout.rollout_devices_per_node > 0 or layout.async_steps)
+
+
+def _engine_sites(layout: Layout) -> tuple[list[tuple[int, int]], str]:
+    """(node, first device) of every engine that fits, in engine order, and where that is (for errors)."""
+    per, e, r = layout.devices_per_node, layout.engine_tp, layout.rollout_devices_per_node
+    _check(e <= per, "rollout.vllm.tensor_parallel_size",
+           f"an engine of {e} devices is larger than a node ({_key_dev(layout)}={per})")
+    if r:
+        _check(r % e == 0, "cluster.rollout_devices_per_node",
+               f"the last {r} device(s) of a node do not hold whole engines of {e} devices "
+               f"(rollout.vllm.tensor_parallel_size={e})")
+        nodes, first, where = range(layout.num_nodes), per - r, f"the last {r} device(s) of each node"
+    else:
+        _check(per % e == 0, "rollout.vllm.tensor_parallel_size",
+               f"engines of {e} devices do not tile the {per} devices of a node")
+        # colocated: every node (all of them train); split: the rollout nodes, the last ones
+        nodes, first = range(layout.num_nodes - layout.rollout_nodes if layout.rollout_nodes else 0,
+                             layout.num_nodes), 0
+        where = f"the {layout.rollout_nodes} rollout node(s)" if layout.rollout_nodes else "the training devices"
+    return [(n, d) for n in nodes for d in range(first, per, e)], where
 
 
 def _engine_slots(layout: Layout) -> tuple[EngineSlot, ...]:
     if not engines_are_actors(layout):
         return ()  # one torch engine, in the controller's process
-    per, e = layout.devices_per_node, layout.engine_tp
-    key_dev = "cluster.gpus_per_node" if layout.kind == "gpu" else "cluster.cpu_slots_per_node"
-    _check(e <= per, "rollout.vllm.tensor_parallel_size",
-           f"an engine of {e} devices is larger than a node ({key_dev}={per})")
-    _check(per % e == 0, "rollout.vllm.tensor_parallel_size",
-           f"engines of {e} devices do not tile the {per} devices of a node")
-    nodes = range(layout.num_nodes - layout.rollout_nodes, layout.num_nodes) if layout.rollout_nodes \
-        else range(layout.num_nodes - layout.rollout_nodes)
-    fit = [(n, d) for n in nodes for d in range(0, per, e)]
-    where = f"the {layout.rollout_nodes} rollout node(s)" if layout.rollout_nodes else "the training devices"
+    e = layout.engine_tp
+    fit, where = _engine_sites(layout)
     num = len(fit) if layout.num_engines is None else layout.num_engines
     _check(1 <= num <= len(fit), "rollout.num_engines", f"{num} engines of {e} device(s): {len(fit)} fit on {where}")
     if layout.megatron is None:  # the hf policy's weights are in the controller: its engines share its node
@@ -137,21 +177,51 @@ def _engine_slots(layout: Layout) -> tuple[EngineSlot, ...]:
     return tuple(EngineSlot(i, n, tuple(range(d, d + e))) for i, (n, d) in enumerate(fit[:num]))
 
 
-def make_plan(layout: Layout) -> Plan:
-    """The placement of every actor of a run (see the module docstring for the rules)."""
-    _check(layout.num_nodes >= 1, "cluster.num_nodes", "must be >= 1")
-    key_dev = "cluster.gpus_per_node" if layout.kind == "gpu" else "cluster.cpu_slots_per_node"
-    _check(layout.devices_per_node >= 1, key_dev, "must be >= 1")
+def _check_split(layout: Layout) -> None:
+    """Rollout nodes or rollout devices: the weights reach them from the Megatron ranks, and one of the two."""
     _check(0 <= layout.rollout_nodes < layout.num_nodes, "cluster.rollout_nodes",
            f"must be in [0, cluster.num_nodes={layout.num_nodes}): at least one node trains")
     _check(not layout.rollout_nodes or layout.megatron is not None, "cluster.rollout_nodes",
            "split mode needs policy=megatron (the weights reach the rollout nodes from the Megatron ranks)")
+    r, per = layout.rollout_devices_per_node, layout.devices_per_node
+    _check(0 <= r < per, "cluster.rollout_devices_per_node",
+           f"must be in [0, {_key_dev(layout)}={per}): at least one device of each node trains")
+    _check(not r or layout.megatron is not None, "cluster.rollout_devices_per_node",
+           "a split inside each node needs policy=megatron (the engines take their weights from the Megatron "
+           "ranks of their node)")
+    _check(not (r and layout.rollout_nodes), "cluster.rollout_devices_per_node",
+           f"cannot be combined with cluster.rollout_nodes={layout.rollout_nodes}: choose whole rollout nodes or "
+           "rollout devices inside each node")
+
+
+def _check_async(layout: Layout) -> None:
+    """Asynchronous steps generate while the policy updates: an engine on a device that trains would fight
+    the update for its memory (colocated engines give theirs up by sleeping, which async cannot)."""
+    if not layout.async_steps:
+        return
+    own = "give the engines devices of their own with cluster.rollout_nodes or cluster.rollout_devices_per_node"
+    if layout.megatron is not None:
+        _check(layout.rollout_nodes > 0 or layout.rollout_devices_per_node > 0, "algo.async.max_staleness",
+               f"asynchronous steps generate during the update, but the engines would share the training devices "
+               f"with the Megatron ranks (colocated): {own}")
+    else:  # on CPU the engine actors are processes of their own; a GPU would hold the policy and an engine
+        _check(layout.kind == "cpu", "algo.async.max_staleness",
+               "asynchronous steps generate during the update, but with policy=hf on cuda the policy trains on "
+               "GPU 0 of node 0, which the engines would share: use policy=megatron and " + own)
+
+
+def make_plan(layout: Layout) -> Plan:
+    """The placement of every actor of a run (see the module docstring for the rules)."""
+    _check(layout.num_nodes >= 1, "cluster.num_nodes", "must be >= 1")
+    _check(layout.devices_per_node >= 1, _key_dev(layout), "must be >= 1")
+    _check_split(layout)
+    _check_async(layout)
     ranks: list[RankSlot] = []
     dp = None
     if layout.megatron is not None:
         tp, pp, _ = layout.megatron
         dp = data_parallel_size(layout)
-        per = layout.devices_per_node
+        per = train_devices_per_node(layout)  # the first devices of each node; the rest generate
         for r in range(tp * pp * dp):  # megatron-core's order: TP fastest, then PP, then DP
             ranks.append(RankSlot(r, tp=r % tp, pp=(r // tp) % pp, dp=r // (tp * pp), node=r // per, device=r % per))
     return Plan(layout, tuple(ranks), _engine_slots(layout), dp)
@@ -165,37 +235,52 @@ def layout_from_config(cfg: Any, *, backend: Optional[str] = None, engine: Optio
     kind = "gpu" if str(c.device).startswith("cuda") else "cpu"
     meg = (m.tensor_parallel_size, m.pipeline_parallel_size, m.data_parallel_size) if backend == "megatron" else None
     engine_tp = cfg.rollout.vllm.tensor_parallel_size if engine == "vllm" else 1
+    split = c.rollout_devices_per_node
+    one_machine = kind == "cpu" and c.cpu_slots_per_node is None
     if kind == "gpu":
         per = c.gpus_per_node
-    elif c.cpu_slots_per_node is not None:
+    elif not one_machine:
         per = c.cpu_slots_per_node
     else:  # one CPU machine: as many slots as the run needs
         _check(c.num_nodes == 1, "cluster.cpu_slots_per_node", "must be set for a CPU cluster of several nodes")
         need = meg[0] * meg[1] * (meg[2] or 1) if meg else 1
-        per = max(need, engine_tp * (cfg.rollout.num_engines or 1), 1)
+        # engines on rollout slots of their own come after the ranks' slots; colocated they share them
+        per = need + split if split > 0 else max(need, engine_tp * (cfg.rollout.num_engines or 1), 1)
     num_engines = cfg.rollout.num_engines
-    if num_engines is None and (engine != "vllm" or meg is None or (kind == "cpu" and c.cpu_slots_per_node is None)):
-        num_engines = 1  # the torch engine in the controller; the hf policy's one device; one CPU machine
+    # null: fill the rollout devices (split inside a node); else one where nothing is there to fill: the torch
+    # engine in the controller, the hf policy's one device, one CPU machine sized to the run
+    if num_engines is None and split <= 0 and (engine != "vllm" or meg is None or one_machine):
+        num_engines = 1
     r = cfg.reward
     workers = r.math.num_workers + r.reasoning_gym.num_workers + r.sandbox.num_workers
     return Layout(kind=kind, num_nodes=c.num_nodes, devices_per_node=per, rollout_nodes=c.rollout_nodes,
                   megatron=meg, engine=engine, engine_tp=engine_tp, num_engines=num_engines,
                   reward_workers=workers, rewards_on_every_node=c.num_nodes > 1 if c.rewards_on_every_node is None
-                  else bool(c.rewards_on_every_node))
+                  else bool(c.rewards_on_every_node), rollout_devices_per_node=split,
+                  async_steps=async_config(cfg).max_staleness > 0)
 
 
 def plan_from_config(cfg: Any, **kw: Any) -> Plan:
     return make_plan(layout_from_config(cfg, **kw))
 
 
+def _mode_line(lay: Layout) -> str:
+    if lay.rollout_nodes:
+        mode = f"split: the last {lay.rollout_nodes} node(s) only generate"
+    elif lay.rollout_devices_per_node:
+        mode = (f"split inside each node: the last {lay.rollout_devices_per_node} {_unit(lay)} of each training "
+                "node only generate")
+    else:  # async: the engines cannot give their memory up while they generate during the update
+        mode = "colocated: engines share the training devices" + ("" if lay.async_steps else
+                                                                    " and sleep during the update")
+    return mode + ("; asynchronous steps: the engines generate during the update" if lay.async_steps else "")
+
+
 def format_plan(plan: Plan) -> str:
     """The table `prorl plan` prints: one line per device in use, then the engines and reward workers."""
     lay = plan.layout
     dev = "gpu" if lay.kind == "gpu" else "cpu"
-    unit = "GPUs" if lay.kind == "gpu" else "CPU slots"
-    lines = [f"cluster: {lay.num_nodes} node(s) x {lay.devices_per_node} {unit}; "
-             + ("split: the last %d node(s) only generate" % lay.rollout_nodes if lay.rollout_nodes else
-                "colocated: engines share the training devices and sleep during the update")]
+    lines = [f"cluster: {lay.num_nodes} node(s) x {lay.devices_per_node} {_unit(lay)}; {_mode_line(lay)}"]
     if plan.ranks:
         tp, pp, _ = lay.megatron  # type: ignore[misc]
         lines.append(f"policy: megatron, TP={tp} PP={pp} DP={plan.data_parallel_size}: {len(plan.ranks)} ranks "

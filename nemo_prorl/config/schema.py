@@ -3,8 +3,9 @@ so a misspelt key fails at launch with the key named. Batch sizes name their uni
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -128,9 +129,10 @@ class RolloutConfig:
     weight_sync_bucket_mb: float = 256.0
     # Data-parallel generation engines (each over rollout.vllm.tensor_parallel_size devices), Ray actors
     # placed by the cluster plan. null: with policy=megatron, vllm fills the training devices (ProRL 1.5B on
-    # 4 x 8 GPUs: 32), except on one CPU machine without cluster.cpu_slots_per_node; otherwise 1 (the torch
-    # engine then runs in the controller's process). torch with more than 1: actors too (a CPU-only
-    # cluster spreads its rollouts).
+    # 4 x 8 GPUs: 32), except on one CPU machine without cluster.cpu_slots_per_node; with
+    # cluster.rollout_devices_per_node, either engine fills those devices; otherwise 1 (the torch engine then
+    # runs in the controller's process, or as an actor with algo.async.max_staleness > 0). torch with more
+    # than 1: actors too (a CPU-only cluster spreads its rollouts).
     num_engines: Optional[int] = None
     # Compare the engine's sampling logprobs with the policy's on the same tokens every n steps (0: never).
     # With several updates per step it is free: it uses the old-logprob pass, which covers the rows of the
@@ -169,9 +171,32 @@ class RolloutCorrectionConfig:
     tis_cap: float = 2.0
     icepop_low: float = 0.5
     icepop_high: float = 2.0
+    # Sequence-level geometric-mean mask, applied on top of `mode`: a response whose per-token ratios
+    # w = pi_proximal / pi_behaviour have a geometric mean exp(mean_t log w_t) outside [geo_mask_low,
+    # geo_mask_high] is left out of the policy gradient as a whole (NeMo-RL's ProRL v2.1 guide, "seq-mask-tis").
+    # The band is narrow: a mean log-ratio of 1e-3 per token already marks a response sampled far off-policy.
+    seq_geo_mask: bool = False
+    geo_mask_low: float = 0.999
+    geo_mask_high: float = 1.002
 
 
 @dataclass
+class AsyncConfig:
+    """Asynchronous GRPO (README "Asynchronous steps"): a rollout producer keeps the engines generating
+    while the trainer updates, and the trainer never trains on a sample whose oldest token came from a
+    policy more than `max_staleness` versions behind the one it updates (version v = the weights after v
+    updates). 0: the synchronous trainer, bit for bit (ProRL trained that way)."""
+
+    max_staleness: int = 0
+    # Groups generated ahead of the trainer (in flight, being scored, or waiting in the buffer); a bound on
+    # memory and on staleness. null: max_staleness x algo.num_prompts_per_step, which keeps every sample
+    # within the bound when each step takes num_prompts_per_step groups.
+    max_buffered_groups: Optional[int] = None
+    # Prompts the producer hands to the engines per request: smaller requests score and reach the buffer
+    # sooner (DAPO filters them as they arrive); null: algo.num_prompts_per_step.
+    prompts_per_request: Optional[int] = None
+
+
 class AlgoConfig:
     advantage_estimator: str = "grpo"  # registry: nemo_prorl.algo.advantages.ADVANTAGE_ESTIMATORS
     num_prompts_per_step: int = 256  # ProRL §3.2: batch size 256 prompts
@@ -193,7 +218,38 @@ class AlgoConfig:
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     reference_reset: ReferenceResetConfig = field(default_factory=ReferenceResetConfig)
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    # algo.async: declared below the class (`async` is a Python keyword); read it with `async_config(cfg)`.
 
+
+
+def _with_keyword_field(cls: type, name: str, kind: type) -> type:
+    """Make `cls` a dataclass with one more field, `name`, that is a Python keyword (`algo.async` on the
+    command line, as users of verl and NeMo-RL know it). Such a field cannot appear in generated code, so
+    __init__ is written here (OmegaConf builds the object with keyword arguments from a dict), and repr and
+    eq are object's."""
+    cls.__annotations__[name] = kind
+    setattr(cls, name, field(default_factory=kind))
+
+    def __init__(self: Any, **values: Any) -> None:
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                setattr(self, f.name, values.pop(f.name))
+            else:
+                setattr(self, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING
+                        else f.default)
+        if values:
+            raise TypeError(f"{cls.__name__}: unexpected fields {sorted(values)}")
+
+    cls.__init__ = __init__
+    return dataclass(init=False, repr=False, eq=False)(cls)
+
+
+AlgoConfig = _with_keyword_field(AlgoConfig, "async", AsyncConfig)
+
+
+def async_config(cfg: Any) -> AsyncConfig:
+    """`cfg.algo.async` of a ProRLConfig (or of its AlgoConfig)."""
+    return getattr(getattr(cfg, "algo", cfg), "async")
 
 @dataclass
 class SyntheticTaskConfig:
@@ -372,6 +428,11 @@ class ClusterConfig:
     # each, see weight_sync.WeightRelay), the others only train; needs policy=megatron. 0: colocated (engines
     # share the training devices and sleep during the update).
     rollout_nodes: int = 0
+    # Split inside a node: the last `rollout_devices_per_node` GPUs (CPU slots) of every training node only
+    # generate, the others train (weights reach them through the node's shared memory / CUDA IPC, as when
+    # colocated). With algo.async.max_staleness > 0 the engines need devices of their own: this, or
+    # rollout_nodes. 0: engines share the training devices (colocated) unless rollout_nodes says otherwise.
+    rollout_devices_per_node: int = 0
     # Attach to the Ray cluster a launcher started (host:port of its head); None: start a private one on this
     # machine (loopback only) when the run needs Ray (policy=megatron or rollout=vllm).
     ray_address: Optional[str] = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from nemo_prorl.config.schema import ProRLConfig
+from nemo_prorl.config.schema import ProRLConfig, async_config
 
 
 def _registry_names() -> dict[str, Iterable[str]]:
@@ -77,6 +77,12 @@ def validate_config(cfg: ProRLConfig) -> None:
         "(group-relative advantages need several responses per prompt)",
     )
     check(a.dynamic_sampling.max_generation_rounds >= 1, "algo.dynamic_sampling.max_generation_rounds", "must be >= 1")
+    ac = async_config(a)
+    check(ac.max_staleness >= 0, "algo.async.max_staleness", "must be >= 0 (0: synchronous steps)")
+    check(ac.max_buffered_groups is None or ac.max_buffered_groups >= 1, "algo.async.max_buffered_groups",
+          "must be >= 1 or null (max_staleness x num_prompts_per_step)")
+    check(ac.prompts_per_request is None or ac.prompts_per_request >= 1, "algo.async.prompts_per_request",
+          "must be >= 1 or null (num_prompts_per_step)")
     r = a.reference_reset
     check(r.every_n_steps is None or r.every_n_steps >= 1, "algo.reference_reset.every_n_steps", "must be >= 1 or null")
     check(r.stall_patience is None or r.stall_patience >= 1, "algo.reference_reset.stall_patience", "must be >= 1 or null")
@@ -99,6 +105,8 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(rc.tis_cap >= 1, "algo.rollout_correction.tis_cap", "must be >= 1")
     check(0 <= rc.icepop_low <= 1 <= rc.icepop_high, "algo.rollout_correction.icepop_low",
           f"need icepop_low <= 1 <= icepop_high (icepop_high={rc.icepop_high})")
+    check(0 < rc.geo_mask_low <= 1 <= rc.geo_mask_high, "algo.rollout_correction.geo_mask_low",
+          f"need 0 < geo_mask_low <= 1 <= geo_mask_high (geo_mask_high={rc.geo_mask_high})")
 
     p = cfg.policy
     check(p.micro_batch_size >= 1, "policy.micro_batch_size", "must be >= 1")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -31,6 +33,10 @@ class Completion:
     # is exactly what the policy computes for the same tokens, which the mismatch check relies on.
     logprobs: list[float]
     finish_reason: str  # "stop" (stop token or string) or "length"
+    # The policy version (RolloutEngine.version) of the weights each response token was sampled from
+    # (len == len(token_ids)); a weight update that lands while a request runs switches it mid-response.
+    # None: the engine does not record versions.
+    versions: Optional[list[int]] = None
 
 
 def prompt_seed(seed: int, index: int) -> int:
@@ -53,9 +59,65 @@ def split_prompts(lengths: Sequence[int], num_parts: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
+class WeightGate:
+    """Keeps weight updates and generation apart: readers (a generation step, or a whole generate call)
+    run together, a writer (a weight update, from `begin` to `end`, possibly called from different threads
+    and across several calls) runs alone. Writers come first: `begin` stops new readers at once and waits
+    for the running ones, so a generator that loops without pause cannot starve a sync (a plain Lock
+    would let it take the lock back first). `begin` must not be called by a thread inside `reading()`."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @property
+    def updating(self) -> bool:
+        return self._writer
+
+    @property
+    def readers(self) -> int:
+        return self._readers
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    def begin(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer)  # one update at a time
+            self._writer = True  # from here no reader starts
+            self._cond.wait_for(lambda: self._readers == 0)
+
+    def end(self) -> None:
+        """After `begin`; idempotent, so that a failure path may call it once more."""
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout_s: Optional[float] = None) -> bool:
+        """Wait until `predicate` (evaluated under the gate's lock) holds; it is re-checked at every `end`."""
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout_s)
+
+
 class RolloutEngine(ABC):
     # dtype the engine holds its weights in; the weight sync converts to it while packing (None: as sent)
     weight_dtype: Optional[torch.dtype] = None
+    # True: weights may change between two decode steps of a running generate call (a weight update from
+    # another thread waits for the current step, and the requests go on with the new weights, recording
+    # where in Completion.versions). False: an update must not overlap a generate call.
+    in_flight_updates: bool = False
+    # The policy version of the weights the engine holds: 0 at start, set by every finish_weight_update.
+    version: int = 0
 
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -77,8 +139,15 @@ class RolloutEngine(ABC):
     def begin_weight_update(self) -> None:
         """Called by the weight sync before the first bucket."""
 
-    def finish_weight_update(self) -> None:
-        """Called by the weight sync after the last bucket (engines drop caches of the old weights)."""
+    def finish_weight_update(self, version: Optional[int] = None) -> None:
+        """Called by the weight sync after the last bucket (engines drop caches of the old weights); the
+        engine's `version` becomes `version` (None: one more than before)."""
+        self.version = self.version + 1 if version is None else version
+
+    def abort_weight_update(self) -> None:
+        """Called by the weight sync instead of finish_weight_update when a sync fails after
+        begin_weight_update: whatever it paused or locked is released (the weights are then undefined, and
+        `version` stays). Idempotent."""
 
     def sleep(self) -> None:
         """Release memory while the policy trains (colocated engines); a no-op by default."""

@@ -13,23 +13,34 @@ Megatron rank fills (`load_from_sites`, weight_sync.sync_node_local), so that no
 through the controller. Every engine actor answers the same commands (init, generate, begin_weight_update,
 load_bucket, finish_weight_update, sleep, wake_up): vllm_server.EngineServer and
 torch_engine.TorchEngineServer.
+
+Weight updates and generation (asynchronous steps call them from different threads): engine actors that
+take updates in flight (`in_flight_updates`: the torch engine) run the weight commands in a thread of their
+own (the "weights" concurrency group) beside a running `generate`, and pause it between two decode steps
+themselves. For the others (vLLM) the pool keeps an update (begin .. finish, across the buckets) and a
+generate call apart (`WeightGate`): a generate call waits for the update, an update for the running calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
 
 import torch
 
 from nemo_prorl.cluster.actors import ActorError
-from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams, prompt_seed, split_prompts
+from nemo_prorl.rollout.base import (Completion, RolloutEngine, SamplingParams, WeightGate, prompt_seed,
+                                     split_prompts)
 from nemo_prorl.weight_sync import TransferBuffer
 
 
 class RolloutEngineError(ActorError):
     pass
+
+
+WEIGHTS_GROUP = "weights"  # the engine actors' concurrency group of the weight commands (in-flight updates)
 
 
 def _tail(path: Optional[Path], lines: int = 30) -> str:
@@ -56,6 +67,8 @@ class EngineSetup:
     request_timeout_s: float = 7200.0
     error_type: Callable[..., ActorError] = RolloutEngineError
     on_close: Optional[Callable[[], None]] = None
+    # Weight updates while `generate` runs (None: the actor class's `in_flight_updates`, False if it has none)
+    in_flight_updates: Optional[bool] = None
 
 
 def plan_problems(plan: Any) -> list[tuple[int, int, str]]:
@@ -84,6 +97,12 @@ class EnginePool(RolloutEngine):
         self._placement = None
         self._buffer: Optional[TransferBuffer] = None
         self._device = torch.device(cfg.cluster.device)
+        self.version = 0
+        in_flight = setup.in_flight_updates
+        self.in_flight_updates = bool(getattr(setup.server_cls, "in_flight_updates", False)
+                                      if in_flight is None else in_flight)
+        self._weights_group = WEIGHTS_GROUP if self.in_flight_updates else None
+        self._gate = WeightGate()  # engines without in-flight updates: an update and generate calls apart
         plan = cluster.plan_from_config(cfg, engine=engine)
         self.plan = plan
         self._session = cluster.session(cfg, plan)
@@ -96,7 +115,8 @@ class EnginePool(RolloutEngine):
             self.group = start_group(setup.role, setup.server_cls, self._placement, slots,
                                      init_args=[(str(p) if p else "",) for p in setup.log_paths], env=setup.env,
                                      runtime_env=setup.runtime_env, timeout_s=setup.startup_timeout_s,
-                                     error_type=setup.error_type)
+                                     error_type=setup.error_type,
+                                     concurrency_groups={WEIGHTS_GROUP: 1} if self.in_flight_updates else None)
             self._call_all("init", setup.spec, timeout=setup.startup_timeout_s)
         except BaseException:
             self.close()
@@ -122,11 +142,18 @@ class EnginePool(RolloutEngine):
         return [(e.node, e.devices[0]) for e in self.plan.engines]
 
     # ------------------------------------------------------------------ transport
-    def _call(self, cmd: str, per_engine_args: Sequence[tuple], *, timeout: Optional[float] = None) -> list[Any]:
+    def _call(self, cmd: str, per_engine_args: Sequence[tuple], *, timeout: Optional[float] = None,
+              concurrency_group: Optional[str] = None) -> list[Any]:
+        """`cmd` on every engine, in the actors' `concurrency_group` (None: the default one)."""
         if self.group is None:
             raise self.setup.error_type(f"the {self.role}s have been closed", role=self.role, command=cmd)
+        timeout_s = timeout or self.setup.request_timeout_s
         try:
-            return self.group.call(cmd, per_engine_args, timeout_s=timeout or self.setup.request_timeout_s)
+            if concurrency_group is None:
+                return self.group.call(cmd, per_engine_args, timeout_s=timeout_s)
+            refs = [getattr(a, cmd).options(concurrency_group=concurrency_group).remote(*args)
+                    for a, args in zip(self.group.actors, per_engine_args)]
+            return self.group.gather(refs, cmd, timeout_s)
         except ActorError as e:
             log = self.setup.log_paths[e.index] if 0 <= e.index < len(self.setup.log_paths) else None
             raise self.setup.error_type(f"{e}{_tail(log)}", role=e.role, index=e.index, node=e.node,
@@ -135,17 +162,30 @@ class EnginePool(RolloutEngine):
     def _call_all(self, cmd: str, *args: Any, timeout: Optional[float] = None) -> list[Any]:
         return self._call(cmd, [args] * self.num_engines, timeout=timeout)
 
+    def _call_weights(self, cmd: str, per_engine_args: Sequence[tuple], *,
+                      timeout: Optional[float] = None) -> list[Any]:
+        """A weight command: in the actors' own thread for it where updates land in flight."""
+        return self._call(cmd, per_engine_args, timeout=timeout, concurrency_group=self._weights_group)
+
     # ------------------------------------------------------------------ RolloutEngine
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Optional[Sequence[int]] = None) -> list[Completion]:
         seeds = list(seeds) if seeds is not None else [prompt_seed(params.seed, i) for i in range(len(prompts))]
         parts = split_prompts([len(p) for p in prompts], self.num_engines)
         p = dataclasses.asdict(params)
-        outs = self._call("generate", [([list(prompts[i]) for i in part], p, [seeds[i] for i in part])
-                                       for part in parts])
-        done = [Completion(prompt_index=part[i], token_ids=ids, logprobs=lps, finish_reason=fr)
-                for part, out in zip(parts, outs) for i, ids, lps, fr in out]
+        with self._generating():
+            outs = self._call("generate", [([list(prompts[i]) for i in part], p, [seeds[i] for i in part])
+                                           for part in parts])
+        # (prompt index, token ids, logprobs, finish reason[, versions]): an actor that records no versions
+        # answers the first four
+        done = [Completion(prompt_index=part[r[0]], token_ids=r[1], logprobs=r[2], finish_reason=r[3],
+                           versions=r[4] if len(r) > 4 else None)
+                for part, out in zip(parts, outs) for r in out]
         return sorted(done, key=lambda c: c.prompt_index)  # stable: each prompt's samples stay in order
+
+    def _generating(self) -> ContextManager[None]:
+        """What a generate call holds: nothing where the engines take updates in flight, else the gate."""
+        return contextlib.nullcontext() if self.in_flight_updates else self._gate.reading()
 
     def staging_buffer(self, nbytes: int) -> torch.Tensor:
         """The controller's transfer buffer (when it holds the weights: hf policy, evaluation); it is
@@ -171,12 +211,12 @@ class EnginePool(RolloutEngine):
             buf = self._buffer
             items = pack(lazy, buf.tensor, self.weight_dtype)
         buf.ready()
-        self._call_all("load_bucket", buf.handle, buf.metas(items))
+        self._call_weights("load_bucket", [(buf.handle, buf.metas(items))] * self.num_engines)
 
     def load_from_sites(self, buckets: dict[tuple[int, int], tuple[tuple, list]], sites: Sequence[tuple[int, int]]) -> None:
         """Engine i loads the bucket packed in the buffer at sites[i] (weight_sync.sync_node_local):
         {site: (buffer handle, metas)}."""
-        self._call("load_bucket", [buckets[site] for site in sites])
+        self._call_weights("load_bucket", [buckets[site] for site in sites])
 
     def relays(self, nodes: Sequence[int]) -> Any:
         """The weight relays of these engine nodes (nodes without Megatron ranks: split mode), one per node,
@@ -193,15 +233,41 @@ class EnginePool(RolloutEngine):
         return self._relays
 
     def begin_weight_update(self) -> None:
-        self._call_all("begin_weight_update")
+        """Waits for the running generate calls (engines without in-flight updates) or for each engine's
+        running decode step (with them); generation stays paused until finish_weight_update."""
+        if not self.in_flight_updates:
+            self._gate.begin()
+        try:
+            self._call_weights("begin_weight_update", [()] * self.num_engines)
+        except BaseException:
+            self.abort_weight_update()
+            raise
 
-    def finish_weight_update(self) -> None:
-        self._call_all("finish_weight_update")
+    def finish_weight_update(self, version: Optional[int] = None) -> None:
+        version = self.version + 1 if version is None else version  # every engine gets the same number
+        try:
+            self._call_weights("finish_weight_update", [(version,)] * self.num_engines)
+            self.version = version
+        finally:
+            self._end_update()
+
+    def abort_weight_update(self) -> None:
+        """After a failed sync: the engines that are still alive go on generating (weights undefined)."""
+        try:  # an actor that paused its own generation in begin_weight_update (the torch engine) resumes it
+            if hasattr(self.setup.server_cls, "abort_weight_update") and self.group is not None and self.group.actors:
+                self._call_weights("abort_weight_update", [()] * self.num_engines, timeout=60.0)
+        except ActorError:
+            pass  # that engine group is dead (and named by the error in flight)
+        finally:
+            self._end_update()
+
+    def _end_update(self) -> None:
+        self._gate.end()  # a no-op when no update holds it (in-flight engines; a second call)
         if self._buffer is not None:
             self._buffer.close()  # one buffer per sync (see TransferBuffer)
 
     def sleep(self) -> None:
-        if self.plan.mode == "split":  # engines of their own nodes have nobody to give the memory to
+        if self.plan.mode != "colocated":  # engines on devices of their own have nobody to give memory to
             return
         self._call_all("sleep")
 

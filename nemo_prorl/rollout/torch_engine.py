@@ -1,14 +1,21 @@
 """Embedded rollout engine: batched autoregressive sampling with a KV cache in plain PyTorch.
 
 It holds its own copy of the model, like vLLM does, so the trainer must sync weights into it after every
-update; that keeps the embedded path faithful to the distributed one."""
+update; that keeps the embedded path faithful to the distributed one.
+
+Weight updates may land while it generates (asynchronous GRPO; NeMo-RL and AReaL do the same): an update
+(begin_weight_update .. finish_weight_update, from any thread) waits until the generating loop is between
+two model calls and holds it there until the last bucket is in. The running requests then go on with the
+new weights: the loop first rebuilds its KV cache with them (a prefill over prompt + response so far, as
+AReaL's interruptible generation does), so every token's logprob is what the policy of the token's version
+computes for the whole sequence, and `Completion.versions` records which version that was."""
 
 from __future__ import annotations
 
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -17,7 +24,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from nemo_prorl.cluster.actors import ActorBase
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.procs import ignore_preemption_signals
-from nemo_prorl.rollout.base import ROLLOUT_ENGINES, Completion, RolloutEngine, SamplingParams, prompt_seed
+from nemo_prorl.rollout.base import (ROLLOUT_ENGINES, Completion, RolloutEngine, SamplingParams, WeightGate,
+                                     prompt_seed)
 from nemo_prorl.torch_utils import DTYPES
 
 
@@ -49,6 +57,8 @@ ROW_BUCKET = 16
 
 
 class TorchRolloutEngine(RolloutEngine):
+    in_flight_updates = True  # weights may change between two decode steps (see the module docstring)
+
     def __init__(self, model_dir: Path, *, device: str, dtype: str, max_num_seqs: int, pad_token_id: int,
                  tokenizer: Optional[Any] = None) -> None:
         self.device = torch.device(device)
@@ -61,6 +71,11 @@ class TorchRolloutEngine(RolloutEngine):
         # keep_vars: the live tensors under every state-dict name (tied weights appear under both names).
         self._params = self.model.state_dict(keep_vars=True)
         self._cache_kw = cache_keyword(self.model)
+        self.version = 0
+        self._gate = WeightGate()  # model calls are its readers, a weight update its writer
+        # Called with t (>= 1) by the generating thread before the model call that gives the logits of response
+        # token t, outside the gate: where a test lands a weight update at a known step (None: nothing).
+        self.step_hook: Optional[Callable[[int], None]] = None
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -122,16 +137,16 @@ class TorchRolloutEngine(RolloutEngine):
         gens = [torch.Generator(device="cpu").manual_seed(seeds[i] + s) for i, s, _ in chunk]
         spans = [(r - k, r) for r, k in zip(torch.tensor([k for _, _, k in chunk]).cumsum(0).tolist(),
                                            [k for _, _, k in chunk])]
-        cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                            **{self._cache_kw: cache}).logits[:, -1]
+        with self._gate.reading():
+            cache_version = self.version  # the weights the KV cache (and the logits) come from
+            logits, cache = self._prefill(ids, mask, pos)
         if len(chunk) < rows:
             cache.batch_select_indices(row_of)
             logits, mask, pos = logits[row_of], mask[row_of], pos[row_of]
         done = torch.arange(rows, device=self.device) >= B  # idle rows are done from the start
         ends = torch.zeros(rows, dtype=torch.long)  # response length of rows that stopped (0: still going)
         idle = torch.full((rows - B, 1), self.pad_token_id, dtype=torch.long)
-        tokens, logps = [], []
+        tokens, logps, versions = [], [], []
         last_pos = pos[:, -1]
         for t in range(params.max_tokens):
             filtered = top_p_filter(logits.float() / params.temperature, params.top_p)
@@ -147,6 +162,7 @@ class TorchRolloutEngine(RolloutEngine):
                               nxt.squeeze(-1).to(self.device))
             tokens.append(nxt)
             logps.append(logp_all.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+            versions.append(cache_version)
             live = ~done
             stopped = live & (torch.isin(nxt, stop) | self._stop_string_hit(tokens, live, params.stop))
             ends[stopped.cpu()] = t + 1
@@ -156,10 +172,37 @@ class TorchRolloutEngine(RolloutEngine):
             # Finished rows keep decoding padding that nothing attends to; it is cut out below.
             mask = torch.cat([mask, live.long().unsqueeze(-1)], dim=-1)
             last_pos = last_pos + live.long()
+            if self.step_hook is not None:
+                self.step_hook(t + 1)
+            logits, cache, cache_version = self._next_logits(
+                nxt, mask, last_pos, cache, cache_version, lambda: torch.cat([ids[row_of], torch.stack(tokens, 1)], 1))
+        jobs = [i for i, _, k in chunk for _ in range(k)]
+        return self._collect(jobs, torch.stack(tokens, 1)[:B].cpu(), torch.stack(logps, 1)[:B].cpu(), ends[:B],
+                             versions)
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
+        """The last column's logits and a new KV cache of the whole of `ids`."""
+        cache = DynamicCache()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                            **{self._cache_kw: cache}).logits[:, -1]
+        return logits, cache
+
+    def _next_logits(self, nxt: torch.Tensor, mask: torch.Tensor, last_pos: torch.Tensor, cache: DynamicCache,
+                     cache_version: int,
+                     sequence: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, DynamicCache, int]:
+        """The logits after `nxt` (the newest column of `mask`), between two weight updates: a decode step on
+        `cache`, or, when the weights changed since `cache` was built (a key or value of the old weights
+        would mix two policies), a prefill of the whole `sequence()` (prompt rows + every sampled token, idle
+        and finished rows included) with the decode loop's mask and positions: masked columns repeat the
+        position before them, as the decode loop gives them. Returns (logits, cache, version)."""
+        with self._gate.reading():
+            version = self.version
+            if version != cache_version:
+                logits, cache = self._prefill(sequence(), mask, (mask.cumsum(-1) - 1).clamp(min=0))
+                return logits, cache, version
             logits = self.model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=last_pos.unsqueeze(-1),
                                 use_cache=True, **{self._cache_kw: cache}).logits[:, -1]
-        jobs = [i for i, _, k in chunk for _ in range(k)]
-        return self._collect(jobs, torch.stack(tokens, 1)[:B].cpu(), torch.stack(logps, 1)[:B].cpu(), ends[:B])
+            return logits, cache, version
 
     def _stop_string_hit(self, tokens: list[torch.Tensor], live: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
         """Rows whose newest token completes a stop string. Only a window of recent tokens is decoded: a
@@ -176,7 +219,8 @@ class TorchRolloutEngine(RolloutEngine):
         return hit
 
     @staticmethod
-    def _collect(jobs: list[int], tokens: torch.Tensor, logps: torch.Tensor, ends: torch.Tensor) -> list[Completion]:
+    def _collect(jobs: list[int], tokens: torch.Tensor, logps: torch.Tensor, ends: torch.Tensor,
+                 versions: list[int]) -> list[Completion]:
         out = []
         for row, prompt_index in enumerate(jobs):
             end = int(ends[row]) or tokens.shape[1]
@@ -185,10 +229,33 @@ class TorchRolloutEngine(RolloutEngine):
                 token_ids=tokens[row, :end].tolist(),
                 logprobs=logps[row, :end].tolist(),
                 finish_reason="stop" if int(ends[row]) else "length",
+                versions=versions[:end],
             ))
         return out
 
+    # ------------------------------------------------------------------ weight updates (any thread)
+    def begin_weight_update(self) -> None:
+        """Wait until no model call runs, and keep generation paused between two model calls until
+        finish_weight_update (or abort_weight_update). Not from a generating thread inside a model call;
+        its step_hook is outside one."""
+        self._gate.begin()
+
+    def finish_weight_update(self, version: Optional[int] = None) -> None:
+        super().finish_weight_update(version)  # still paused: no step sees the version before the weights
+        self._gate.end()
+
+    def abort_weight_update(self) -> None:
+        self._gate.end()
+
+    def wait_for_version(self, version: int, timeout_s: float) -> None:
+        """Block until a weight update has brought the engine to `version` (or later); call it outside a model
+        call (a step_hook)."""
+        if not self._gate.wait_for(lambda: self.version >= version, timeout_s):
+            raise TimeoutError(f"rollout engine: no weight update to version {version} within {timeout_s:g}s "
+                               f"(at version {self.version})")
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # While another thread generates, only between begin_weight_update and finish_weight_update.
         for name, tensor in weights:
             target = self._params.get(name)
             if target is None:
@@ -199,12 +266,17 @@ class TorchRolloutEngine(RolloutEngine):
 
 
 class TorchEngineServer(ActorBase):
-    """The torch engine as a Ray actor (rollout.num_engines > 1; rollout/pool.py): the same commands as
-    vLLM's engine actor, weights from its node's transfer buffer."""
+    """The torch engine as a Ray actor (rollout.num_engines > 1, async steps; rollout/pool.py): the same
+    commands as vLLM's engine actor, weights from its node's transfer buffer. EnginePool runs its weight
+    commands (begin_weight_update, load_bucket, finish_weight_update, abort_weight_update) in a thread of
+    their own (the "weights" concurrency group), so that they land while `generate` runs."""
+
+    in_flight_updates = True
 
     def __init__(self, log_path: str) -> None:
         ignore_preemption_signals()  # the trainer checkpoints first, then stops its engines
         self.engine: Optional[TorchRolloutEngine] = None
+        self._holding = False
 
     def init(self, spec: dict[str, Any]) -> None:
         from transformers import AutoTokenizer
@@ -215,14 +287,33 @@ class TorchEngineServer(ActorBase):
         self.engine = TorchRolloutEngine(Path(spec["model_dir"]), device=spec["device"], dtype=spec["dtype"],
                                          max_num_seqs=spec["max_num_seqs"], pad_token_id=spec["pad_token_id"],
                                          tokenizer=tok)
+        if spec.get("test_hold_at_step"):
+            self.engine.step_hook = self._hold_hook(*spec["test_hold_at_step"])
+
+    def _hold_hook(self, step: int, version: int, timeout_s: float = 300.0) -> Callable[[int], None]:
+        """Tests only (spec "test_hold_at_step": [step, version]): every generate call waits before the model
+        call of response token `step` until the engine holds weights of `version`, so that an update lands
+        at a known place; `test_holding` says when a call waits there."""
+        def hook(t: int) -> None:
+            if t == step and self.engine.version < version:
+                self._holding = True
+                try:
+                    self.engine.wait_for_version(version, timeout_s)
+                finally:
+                    self._holding = False
+        return hook
+
+    def test_holding(self) -> bool:
+        return self._holding
 
     def generate(self, prompts: list[list[int]], p: dict[str, Any],
-                 seeds: list[int]) -> list[tuple[int, list[int], list[float], str]]:
+                 seeds: list[int]) -> list[tuple[int, list[int], list[float], str, list[int]]]:
         out = self.engine.generate(prompts, SamplingParams(**{**p, "stop_token_ids": tuple(p["stop_token_ids"]),
                                                               "stop": tuple(p["stop"])}), seeds)
-        return [(c.prompt_index, c.token_ids, c.logprobs, c.finish_reason) for c in out]
+        return [(c.prompt_index, c.token_ids, c.logprobs, c.finish_reason, c.versions) for c in out]
 
-    def begin_weight_update(self) -> None: ...
+    def begin_weight_update(self) -> None:
+        self.engine.begin_weight_update()
 
     def load_bucket(self, handle: tuple, metas: list[tuple[str, int, list[int], str]]) -> int:
         from nemo_prorl.rollout.vllm_server import buffer_views, finish_reads
@@ -232,11 +323,28 @@ class TorchEngineServer(ActorBase):
         finish_reads(handle)
         return len(weights)
 
-    def finish_weight_update(self) -> None: ...
+    def finish_weight_update(self, version: Optional[int] = None) -> None:
+        self.engine.finish_weight_update(version)
+
+    def abort_weight_update(self) -> None:
+        self.engine.abort_weight_update()
 
     def sleep(self) -> None: ...
 
     def wake_up(self) -> None: ...
+
+
+def pool_setup(cfg: ProRLConfig, model_dir: Path, plan: Any, pad_token_id: int) -> Any:
+    """The EngineSetup of `plan`'s torch engine actors."""
+    from nemo_prorl.rollout.pool import EngineSetup
+
+    per_node = max(sum(1 for e in plan.engines if e.node == n) for n in {e.node for e in plan.engines})
+    threads = cfg.cluster.num_threads or max(1, (os.cpu_count() or 1) // per_node)
+    spec = dict(model_dir=str(model_dir), device=cfg.cluster.device, dtype=cfg.model.dtype,
+                max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad_token_id, num_threads=threads)
+    logs = [None] * len(plan.engines)
+    return EngineSetup("torch engine", TorchEngineServer, spec, DTYPES[cfg.model.dtype], logs,
+                       env={"OMP_NUM_THREADS": str(threads)})
 
 
 @ROLLOUT_ENGINES.register("torch")
@@ -244,7 +352,7 @@ def build_torch_engine(cfg: ProRLConfig, model_dir: Path) -> RolloutEngine:
     from transformers import AutoTokenizer
 
     from nemo_prorl import cluster
-    from nemo_prorl.rollout.pool import EnginePool, EngineSetup
+    from nemo_prorl.rollout.pool import EnginePool
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -252,10 +360,4 @@ def build_torch_engine(cfg: ProRLConfig, model_dir: Path) -> RolloutEngine:
     if not plan.engines:  # one engine: in this process
         return TorchRolloutEngine(model_dir, device=cfg.cluster.device, dtype=cfg.model.dtype,
                                   max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad, tokenizer=tok)
-    per_node = max(sum(1 for e in plan.engines if e.node == n) for n in {e.node for e in plan.engines})
-    threads = cfg.cluster.num_threads or max(1, (os.cpu_count() or 1) // per_node)
-    spec = dict(model_dir=str(model_dir), device=cfg.cluster.device, dtype=cfg.model.dtype,
-                max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad, num_threads=threads)
-    logs = [None] * len(plan.engines)
-    return EnginePool(cfg, EngineSetup("torch engine", TorchEngineServer, spec, DTYPES[cfg.model.dtype], logs,
-                                       env={"OMP_NUM_THREADS": str(threads)}), engine="torch")
+    return EnginePool(cfg, pool_setup(cfg, model_dir, plan, pad), engine="torch")

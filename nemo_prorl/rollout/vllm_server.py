@@ -16,7 +16,7 @@ loading (the CPU build's oneDNN / SGL packing) are redone for the new values.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -104,11 +104,13 @@ class ProRLWorkerExtension:
 
 class EngineServer:
     """The actor: `init` builds the engine (so that a failure comes back as that command's traceback),
-    then generate / weight updates / sleep. Its output goes to the run's engine log."""
+    then generate / weight updates / sleep. Its output goes to the run's engine log. Its commands run one
+    at a time: a weight update never lands during a generate call (the pool keeps them apart too)."""
 
     def __init__(self, log_path: str) -> None:
         import signal
 
+        self.version = 0  # the policy version of the weights it holds (finish_weight_update)
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm signals every process; the trainer checkpoints
             signal.signal(sig, signal.SIG_IGN)      # first and then stops this engine itself
         if log_path:
@@ -144,15 +146,17 @@ class EngineServer:
         self.asleep = False
 
     def generate(self, prompts: list[list[int]], p: dict[str, Any],
-                 seeds: list[int]) -> list[tuple[int, list[int], list[float], str]]:
+                 seeds: list[int]) -> list[tuple[int, list[int], list[float], str, list[int]]]:
         """n samples of each prompt, prompt i drawn with seeds[i] (the trainer derives it from the step
-        and the prompt's index in the step, so it does not depend on the engine the prompt lands on)."""
+        and the prompt's index in the step, so it does not depend on the engine the prompt lands on); each
+        token's policy version is the engine's at the call's start (no update lands during a call)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self.wake_up()
         if not prompts:
             return []
+        version = self.version
         params = [SamplingParams(n=p["n"], temperature=p["temperature"], top_p=p["top_p"], max_tokens=p["max_tokens"],
                                  stop_token_ids=list(p["stop_token_ids"]), stop=list(p["stop"]) or None,
                                  include_stop_str_in_output=True, seed=seeds[i], logprobs=0,
@@ -164,7 +168,8 @@ class EngineServer:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 lps = [c.logprobs[t][tok].logprob for t, tok in enumerate(ids)]
-                result.append((i, ids, lps, "length" if c.finish_reason == "length" else "stop"))
+                reason = "length" if c.finish_reason == "length" else "stop"
+                result.append((i, ids, lps, reason, [version] * len(ids)))
         return result
 
     def begin_weight_update(self) -> None:
@@ -175,9 +180,10 @@ class EngineServer:
     def load_bucket(self, handle: tuple, metas: list) -> int:
         return sum(self.llm.collective_rpc("prorl_load_bucket", args=(handle, metas)))
 
-    def finish_weight_update(self) -> None:
+    def finish_weight_update(self, version: Optional[int] = None) -> None:
         self.llm.collective_rpc("prorl_finish_weight_update")
         self.llm.reset_prefix_cache()  # cached prefixes hold keys and values of the old weights
+        self.version = self.version + 1 if version is None else version
         self.wake_up()
 
     def sleep(self) -> None:

@@ -2,6 +2,10 @@
 
   generate -> score -> filter (DAPO rounds) -> advantages -> logprobs -> update -> sync_weights
   -> validate (every k steps) -> reset_reference (schedule or stall) -> checkpoint
+
+Asynchronous steps (algo.async.max_staleness > 0) are a scheduling policy around the same loop: a producer
+(trainer/producer.py) generates, scores and filters ahead of the trainer, and the generate phase takes
+the groups a step needs from its buffer; the phases after it are the same code.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -24,18 +29,20 @@ from nemo_prorl.algo.offpolicy import mismatch_metrics
 from nemo_prorl.algo.reset import reference_reset_decision
 from nemo_prorl.algo.sampling import groups_with_signal, take_groups
 from nemo_prorl.cluster.rewards import reward_suite
-from nemo_prorl.config.schema import ProRLConfig
+from nemo_prorl.config.schema import ProRLConfig, async_config
 from nemo_prorl.data.records import PromptRecord, PromptSource
 from nemo_prorl.data.templates import encode_prompts
 from nemo_prorl.policy.base import Batch, LossFn, PolicyBackend
 from nemo_prorl.rewards.sandbox import sandbox_confines
-from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams
+from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams, prompt_seed
 from nemo_prorl.trainer.batching import build_batch, minibatch_plan, select_rows
 from nemo_prorl.trainer.checkpoint import (CheckpointError, read_checkpoint_file, remove_stale_temporaries,
                                            save_checkpoint, set_aside_newer, set_rng_state)
 from nemo_prorl.trainer.logger import MetricsLogger, truncate_logs
 from nemo_prorl.trainer.phases import PhaseTimer
-from nemo_prorl.trainer.scoring import per_domain_means, reward_health, score_completions, shaped_rewards
+from nemo_prorl.trainer.producer import (RolloutProducer, SerializedRewards, Taken, multi_version_tokens,
+                                         version_lags)
+from nemo_prorl.trainer.scoring import Scores, per_domain_means, reward_health, score_completions, shaped_rewards
 from nemo_prorl.trainer.validate import validate
 from nemo_prorl.weight_sync import sync_weights
 
@@ -49,6 +56,8 @@ class StepGroups:
     prompt_ids: list[list[int]] = dataclasses.field(default_factory=list)
     completions: list[Completion] = dataclasses.field(default_factory=list)
     rewards: list[torch.Tensor] = dataclasses.field(default_factory=list)  # one [n] tensor per group
+    versions_behind: Optional[torch.Tensor] = None  # async: [N] version lag of each sample (oldest token)
+    seqs: list[int] = dataclasses.field(default_factory=list)  # async: each group's place in the data stream
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -88,6 +97,15 @@ class ProRLTrainer:
         self.skipped_streak = 0  # consecutive steps whose update was skipped
         self.last_validation: dict[str, float] = {}
         self.resumed_stage: Optional[str] = None
+        # Asynchronous steps (trainer/producer.py): None when synchronous (max_staleness 0)
+        self.max_staleness = async_config(cfg).max_staleness
+        self.producer: Optional[RolloutProducer] = None
+        self.prompts_consumed = 0  # async: prompts the steps took from the stream (trained, filtered, dropped)
+        self.consumed_data_state: Optional[dict[str, Any]] = None  # async: the source's state after them
+        self.histograms: dict[str, torch.Tensor] = {}  # this step's, for TensorBoard
+        self._mark: Optional[tuple[float, float]] = None  # async: (wall, engine busy seconds) at the last take
+        if self.max_staleness > 0:
+            self.rewards = SerializedRewards(self.rewards)  # the producer's scorer and validation share it
 
     # ---------------------------------------------------------------- prompts
     def encode_prompts(self, records: Sequence[PromptRecord]) -> tuple[list[PromptRecord], list[list[int]], int]:
@@ -98,18 +116,17 @@ class ProRLTrainer:
         a, ro = self.cfg.algo, self.cfg.rollout
         n, need = a.num_generations_per_prompt, a.num_prompts_per_step
         ds = a.dynamic_sampling
+        if self.producer is not None:
+            return self.take_groups(step, timer)
         kept = StepGroups()
         gen_groups = uniform_groups = rounds = dropped_prompts = 0
-        all_rewards, all_lengths, all_trunc, all_domains, all_status, all_info = [], [], [], [], [], []
-        gen_tokens = 0
+        round_scores: list[Scores] = []
         for rnd in range(ds.max_generation_rounds if ds.enabled else 1):
             with timer("generate"):
                 records, prompt_ids, dropped = self.encode_prompts(self.source.next_prompts(need))
                 dropped_prompts += dropped
-                params = SamplingParams(n=n, temperature=ro.temperature, top_p=ro.top_p,
-                                        max_tokens=ro.max_response_length, stop_token_ids=self.stop_ids,
-                                        seed=_seed(self.cfg.trainer.seed, step, rnd), stop=tuple(ro.stop))
-                completions = self.engine.generate(prompt_ids, params)
+                completions = self.engine.generate(prompt_ids, self.sampling_params(_seed(self.cfg.trainer.seed, step,
+                                                                                          rnd)))
             with timer("score"):
                 scores = score_completions(records, completions, self.tokenizer, self.rewards)
                 shaped = shaped_rewards(scores, self.cfg.reward, ro.max_response_length).view(len(records), n)
@@ -124,35 +141,113 @@ class ProRLTrainer:
                                             for c in completions[g * n : (g + 1) * n])
             rounds += 1
             gen_groups += len(records)
-            all_rewards.append(scores.rewards)
-            all_lengths.append(scores.lengths)
-            all_trunc.append(scores.truncated)
-            all_domains += scores.domains
-            all_status += scores.statuses
-            all_info += scores.info
+            round_scores.append(scores)
             self.reward_failures += scores.failures
-            gen_tokens += int(scores.lengths.sum())
             if len(kept) >= need:
                 break
-        rewards, lengths = torch.cat(all_rewards), torch.cat(all_lengths).float()
-        metrics = {
-            "reward/mean": float(rewards.mean()),
-            "response_length/mean": float(lengths.mean()),
-            "response_length/max": float(lengths.max()),
-            "response_length/truncated_frac": float(torch.cat(all_trunc).float().mean()),
+        return kept, self.generation_metrics(round_scores, generated_groups=gen_groups, uniform_groups=uniform_groups,
+                                             kept=len(kept), rounds=float(rounds), dropped_prompts=dropped_prompts)
+
+    def sampling_params(self, seed: int) -> SamplingParams:
+        a, ro = self.cfg.algo, self.cfg.rollout
+        return SamplingParams(n=a.num_generations_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
+                              max_tokens=ro.max_response_length, stop_token_ids=self.stop_ids, seed=seed,
+                              stop=tuple(ro.stop))
+
+    # ---------------------------------------------------------------- asynchronous steps (trainer/producer.py)
+    def start_producer(self) -> None:
+        """Asynchronous steps: the engines learn the policy's version (a sync at the step resumed from), then
+        the producer starts drawing prompts where the steps so far stopped taking them."""
+        a, ac = self.cfg.algo, async_config(self.cfg)
+        sync_weights(self.policy, self.engine, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb, version=self.step)
+        ro = self.cfg.rollout
+
+        def score(records: Sequence[PromptRecord], completions: Sequence[Completion]) -> tuple[Scores, torch.Tensor]:
+            scores = score_completions(records, completions, self.tokenizer, self.rewards)
+            return scores, shaped_rewards(scores, self.cfg.reward, ro.max_response_length)
+
+        self.producer = RolloutProducer(
+            engine=self.engine, source=self.source, params=self.sampling_params(0), encode=self.encode_prompts,
+            score=score, capacity=ac.max_buffered_groups or self.max_staleness * a.num_prompts_per_step,
+            request_prompts=ac.prompts_per_request or a.num_prompts_per_step, first_seq=self.prompts_consumed,
+            seed=lambda seq: prompt_seed(_seed(self.cfg.trainer.seed, ASYNC_SEED_STREAM, seq), 0)).start()
+        self._mark = None
+
+    def take_groups(self, step: int, timer: PhaseTimer) -> tuple[StepGroups, dict[str, float]]:
+        """The generate phase of an asynchronous step: the groups it needs, from the producer's buffer."""
+        a, ds = self.cfg.algo, self.cfg.algo.dynamic_sampling
+        need = a.num_prompts_per_step
+        budget = need * (ds.max_generation_rounds if ds.enabled else 1)  # prompts examined, as in sync rounds
+        with timer("generate"):
+            taken = self.producer.take(
+                policy_version=step - 1, max_staleness=self.max_staleness, need=need, budget=budget,
+                has_signal=lambda r: not ds.enabled or bool(groups_with_signal(r.view(1, -1), ds.reward_atol)[0]))
+        kept = StepGroups()
+        for g in taken.kept:
+            kept.prompt_ids.append(g.prompt_ids)
+            kept.rewards.append(g.shaped)
+            kept.seqs.append(g.seq)
+            kept.completions.extend(dataclasses.replace(c, prompt_index=len(kept) - 1) for c in g.completions)
+        kept.versions_behind = version_lags(kept.completions, step - 1)
+        self.prompts_consumed = taken.examined[-1].seq + 1
+        self.consumed_data_state = taken.examined[-1].data_state
+        self.reward_failures += self.producer.drain_failures()
+        scored = [g.scores for g in taken.examined if not g.too_long]
+        metrics = self.generation_metrics(scored, generated_groups=len(scored), uniform_groups=taken.filtered,
+                                          kept=len(kept), rounds=len(taken.examined) / need,
+                                          dropped_prompts=taken.too_long)
+        return kept, {**metrics, **self.async_metrics(taken, kept)}
+
+    def async_metrics(self, taken: Taken, kept: StepGroups) -> dict[str, float]:
+        """Version lag of the trained samples, the buffer, and who waited for whom since the last step."""
+        now, busy = time.perf_counter(), self.producer.engine_busy_seconds()
+        wall = now - self._mark[0] if self._mark else 0.0
+        engine_busy = busy - self._mark[1] if self._mark else 0.0
+        self._mark = (now, busy)
+        lags = kept.versions_behind
+        spans, span_tokens = multi_version_tokens(kept.completions)
+        ready, in_flight = self.producer.occupancy()
+        if len(lags):
+            self.histograms["async/version_lag"] = lags
+        return {
+            "async/version_lag_mean": float(lags.float().mean()) if len(lags) else 0.0,
+            "async/version_lag_max": float(lags.max()) if len(lags) else 0.0,
+            "async/dropped_stale_groups": float(taken.dropped_stale),
+            "async/buffer_groups": float(taken.ready_at_start),  # scored groups waiting when the step began
+            "async/buffer_groups_after": float(ready),
+            "async/in_flight_groups": float(in_flight),
+            "async/multi_version_samples": float(spans),
+            "async/multi_version_tokens": float(span_tokens),
+            # between two steps' takes: the share of time the engines had no request, and the trainer waited
+            "async/engine_idle_frac": max(0.0, 1.0 - engine_busy / wall) if wall > 0 else 0.0,
+            "async/trainer_idle_frac": min(1.0, taken.waited_s / wall) if wall > 0 else 0.0,
+        }
+
+    def generation_metrics(self, scores: Sequence[Scores], *, generated_groups: int, uniform_groups: int, kept: int,
+                           rounds: float, dropped_prompts: int) -> dict[str, float]:
+        """The step's figures of what it generated (every scored response, kept or not)."""
+        need = self.cfg.algo.num_prompts_per_step
+        out: dict[str, float] = {}
+        domains = [d for s in scores for d in s.domains]
+        if scores:  # (none when every prompt an asynchronous step took was too long)
+            rewards, lengths = torch.cat([s.rewards for s in scores]), torch.cat([s.lengths for s in scores]).float()
+            out = {"reward/mean": float(rewards.mean()), "response_length/mean": float(lengths.mean()),
+                   "response_length/max": float(lengths.max()),
+                   "response_length/truncated_frac": float(torch.cat([s.truncated for s in scores]).float().mean()),
+                   **per_domain_means(rewards, domains, "reward")}
+        return {
+            **out,
             # Groups whose rewards were all equal (no learning signal), out of all generated this step.
-            "filter/filtered_group_frac": uniform_groups / max(gen_groups, 1),
-            "filter/kept_groups": float(len(kept)),
+            "filter/filtered_group_frac": uniform_groups / max(generated_groups, 1),
+            "filter/kept_groups": float(kept),
             # groups the step planned for but did not get (DAPO's rounds fell short); see minibatch_sizes
-            "filter/shortfall_groups": float(need - len(kept)),
-            "filter/generation_rounds": float(rounds),
+            "filter/shortfall_groups": float(need - kept),
+            "filter/generation_rounds": rounds,
             "data/dropped_long_prompts": float(dropped_prompts),
             "data/skipped_rows": float(self.source.skipped_rows()),
-            "throughput/generated_tokens": float(gen_tokens),
-            **per_domain_means(rewards, all_domains, "reward"),
-            **reward_health(all_status, all_domains, all_info),
+            "throughput/generated_tokens": float(sum(int(s.lengths.sum()) for s in scores)),
+            **reward_health([x for s in scores for x in s.statuses], domains, [x for s in scores for x in s.info]),
         }
-        return kept, metrics
 
     # ---------------------------------------------------------------- phases: advantages, logprobs, update
     def make_batch(self, groups: StepGroups) -> dict[str, torch.Tensor]:
@@ -180,7 +275,8 @@ class ProRLTrainer:
             global_num_tokens=mb["response_mask"].sum(), global_num_seqs=float(mb["response_mask"].shape[0]),
             horizon=self.cfg.rollout.max_response_length, loss_agg_mode=a.loss_agg_mode, kl_coef=a.kl_coef,
             kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef, rollout_correction=rc.mode,
-            tis_cap=rc.tis_cap, icepop_low=rc.icepop_low, icepop_high=rc.icepop_high)
+            tis_cap=rc.tis_cap, icepop_low=rc.icepop_low, icepop_high=rc.icepop_high, seq_geo_mask=rc.seq_geo_mask,
+            geo_mask_low=rc.geo_mask_low, geo_mask_high=rc.geo_mask_high)
 
     def update(self, batch: dict[str, torch.Tensor], plan: list[torch.Tensor]) -> dict[str, float]:
         T = self.cfg.rollout.temperature
@@ -202,8 +298,9 @@ class ProRLTrainer:
         B = batch["response_mask"].shape[0]
         need = torch.ones(B, dtype=torch.bool)
         if self.cfg.algo.num_epochs_per_step == 1:
-            # The first update starts from the policy that sampled: the old logprobs of its rows are its
-            # own forward pass, detached (microbatch_loss), so this pass skips them. With several epochs
+            # The first update starts from the policy that sampled (asynchronous steps: the proximal policy,
+            # which the clip is relative to): the old logprobs of its rows are its own forward pass,
+            # detached (microbatch_loss), so this pass skips them. With several epochs
             # every row is updated again later and needs them.
             need[plan[0]] = False
         rows = torch.nonzero(need).flatten()
@@ -225,7 +322,8 @@ class ProRLTrainer:
 
     def train_step(self, step: int, timer: PhaseTimer) -> dict[str, float]:
         groups, metrics = self.collect_groups(step, timer)
-        self.engine.sleep()  # colocated engines give the memory to the update; the sync wakes them
+        if self.producer is None:
+            self.engine.sleep()  # colocated engines give the memory to the update; the sync wakes them
         if len(groups) == 0:  # every group was uniform for max_generation_rounds: nothing to learn from
             metrics["actor/update_skipped"] = 1.0
             return metrics
@@ -238,7 +336,9 @@ class ProRLTrainer:
         with timer("update"):
             metrics.update(self.update(batch, plan))
         with timer("sync_weights"):
-            stats = sync_weights(self.policy, self.engine, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb)
+            # the engines' weights become version `step` (a request in flight goes on with them)
+            stats = sync_weights(self.policy, self.engine, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb,
+                                 version=step)
         metrics["sync/megabytes"] = stats.num_bytes / 2**20
         # bytes that crossed nodes to reach an engine (0 when every node holds a whole replica)
         metrics["sync/cross_node_megabytes"] = stats.cross_node_bytes / 2**20
@@ -286,8 +386,11 @@ class ProRLTrainer:
     # ---------------------------------------------------------------- checkpoint, resume, preemption
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "last_reset_step": self.last_reset_step, "val_history": self.val_history,
-                "num_resets": self.num_resets, "skipped_streak": self.skipped_streak, "data": self.source.state_dict(),
-                "stage_name": self.cfg.stage_name}
+                "num_resets": self.num_resets, "skipped_streak": self.skipped_streak,
+                # async: where the steps stopped taking prompts; those in flight are drawn again on resume
+                "data": self.consumed_data_state if self.producer is not None and self.consumed_data_state is not None
+                else self.source.state_dict(),
+                "prompts_consumed": self.prompts_consumed, "stage_name": self.cfg.stage_name}
 
     def restore(self, ckpt: Path) -> None:
         """Continue exactly where the checkpoint left off: policy (optimizer, reference), counters, data
@@ -299,6 +402,7 @@ class ProRLTrainer:
         st = read_checkpoint_file(ckpt, "trainer_state.json")
         self.step, self.last_reset_step, self.val_history = st["step"], st["last_reset_step"], st["val_history"]
         self.num_resets, self.skipped_streak = st.get("num_resets", 0), st.get("skipped_streak", 0)
+        self.prompts_consumed = st.get("prompts_consumed", 0)
         self.source.load_state_dict(st["data"])
         set_rng_state(read_checkpoint_file(ckpt, "rng_state.pt"))
         self.resumed_stage = st.get("stage_name")
@@ -333,8 +437,9 @@ class ProRLTrainer:
         skipped = metrics.get("actor/update_skipped", 0.0) > 0 and "actor/loss" in metrics
         self.skipped_streak = self.skipped_streak + 1 if skipped else 0
         metrics.update(timer.metrics())
-        metrics["throughput/gen_tokens_per_s"] = metrics["throughput/generated_tokens"] / max(
-            metrics.get("time/generate", 0.0), 1e-9)
+        # asynchronous steps generate during the whole step (their generate phase only waits for groups)
+        gen_time = metrics.get("time/step" if self.producer is not None else "time/generate", 0.0)
+        metrics["throughput/gen_tokens_per_s"] = metrics["throughput/generated_tokens"] / max(gen_time, 1e-9)
         return metrics
 
     def fit(self) -> dict[str, Any]:
@@ -349,6 +454,8 @@ class ProRLTrainer:
         try:
             with StopSignals() as stop:
                 self._begin(logger, resumed_at, validations)
+                if self.max_staleness > 0:
+                    self.start_producer()
                 while self.step < t.num_steps:
                     self.step += 1
                     metrics = self.run_step(PhaseTimer(), logger)
@@ -356,6 +463,9 @@ class ProRLTrainer:
                         validations[self.step] = self.last_validation
                     # logged before the checkpoint: a kill in between re-runs this step, never loses its row
                     logger.log(self.step, metrics)
+                    for name, values in self.histograms.items():
+                        logger.histogram(self.step, name, values)
+                    self.histograms = {}
                     logger.advance(self.step, metrics)
                     self._report_reward_failures(logger)
                     unhealthy = self.skipped_streak >= t.max_consecutive_skipped_updates
@@ -373,6 +483,9 @@ class ProRLTrainer:
                             f"{self.skipped_streak} steps in a row skipped their update (NaN or inf in the loss or "
                             f"gradients); stopped with a checkpoint at {path}")
         finally:
+            if self.producer is not None:
+                self.producer.stop()
+                self.producer = None
             logger.close()
             self.rewards.close()
         return {"validations": validations, "out_dir": str(self.out_dir), "preempted": stop.signal}
@@ -450,5 +563,6 @@ class StopSignals:
             signal.signal(s, old)
 
 
+ASYNC_SEED_STREAM = 0xA5  # async prompts' seeds: (run seed, this, place in the stream), apart from the steps'
 PREEMPTED_MARKER = "PREEMPTED"
 RESET_REQUEST = "RESET_REFERENCE"  # written by `prorl reset-reference RUN_DIR`; read at the next step's end

@@ -46,6 +46,11 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, step)
         self.last_val.update({k: v for k, v in clean.items() if k.startswith("val/")})
 
+    def histogram(self, step: int, name: str, values: Any) -> None:
+        """A distribution (TensorBoard only; metrics.jsonl keeps its summary figures)."""
+        if self.tb is not None:
+            self.tb.add_histogram(name, values, step)
+
     def advance(self, step: int, metrics: dict[str, float]) -> None:
         if self.bar is None:
             return
