@@ -203,8 +203,9 @@ def test_begin_waits_for_the_running_model_call(parts):
     gen, out = in_thread(lambda: engine.generate(prompts, params(tok)))
     assert inside.wait(120)
     begin, begun = in_thread(engine.begin_weight_update)
-    time.sleep(0.5)
-    assert begin.is_alive() and engine._gate.updating  # waiting for the model call
+    wait_until(lambda: engine._gate.updating)  # it stopped new model calls ...
+    time.sleep(0.2)
+    assert begin.is_alive()  # ... and waits for the one running, which is held until `release`
     release.set()
     joined(begin, begun, 60)
     engine.load_weights(new.state_dict().items())

@@ -135,6 +135,8 @@ class ActorGroup:
     def _fail(self, i: int, command: str, what: str, detail: str) -> None:
         detail = _ANSI.sub("", detail).strip()
         message = f"{self.role} {i} on {self.nodes[i]} {what} during {command}:\n{detail}"
+        if self.failure:  # killed by another thread's failure (asynchronous steps): that one says why
+            message = f"{self.failure}\n(then {self.role} {i} {what} during {command}: the group was shut down)"
         self.failure = self.failure or message  # before the group is emptied: another thread may be looking
         self.abort()
         raise self.error_type(message, role=self.role, index=i, node=self.nodes[i], command=command) from None

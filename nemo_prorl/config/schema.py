@@ -185,7 +185,8 @@ class AsyncConfig:
     """Asynchronous GRPO (README "Asynchronous steps"): a rollout producer keeps the engines generating
     while the trainer updates, and the trainer never trains on a sample whose oldest token came from a
     policy more than `max_staleness` versions behind the one it updates (version v = the weights after v
-    updates). 0: the synchronous trainer, bit for bit (ProRL trained that way)."""
+    updates; a step that keeps no group is no version). 0: the synchronous trainer, bit for bit (ProRL
+    trained that way)."""
 
     max_staleness: int = 0
     # Groups generated ahead of the trainer (in flight, being scored, or waiting in the buffer); a bound on

@@ -71,6 +71,7 @@ class TorchRolloutEngine(RolloutEngine):
         # keep_vars: the live tensors under every state-dict name (tied weights appear under both names).
         self._params = self.model.state_dict(keep_vars=True)
         self._cache_kw = cache_keyword(self.model)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.version = 0
         self._gate = WeightGate()  # model calls are its readers, a weight update its writer
         # Called with t (>= 1) by the generating thread before the model call that gives the logits of response
@@ -180,11 +181,15 @@ class TorchRolloutEngine(RolloutEngine):
         return self._collect(jobs, torch.stack(tokens, 1)[:B].cpu(), torch.stack(logps, 1)[:B].cpu(), ends[:B],
                              versions)
 
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
-        """The last column's logits and a new KV cache of the whole of `ids`."""
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                 last_only: bool = False) -> tuple[torch.Tensor, DynamicCache]:
+        """The last column's logits and a new KV cache of the whole of `ids`. `last_only`: the model computes
+        the last column's logits alone (a rebuild over a long response would otherwise hold [rows, tokens,
+        vocab] logits); the first prefill keeps its computation as it was, bit for bit."""
         cache = DynamicCache()
+        keep = {"logits_to_keep": 1} if last_only and self._keeps_logits else {}
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                            **{self._cache_kw: cache}).logits[:, -1]
+                            **{self._cache_kw: cache}, **keep).logits[:, -1]
         return logits, cache
 
     def _next_logits(self, nxt: torch.Tensor, mask: torch.Tensor, last_pos: torch.Tensor, cache: DynamicCache,
@@ -198,7 +203,7 @@ class TorchRolloutEngine(RolloutEngine):
         with self._gate.reading():
             version = self.version
             if version != cache_version:
-                logits, cache = self._prefill(sequence(), mask, (mask.cumsum(-1) - 1).clamp(min=0))
+                logits, cache = self._prefill(sequence(), mask, (mask.cumsum(-1) - 1).clamp(min=0), last_only=True)
                 return logits, cache, version
             logits = self.model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=last_pos.unsqueeze(-1),
                                 use_cache=True, **{self._cache_kw: cache}).logits[:, -1]

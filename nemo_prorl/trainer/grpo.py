@@ -100,7 +100,10 @@ class ProRLTrainer:
         # Asynchronous steps (trainer/producer.py): None when synchronous (max_staleness 0)
         self.max_staleness = async_config(cfg).max_staleness
         self.producer: Optional[RolloutProducer] = None
-        self.prompts_consumed = 0  # async: prompts the steps took from the stream (trained, filtered, dropped)
+        # The version of the policy's weights: the number of updates synced to the engines (a step that kept no
+        # group changes nothing, so it is no version). Engines record it on every token they generate.
+        self.policy_version = 0
+        self.prompts_consumed = 0  # prompts the steps took from the stream (trained, filtered, dropped, too long)
         self.consumed_data_state: Optional[dict[str, Any]] = None  # async: the source's state after them
         self.histograms: dict[str, torch.Tensor] = {}  # this step's, for TensorBoard
         self._mark: Optional[tuple[float, float]] = None  # async: (wall, engine busy seconds) at the last take
@@ -125,6 +128,7 @@ class ProRLTrainer:
             with timer("generate"):
                 records, prompt_ids, dropped = self.encode_prompts(self.source.next_prompts(need))
                 dropped_prompts += dropped
+                self.prompts_consumed += need
                 completions = self.engine.generate(prompt_ids, self.sampling_params(_seed(self.cfg.trainer.seed, step,
                                                                                           rnd)))
             with timer("score"):
@@ -159,7 +163,8 @@ class ProRLTrainer:
         """Asynchronous steps: the engines learn the policy's version (a sync at the step resumed from), then
         the producer starts drawing prompts where the steps so far stopped taking them."""
         a, ac = self.cfg.algo, async_config(self.cfg)
-        sync_weights(self.policy, self.engine, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb, version=self.step)
+        sync_weights(self.policy, self.engine, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb,
+                     version=self.policy_version)
         ro = self.cfg.rollout
 
         def score(records: Sequence[PromptRecord], completions: Sequence[Completion]) -> tuple[Scores, torch.Tensor]:
@@ -180,7 +185,7 @@ class ProRLTrainer:
         budget = need * (ds.max_generation_rounds if ds.enabled else 1)  # prompts examined, as in sync rounds
         with timer("generate"):
             taken = self.producer.take(
-                policy_version=step - 1, max_staleness=self.max_staleness, need=need, budget=budget,
+                policy_version=self.policy_version, max_staleness=self.max_staleness, need=need, budget=budget,
                 has_signal=lambda r: not ds.enabled or bool(groups_with_signal(r.view(1, -1), ds.reward_atol)[0]))
         kept = StepGroups()
         for g in taken.kept:
@@ -188,11 +193,11 @@ class ProRLTrainer:
             kept.rewards.append(g.shaped)
             kept.seqs.append(g.seq)
             kept.completions.extend(dataclasses.replace(c, prompt_index=len(kept) - 1) for c in g.completions)
-        kept.versions_behind = version_lags(kept.completions, step - 1)
+        kept.versions_behind = version_lags(kept.completions, self.policy_version)
         self.prompts_consumed = taken.examined[-1].seq + 1
         self.consumed_data_state = taken.examined[-1].data_state
         self.reward_failures += self.producer.drain_failures()
-        scored = [g.scores for g in taken.examined if not g.too_long]
+        scored = [g.scores for g in taken.scored]  # not the stale groups: an older policy's figures
         metrics = self.generation_metrics(scored, generated_groups=len(scored), uniform_groups=taken.filtered,
                                           kept=len(kept), rounds=len(taken.examined) / need,
                                           dropped_prompts=taken.too_long)
@@ -336,9 +341,10 @@ class ProRLTrainer:
         with timer("update"):
             metrics.update(self.update(batch, plan))
         with timer("sync_weights"):
-            # the engines' weights become version `step` (a request in flight goes on with them)
+            # the engines' weights become the next version (a request in flight goes on with them)
             stats = sync_weights(self.policy, self.engine, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb,
-                                 version=step)
+                                 version=self.policy_version + 1)
+        self.policy_version += 1
         metrics["sync/megabytes"] = stats.num_bytes / 2**20
         # bytes that crossed nodes to reach an engine (0 when every node holds a whole replica)
         metrics["sync/cross_node_megabytes"] = stats.cross_node_bytes / 2**20
@@ -390,7 +396,8 @@ class ProRLTrainer:
                 # async: where the steps stopped taking prompts; those in flight are drawn again on resume
                 "data": self.consumed_data_state if self.producer is not None and self.consumed_data_state is not None
                 else self.source.state_dict(),
-                "prompts_consumed": self.prompts_consumed, "stage_name": self.cfg.stage_name}
+                "prompts_consumed": self.prompts_consumed, "policy_version": self.policy_version,
+                "stage_name": self.cfg.stage_name}
 
     def restore(self, ckpt: Path) -> None:
         """Continue exactly where the checkpoint left off: policy (optimizer, reference), counters, data
@@ -403,6 +410,7 @@ class ProRLTrainer:
         self.step, self.last_reset_step, self.val_history = st["step"], st["last_reset_step"], st["val_history"]
         self.num_resets, self.skipped_streak = st.get("num_resets", 0), st.get("skipped_streak", 0)
         self.prompts_consumed = st.get("prompts_consumed", 0)
+        self.policy_version = st.get("policy_version", self.step)
         self.source.load_state_dict(st["data"])
         set_rng_state(read_checkpoint_file(ckpt, "rng_state.pt"))
         self.resumed_stage = st.get("stage_name")
@@ -438,7 +446,8 @@ class ProRLTrainer:
         self.skipped_streak = self.skipped_streak + 1 if skipped else 0
         metrics.update(timer.metrics())
         # asynchronous steps generate during the whole step (their generate phase only waits for groups)
-        gen_time = metrics.get("time/step" if self.producer is not None else "time/generate", 0.0)
+        gen_time = metrics["time/step"] - metrics.get("time/validate", 0.0) if self.producer is not None \
+            else metrics.get("time/generate", 0.0)
         metrics["throughput/gen_tokens_per_s"] = metrics["throughput/generated_tokens"] / max(gen_time, 1e-9)
         return metrics
 
@@ -484,8 +493,9 @@ class ProRLTrainer:
                             f"gradients); stopped with a checkpoint at {path}")
         finally:
             if self.producer is not None:
-                self.producer.stop()
-                self.producer = None
+                error, self.producer = self.producer.stop(), None
+                if error is not None:  # raised already, unless another error stopped the run first: say it
+                    log.warning("the rollout producer had stopped with: %s: %s", type(error).__name__, error)
             logger.close()
             self.rewards.close()
         return {"validations": validations, "out_dir": str(self.out_dir), "preempted": stop.signal}

@@ -24,7 +24,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -42,6 +41,7 @@ class Group:
 
     seq: int  # position of the prompt in the run's data stream (0 = the run's first prompt)
     data_state: dict[str, Any]  # the source's state_dict() after this prompt was drawn
+    generated_at: int = 0  # the engines' policy version when its request was handed to them
     prompt_ids: list[int] = dataclasses.field(default_factory=list)  # empty: too long, dropped at encoding
     completions: list[Completion] = dataclasses.field(default_factory=list)  # prompt_index 0
     shaped: Optional[torch.Tensor] = None  # [n] shaped rewards
@@ -53,8 +53,8 @@ class Group:
 
     @property
     def oldest_version(self) -> int:
-        """The version of the policy that generated the group's oldest token."""
-        return min(_oldest(c) for c in self.completions)
+        """The version of the policy that generated the group's oldest token (empty responses have none)."""
+        return min((min(c.versions) for c in self.completions if c.versions), default=self.generated_at)
 
 
 @dataclasses.dataclass
@@ -63,6 +63,7 @@ class Taken:
 
     kept: list[Group]
     examined: list[Group]  # every group taken, in stream order: kept, filtered, stale or too long
+    scored: list[Group]  # the kept and the filtered ones (generated within the staleness bound)
     dropped_stale: int
     filtered: int
     too_long: int
@@ -72,12 +73,8 @@ class Taken:
 
 def version_lags(completions: Sequence[Completion], policy_version: int) -> torch.Tensor:
     """Per sample: how many versions its oldest token is behind `policy_version` (the policy updated)."""
-    return torch.tensor([policy_version - _oldest(c, policy_version) for c in completions], dtype=torch.long)
-
-
-def _oldest(c: Completion, empty: int = 0) -> int:
-    """The version of a completion's oldest token; an empty one has none (`empty`: it counts as current)."""
-    return min(c.versions) if c.versions else empty
+    return torch.tensor([policy_version - (min(c.versions) if c.versions else policy_version) for c in completions],
+                        dtype=torch.long)
 
 
 def multi_version_tokens(completions: Sequence[Completion]) -> tuple[int, int]:
@@ -108,7 +105,8 @@ class RolloutProducer:
         self._to_score: queue.Queue = queue.Queue()
         self._error: Optional[BaseException] = None
         self._stopping = False
-        self._busy_s = 0.0  # engine time: inside generate calls
+        self._busy_s = 0.0  # engine time: inside generate calls (finished ones)
+        self._busy_since: Optional[float] = None  # start of the generate call in flight
         self._failures: list[str] = []  # "<reward>: <reason>" of verifier errors / time-outs, for the events log
         self._threads = [threading.Thread(target=self._guard, args=(self._generate_loop,), name="prorl-generator",
                                           daemon=True),
@@ -121,18 +119,27 @@ class RolloutProducer:
             t.start()
         return self
 
-    def stop(self, timeout_s: float = 60.0) -> None:
-        """Stop drawing prompts; wait for the scorer to finish what it holds (its verifiers have limits of
-        their own). A generate call in flight is not waited for: closing the engines ends it."""
+    def stop(self, timeout_s: float = 60.0) -> Optional[BaseException]:
+        """Stop drawing prompts and drop what waits to be scored; wait for the scorer's batch in hand (its
+        verifiers have limits of their own). A generate call in flight is not waited for: closing the engines
+        ends it, and its thread then ends. Returns the error that stopped the producer, if one did."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        while True:
+            try:
+                self._to_score.get_nowait()
+            except queue.Empty:
+                break
         self._to_score.put(None)
         self._threads[1].join(timeout_s)
+        return self._error
 
     def engine_busy_seconds(self) -> float:
+        """Seconds spent in generate calls so far, the one in flight included."""
         with self._cond:
-            return self._busy_s
+            running = time.perf_counter() - self._busy_since if self._busy_since is not None else 0.0
+            return self._busy_s + running
 
     # ------------------------------------------------------------------ threads
     def _guard(self, loop: Callable[[], None]) -> None:
@@ -149,15 +156,20 @@ class RolloutProducer:
 
     def _generate_loop(self) -> None:
         while True:
+            # a whole request's room (or the whole buffer's): a slot freed one group at a time must not turn
+            # into a request of one prompt that the engines then work on almost idle
+            full = min(self.request_prompts, self.capacity)
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or self._room() > 0)
+                self._cond.wait_for(lambda: self._stopping or self._room() >= full)
                 if self._stopping:
                     return
                 take = min(self.request_prompts, self._room())
+                version = self.engine.version
             groups, records = [], []
             for _ in range(take):  # one at a time: each group knows the source's state after its prompt
                 rec = self.source.next_prompts(1)
-                groups.append(Group(seq=self._drawn, data_state=copy.deepcopy(self.source.state_dict())))
+                groups.append(Group(seq=self._drawn, data_state=copy.deepcopy(self.source.state_dict()),
+                                    generated_at=version))
                 records += rec
                 with self._cond:
                     self._drawn += 1
@@ -165,10 +177,18 @@ class RolloutProducer:
             live = [g for g, rec in zip(groups, records) if any(r is rec for r in kept)]
             for g, p in zip(live, ids):
                 g.prompt_ids = p
-            start = time.perf_counter()
-            completions = self.engine.generate(ids, self.params, seeds=[self.seed(g.seq) for g in live]) if ids else []
             with self._cond:
-                self._busy_s += time.perf_counter() - start
+                self._busy_since = time.perf_counter()
+            try:
+                completions = self.engine.generate(ids, self.params, seeds=[self.seed(g.seq) for g in live]) \
+                    if ids else []
+            finally:
+                with self._cond:
+                    self._busy_s += time.perf_counter() - self._busy_since
+                    self._busy_since = None
+            for c in completions:  # an engine that records no versions: every token is the request's version
+                if c.versions is None:
+                    c.versions = [version] * len(c.token_ids)
             self._to_score.put((groups, live, kept, completions))
 
     def _score_loop(self) -> None:
@@ -197,6 +217,7 @@ class RolloutProducer:
         never trained on); `has_signal(shaped)` False filters it (dynamic sampling)."""
         kept: list[Group] = []
         examined: list[Group] = []
+        scored: list[Group] = []
         stale = filtered = too_long = 0
         waited = 0.0
         with self._cond:
@@ -212,9 +233,11 @@ class RolloutProducer:
                 stale += 1
             elif not has_signal(g.shaped):
                 filtered += 1
+                scored.append(g)
             else:
                 kept.append(g)
-        return Taken(kept, examined, stale, filtered, too_long, ready_at_start, waited)
+                scored.append(g)
+        return Taken(kept, examined, scored, stale, filtered, too_long, ready_at_start, waited)
 
     def _next_group(self) -> Group:
         with self._cond:
@@ -254,6 +277,15 @@ class SerializedRewards:
     def score_batch(self, names: Sequence[str], inputs: Sequence[Any]) -> list[Any]:
         with self._lock:
             return self.suite.score_batch(names, inputs)
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """After the batch being scored (a scorer the producer's stop did not wait out), or `timeout_s`."""
+        held = self._lock.acquire(timeout=timeout_s)
+        try:
+            self.suite.close()
+        finally:
+            if held:
+                self._lock.release()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.suite, name)
