@@ -371,16 +371,19 @@ class NodeLocalSender:
         self.received: dict[ShardKey, dict[str, torch.Tensor]] = {}
         self.transport: Optional[Any] = None  # the ranks + relays gloo group (split mode); None: torch's default
 
-    def join_transport(self, addr: str, port: int, secret: str, rank: int, size: int, timeout_s: float = 1800.0) -> None:
+    def join_transport(self, rendezvous: Any, prefix: str, rank: int, size: int, timeout_s: float = 1800.0) -> None:
         """A gloo group of the Megatron ranks (their own ranks) and the weight relays of rank-less engine
-        nodes (after them), on the Megatron group's store under its own secret prefix: the path of the
-        bytes that go to nodes without ranks (split mode)."""
+        nodes (after them), meeting in the Megatron group's rendezvous actor (cluster/rendezvous.py, reached
+        over Ray with the cluster's token) under keys of its own (`prefix`): the path of the bytes that go to
+        nodes without ranks (split mode)."""
         import datetime
 
         import torch.distributed as dist
 
+        from nemo_prorl.cluster.rendezvous import RayStore
+
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = dist.PrefixStore(f"prorl-{secret}", dist.TCPStore(addr, port, is_master=False, timeout=timeout))
+        store = dist.PrefixStore(prefix, RayStore(rendezvous, timeout))
         self.transport = dist.ProcessGroupGloo(store, rank, size, timeout)
 
     def _send(self, t: torch.Tensor, dst: int) -> None:
@@ -459,11 +462,11 @@ class WeightRelay(ActorBase):
         self.sender = NodeLocalSender(torch.device("cpu"))
         self.rank = -1
 
-    def join(self, addr: str, port: int, secret: str, rank: int, size: int) -> None:
-        if addr in ("127.0.0.1", "localhost"):
+    def join(self, rendezvous: Any, prefix: str, rank: int, size: int) -> None:
+        if self.node_info()["ip"] in ("127.0.0.1", "localhost"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a loopback cluster, as the ranks do
         self.rank = rank
-        self.sender.join_transport(addr, port, secret, rank, size)
+        self.sender.join_transport(rendezvous, prefix, rank, size)
 
     def sync_prepare(self, transfers: list, kinds: dict[int, set[str]], bucket_bytes: int, dtype: str, metas: dict,
                      shape: Any, grid: tuple[int, int]) -> int:

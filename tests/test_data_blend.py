@@ -29,6 +29,8 @@ def math_rows(n, start=0):
 
 
 # ------------------------------------------------------------------------------------------- formats
+HE_CHECK = "def check(candidate):\n    for x in range(3):\n        assert candidate(x) == 2 * x\n"
+
 @pytest.mark.parametrize("fmt,row,domain,reward,truth,in_prompt", [
     ("deepscaler", {"problem": "1+1?", "answer": "2"}, "math", "math", "2", r"within \boxed{}"),
     ("deepscaler", {"problem": "1+1?", "answer": 2}, "math", "math", "2", "1+1?"),
@@ -38,6 +40,13 @@ def math_rows(n, start=0):
      "code", "code", json.dumps({"inputs": ["1 2\n"], "outputs": ["3\n"]}), "```python"),
     ("eurus_code", {"problem": "sq", "tests": ["assert sq(2) == 4"]}, "code", "code",
      json.dumps({"test_list": ["assert sq(2) == 4"]}), "sq"),
+    # HumanEval: a problem that is code defining the entry point goes to the judge as trusted 'prompt' code
+    # (its helpers: HumanEval/32's poly); text that does not define it stays out
+    ("eurus_code", {"prompt": "def f(x):\n    \"\"\"Twice x.\"\"\"\n", "tests": {"test": HE_CHECK, "entry_point": "f"}},
+     "code", "code", json.dumps({"test": HE_CHECK, "entry_point": "f", "prompt": "def f(x):\n    \"\"\"Twice x.\"\"\"\n"}),
+     "Twice x."),
+    ("eurus_code", {"prompt": "f", "tests": {"test": HE_CHECK, "entry_point": "f"}}, "code", "code",
+     json.dumps({"test": HE_CHECK, "entry_point": "f"}), "f"),
     ("ifeval", {"prompt": "Write a poem.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
      "instruction_following", "ifeval", json.dumps(["punctuation:no_comma"]), "Write a poem."),
     ("verl", {"data_source": "deepscaler", "ability": "math", "prompt": [{"role": "user", "content": "Q?"}],
@@ -54,7 +63,7 @@ def test_formats_make_typed_records(fmt, row, domain, reward, truth, in_prompt):
 
 def test_ifeval_rows_carry_their_instructions_to_the_verifier():
     rec = FORMATS.get("ifeval")({"prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [None]}, CTX)
-    res = safe_score(rec.reward, RewardInput(response="no commas here", ground_truth=rec.ground_truth,
+    res = safe_score(rec.reward, RewardInput(response="this answer has no commas anywhere", ground_truth=rec.ground_truth,
                                              metadata=rec.metadata))
     assert res.status == "ok" and res.reward == 1.0
     assert FORMATS.get("ifeval")({"prompt": "p", "instruction_id_list": ["punctuation:no_comma"]}, CTX).metadata[

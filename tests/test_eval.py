@@ -197,6 +197,31 @@ def test_eval_every_domain_with_real_rewards(tmp_path: Path, tiny_model_dir: Pat
     assert (tmp_path / "out" / "pass_at_k.png").stat().st_size > 10_000
 
 
+def test_eval_keeps_upstream_ifeval_semantics_without_the_training_gate(tmp_path: Path, tiny_model_dir: Path,
+                                                                         scripted):
+    """Issue 29: training gates IFEval answers that attempt nothing ('.' breaks no prohibition); `prorl eval`
+    must not, or its figures would not be IFEval's. The config default is the training one (gate on)."""
+    from nemo_prorl.data.templates import encode_prompts
+    from nemo_prorl.rewards import RewardInput, RewardSuite
+
+    rows = _jsonl(tmp_path / "ifeval.jsonl", [{"prompt": "Describe a cat without any commas.",
+                                              "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}])
+    cfg, _ = load_config(["rollout.engine=scripted", "eval.num_samples_per_prompt=2", "eval.pass_k=[1,2]",
+                          f"+eval.tasks={{ifeval:{{path:{rows},format:ifeval}}}}"])
+    assert cfg.reward.ifeval.require_attempt is True
+    (rec,) = load_tasks(cfg)["ifeval"]
+    _, ids, _ = encode_prompts(scripted, [rec], cfg.data.max_prompt_length)
+    ScriptedEngine.script[tuple(ids[0])] = (".", "Yes, it is.", 1)
+    training = RewardSuite(cfg.reward)
+    try:
+        gated = training.score(rec.reward, RewardInput(".", rec.ground_truth, metadata=rec.metadata))
+    finally:
+        training.close()
+    assert gated.reward == 0.0 and "no attempt" in gated.reason, gated
+    got = evaluate_all(cfg, [str(tiny_model_dir)], tmp_path / "out")["checkpoints"][tiny_model_dir.name]
+    assert got["tasks"]["ifeval"]["per_prompt"][0][1] == 1  # '.' counted right, as upstream IFEval counts it
+
+
 def test_eval_cli_two_checkpoints_real_model(tiny_cfg, tmp_path: Path, capsys):
     """`prorl eval` on a run folder and a plain HF folder, with the torch engine on the validation set."""
     from nemo_prorl.train import run_training

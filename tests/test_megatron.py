@@ -131,23 +131,3 @@ def test_vocab_parallel_entropy_gradient_is_autograds():
     torch.testing.assert_close(gp[..., :7], ref, atol=1e-6, rtol=0)
     with torch.no_grad():  # the metric-only path builds no graph
         assert vocab_parallel_entropy(x, group=None).grad_fn is None
-
-
-def test_the_rendezvous_store_keys_live_under_the_groups_secret(monkeypatch):
-    """torch's store has no authentication: the group's keys sit under a random prefix handed out over Ray,
-    so a stranger who reaches the port cannot read or overwrite the rendezvous."""
-    import torch.distributed as dist
-
-    from nemo_prorl.policy.parallel import init_distributed
-
-    seen = {}
-    monkeypatch.setattr(dist, "init_process_group", lambda backend, store, **kw: seen.update(store=store))
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    init_distributed(0, 1, master_addr="127.0.0.1", master_port=port, store_fd=listener.fileno(), secret="s3cr3t")
-    store = seen["store"]
-    assert isinstance(store, dist.PrefixStore)
-    store.set("rank_0", "addr")
-    stranger = dist.TCPStore("127.0.0.1", port, 1, is_master=False)
-    assert stranger.check(["prorl-s3cr3t/rank_0"]) and not stranger.check(["rank_0"])
-    listener.close()

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from nemo_prorl.rewards import RewardInput, safe_score
+from nemo_prorl.config.schema import IFEvalRewardConfig, RewardConfig
+from nemo_prorl.rewards import RewardInput, RewardSuite, safe_score
 from nemo_prorl.rewards import ifeval
 from nemo_prorl.rewards.base import REWARDS
+
+
+# IFEval's own semantics, as `prorl eval` scores them: these tests pin each instruction on short hand-written
+# responses, which training's attempt gate (tests/test_redteam_answers.py) would score 0 before any check.
+UPSTREAM_CONFIG = RewardConfig(ifeval=IFEvalRewardConfig(require_attempt=False))
+UPSTREAM = RewardSuite(UPSTREAM_CONFIG)
 
 
 def score(response: str, ids: list[str], kwargs=None, **meta):
@@ -15,7 +22,7 @@ def score(response: str, ids: list[str], kwargs=None, **meta):
     metadata = {"instruction_id_list": ids, **meta}
     if kwargs is not None:
         metadata["kwargs"] = kwargs
-    return safe_score("ifeval", RewardInput(response=response, ground_truth="", metadata=metadata))
+    return UPSTREAM.score("ifeval", RewardInput(response=response, ground_truth="", metadata=metadata))
 
 
 # (instruction id, kwargs, a response that follows it, a response that does not)
@@ -244,10 +251,10 @@ def test_sentence_splitter_protects_abbreviations_and_numbers():
 
 
 def test_registered_factory_builds_the_reward():
-    fn = REWARDS.get("ifeval")(None)
-    res = fn.score(RewardInput("No commas.", "", metadata={"instruction_id_list": ["punctuation:no_comma"],
-                                                            "kwargs": [{}]}))
-    assert isinstance(fn, ifeval.IFEvalReward) and res.reward == 1.0
+    row = RewardInput("No commas.", "", metadata={"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]})
+    fn = REWARDS.get("ifeval")(None)  # the schema's defaults: training, with the attempt gate
+    assert isinstance(fn, ifeval.IFEvalReward) and fn.require_attempt and fn.score(row).reward == 0.0
+    assert REWARDS.get("ifeval")(UPSTREAM_CONFIG).score(row).reward == 1.0
 
 
 # ---------------------------------------------------------------- edge cases against the reference
@@ -324,3 +331,13 @@ def test_new_splitting_rules_stay_linear_on_hostile_text():
         ifeval.split_into_sentences(text)
         ifeval.words_for_case(text)
         assert time.process_time() - t0 < 20, repr(text[:10])
+
+
+@pytest.mark.parametrize("n,need", [(1, 1), (2, 1), (4, 1), (6, 2), (7, 3), (11, 5), (300, 5), ("x", 5)])
+def test_attempt_minimum_under_a_word_limit_is_half_the_allowed_words(n, need):
+    """Issue 29 review: "fewer than N words" asked for N - 1 distinct words, so "Yes, it is a dog" (N = 6)
+    was no attempt; now max(1, (N - 1) // 2), capped by the usual minimum."""
+    from nemo_prorl.rewards.ifeval_attempt import attempt_minimum
+
+    ids = ["length_constraints:number_words", "punctuation:no_comma"]
+    assert attempt_minimum(ids, [{"num_words": n, "relation": "less than"}, {}], 5) == need

@@ -7,7 +7,7 @@ import pytest
 from nemo_prorl.config.schema import MathRewardConfig, RewardConfig
 from nemo_prorl.rewards import RewardInput
 from nemo_prorl.rewards.extract import last_boxed, strip_thinking
-from nemo_prorl.rewards.math_verifier import MathReward, answers_equal, normalize, to_number
+from nemo_prorl.rewards.math_verifier import MathReward, answers_equal, normalize, rounds_to, to_number
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +44,17 @@ EQUAL = [
     (r"5\text{ cm}", "5"), (r"10^\circ", "10"), ("x=3", "3"), ("1,000", "1000"), (r"\sqrt{2}/2", r"\frac{\sqrt{2}}{2}"),
     (r"\frac{-3}{4}", "-0.75"), (r"2\pi", r"\pi + \pi"), ("(1, 2)", r"\left(1,2\right)"), ("3.", "3"),
     (r"x^2+2x+1", r"(x+1)^2"), (r"\text{(B)}", "B"),
+    # issue 29: the same integer however written, and a rounded value that has no finite decimal form
+    ("1,000,000,007", "1000000007"), ("1.000000007e9", "1000000007"), ("0.3333333", r"\frac{1}{3}"),
 ]
 NOT_EQUAL = [
     ("2", "3"), ("(0,1)", "[0,1)"), (r"\{1,2\}", r"\{1,3\}"), ("1, 2", "1, 2, 3"), (r"\frac{\pi}{3}", "60"),
     (r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", r"\begin{pmatrix}1&2\\4&3\end{pmatrix}"), ("0.5001", "0.5"),
     (r"x^2", "2x"), ("-1", "1"),
+    # issue 29: integers and finite decimals compare exactly (a relative 1e-6 took each of these)
+    ("1000000000", "1000000007"), ("1.0e9", "1000000007"), ("1,000,000,000", "1000000007"),
+    # issue 29 review: a fraction is no integer's near miss, nor another fraction's; a decimal is 1/3 only rounded
+    (r"\frac{3000000001}{3}", "1000000007"), (r"\frac{1}{3}", r"\frac{333334}{1000003}"), ("0.334", r"\frac{1}{3}"),
 ]
 
 
@@ -172,3 +178,14 @@ def test_a_worker_that_dies_before_the_call_begins_is_replaced_and_the_call_retr
 
 def _first(arg):
     return arg[1]
+
+
+@pytest.mark.parametrize("x,dec,k,expected", [
+    ((1, 3), "0.333", 3, True), ((2, 3), "0.667", 3, True), ((2, 3), "0.666", 3, True), ((2, 3), "0.668", 3, False),
+    ((-2, 3), "-0.667", 3, True), ((-2, 3), "-0.666", 3, True), ((-2, 3), "-0.665", 3, False),
+    ((1, 3), "0.3333", 3, False),  # k is what the decimal writes: not a multiple of 10^-3
+])
+def test_rounds_to_accepts_rounding_and_truncation_only(x, dec, k, expected):
+    from fractions import Fraction
+
+    assert rounds_to(Fraction(*x), Fraction(dec), k) is expected

@@ -278,18 +278,23 @@ def test_an_answer_outside_its_tasks_grammar_is_refused_before_scoring(reward):
 
 def test_the_state_guard_catches_a_scorer_rewritten_in_place(monkeypatch):
     """The second line behind the grammar: with the grammars off, the in-place swap is caught after the
-    call (tampered, the worker ended) and later wrong answers of every worker score as wrong."""
+    call (tampered, the worker ended) and later wrong answers of every worker score as wrong. On
+    polynomial_multiplication, whose scorer parse_expr-evaluates the answer (countdown's no longer runs:
+    it is scored by our override since issue 29)."""
     from nemo_prorl.rewards import reasoning_gym as rg
 
     monkeypatch.setattr(rg, "ANSWER_GRAMMARS", {})
     r = ReasoningGymReward()
+    task = "polynomial_multiplication"
     try:
-        entry = reasoning_gym.create_dataset("countdown", size=1, seed=0)[0]
-        res = r.score(row(entry, "countdown", _escaped(SWAP_CODE % _countdown_module())))
+        entry = reasoning_gym.create_dataset(task, size=1, seed=0)[0]
+        cls = type(reasoning_gym.create_dataset(task, size=1, seed=0))
+        swap = SWAP_CODE.replace("CountdownDataset", cls.__name__) % cls.__module__
+        res = r.score(row(entry, task, _escaped(swap)))
         assert res.reward == 0.0 and res.info.get("tampered") == 1.0 and "score_answer" in res.reason, res
-        after = r.score_batch([row(entry, "countdown", "1+1")] * 4)
-        assert [a.reward for a in after] == [0.05] * 4, after
-        assert r.score(row(entry, "countdown", entry["answer"])).reward == 1.0
+        after = r.score_batch([row(entry, task, "y + 1")] * 4)
+        assert [a.reward for a in after] == [0.0] * 4, after
+        assert r.score(row(entry, task, entry["answer"])).reward == 1.0
     finally:
         r.close()
 

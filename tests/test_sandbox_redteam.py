@@ -417,12 +417,13 @@ def test_nothing_of_the_host_file_system_is_listed(reward):
 
 
 def test_weak_tests_are_counted():
-    """An assert that is no call form runs in the program's process; its share is reported."""
+    """An assert that is no call form is judged by replay outside the program (code_judge.py); its share is
+    reported."""
     from nemo_prorl.rewards.code import plan_tests
 
     plan = plan_tests(GOOD_FN, {"test_list": ["assert add(1, 2) == 3", "assert sorted([add(1, 2)]) == [3]",
                                               "x = add(1, 1)\nassert x == 2"]})
-    assert [c.cmp for c in plan.checks] == ["eq", "token", "token"] and plan.weak == 2
+    assert [c.cmp for c in plan.checks] == ["eq", "replay", "replay"] and plan.weak == 2
 
 
 def test_the_runner_survives_signals_and_dev_keeps_nothing(reward):

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import secrets
+import selectors
 import socket
 import subprocess
 import sys
@@ -393,3 +394,202 @@ def test_remote_sandbox_end_to_end_with_a_local_sandbox(tmp_path, monkeypatch):
         t.join(HANG_S)
     run = client.run("print(input())", ["hello\n"])
     assert "sandbox server" in run.error and run.tests == []
+
+
+# ------------------------------------------------------------------------- a slowloris flood against honest clients
+
+
+def _slowloris_flood(server, n, stop, dropped, first=b"POST /run HTTP/1.1\r\nX-a: "):
+    """`n` connections that never authenticate: each sends `first`, then dribbles header bytes; one the server
+    closes is replaced at once by a new one (the flood goes on until `stop`). `dropped` gets one entry per close."""
+    sel = selectors.DefaultSelector()
+
+    def open_one():
+        s = socket.create_connection(server.server_address, timeout=HANG_S)  # a full server: waits in the backlog
+        s.setblocking(False)
+        s.send(first)
+        sel.register(s, selectors.EVENT_READ)
+
+    for _ in range(n):
+        open_one()
+    try:
+        while not stop.is_set():
+            for key, _ in sel.select(0.02):
+                try:
+                    data = key.fileobj.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if not data:  # closed by the server (a 408 before it would come as data first)
+                    sel.unregister(key.fileobj)
+                    key.fileobj.close()
+                    dropped.append(1)
+                    open_one()
+            for key in list(sel.get_map().values()):
+                try:
+                    key.fileobj.send(b"a")
+                except OSError:
+                    pass
+    finally:
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+        sel.close()
+
+
+def _slow_honest_request(server, pace_s, chunk=8):
+    """A client with the token that sends its request `chunk` bytes at a time, one chunk every `pace_s`, with
+    its headers in the order RemoteSandbox (urllib) sends them. Returns what the server answered, or the error
+    that ended the connection."""
+    body = json.dumps(GOOD).encode()
+    data = (f"POST /run HTTP/1.1\r\nAccept-Encoding: identity\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {len(body)}\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Connection: close\r\n\r\n").encode() + body
+    try:
+        with socket.create_connection(server.server_address, timeout=HANG_S) as s:
+            for i in range(0, len(data), chunk):
+                s.sendall(data[i:i + chunk])
+                time.sleep(pace_s)
+            return read_until_closed(s)
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def test_a_slowloris_flood_does_not_push_out_slow_honest_clients():
+    """40 connections dribble header bytes and reconnect as soon as they are dropped; 10 clients with the token
+    send their requests 8 bytes every 10 ms meanwhile. Every honest client is served; the dropped connections
+    are the flood's. (The grace a connection has to show its token is generous, 5 s, and no figure is checked.)"""
+    stop, dropped, answers = threading.Event(), [], []
+    with running(max_connections=16, request_timeout_s=600.0, auth_grace_s=5.0) as server:
+        flood = threading.Thread(target=_slowloris_flood, args=(server, 40, stop, dropped), daemon=True)
+        flood.start()
+        try:
+            wait_until(lambda: server.connections >= 16, "the flood fills the server")
+            honest = [threading.Thread(target=lambda: answers.append(_slow_honest_request(server, 0.01)))
+                      for _ in range(10)]
+            for t in honest:
+                t.start()
+            for t in honest:
+                t.join(4 * HANG_S)
+        finally:
+            stop.set()
+            flood.join(HANG_S)
+        bad = [a for a in answers if not (isinstance(a, bytes) and a.startswith(b"HTTP/1.1 200 "))]
+        assert len(answers) == 10 and not bad, f"{len(bad)} of 10 honest clients not served: {bad[:3]}"
+        assert server.runs == 10
+        assert dropped, "the flood's connections were never pushed out"
+
+
+# A request line and 4 header lines, none of them the token: the most an honest client may send before it
+# (RemoteSandbox sends it as its first or second header line), then an unfinished fifth line.
+TOKENLESS_HEAD = b"POST /run HTTP/1.1\r\nHost: x\r\nX-a: 1\r\nX-b: 2\r\nX-c: 3\r\nX-d: "
+
+
+def test_a_flood_of_tokenless_headers_is_pushed_out_at_once_not_after_the_grace():
+    """40 connections send a request line and 4 header lines without the token at once, then dribble, and
+    reconnect when dropped; 5 fast and 5 slow clients with the token come meanwhile. The grace is an hour,
+    longer than every hang guard here: the honest clients are served only if the flood's connections are
+    pushed out as soon as their first header lines show no token (before, they held their places for the
+    whole grace and the honest clients waited in the listen backlog behind them)."""
+    stop, dropped, answers = threading.Event(), [], []
+    with running(max_connections=16, request_timeout_s=3600.0, auth_grace_s=3600.0) as server:
+        flood = threading.Thread(target=_slowloris_flood, args=(server, 40, stop, dropped, TOKENLESS_HEAD),
+                                 daemon=True)
+        flood.start()
+        try:
+            wait_until(lambda: server.connections >= 16, "the flood fills the server")
+            fast = [threading.Thread(target=lambda: answers.append(_fast_honest_request(server))) for _ in range(5)]
+            slow = [threading.Thread(target=lambda: answers.append(_slow_honest_request(server, 0.01)))
+                    for _ in range(5)]
+            for t in (*fast, *slow):
+                t.start()
+            for t in (*fast, *slow):
+                t.join(4 * HANG_S)
+        finally:
+            stop.set()
+            flood.join(HANG_S)
+        bad = [a for a in answers if not (isinstance(a, bytes) and a.startswith(b"HTTP/1.1 200 "))]
+        assert len(answers) == 10 and not bad, f"{len(bad)} of 10 honest clients not served: {bad[:3]}"
+        assert server.runs == 10
+        assert dropped, "the flood's connections were never pushed out"
+
+
+def _fast_honest_request(server):
+    """A request with the token in one go (http.client), as bytes like _slow_honest_request's, or the error."""
+    try:
+        status, answer = request(server, body=GOOD)
+        return f"HTTP/1.1 {status} ".encode() + json.dumps(answer).encode()
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+@pytest.mark.parametrize("head", [TOKENLESS_HEAD, b"POST /run HTTP/1.1\r\nAuthorization: Bearer " + b"w" * 32 + b"\r\nX: ",
+                                  b"POST /run HTTP/1.1\r\nX-a: " + b"a" * (9 << 10)],
+                         ids=["4-header-lines", "wrong-token-line", "9KiB-line"])
+def test_at_the_cap_a_tokenless_head_goes_first_with_a_401_and_a_silent_one_keeps_its_grace(head):
+    """On a full server (2 places, an hour's grace) a newcomer pushes out the connection whose request line and
+    4 header lines (or a wrong Authorization line, or over 8 KiB of head) came without the token, answering it
+    401, not the older one that has sent nothing yet (it may be an honest client on a slow link: it keeps its
+    grace)."""
+    with running(max_connections=2, request_timeout_s=3600.0, auth_grace_s=3600.0) as server:
+        silent = socket.create_connection(server.server_address, timeout=HANG_S)
+        wait_until(lambda: server.connections == 1, "the silent one is in")
+        tokenless = socket.create_connection(server.server_address, timeout=HANG_S)
+        tokenless.sendall(head)  # the newcomer may come before or after the server has read it
+        newcomer = socket.create_connection(server.server_address, timeout=HANG_S)
+        got = read_until_closed(tokenless)
+        assert got == b"" or (got.startswith(b"HTTP/1.1 401 ") and b"first 4 header lines" in got), got[:300]
+        wait_until(lambda: server.connections == 2, "the newcomer takes its place")
+        silent.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still open, nothing sent to it
+            silent.recv(1)
+        for s in (silent, tokenless, newcomer):
+            s.close()
+
+
+def test_an_authenticated_connection_is_never_pushed_out_by_a_new_one():
+    """Two clients have sent their token (one still sending headers, one its body) on a server with room for
+    two; a third connection waits in the listen backlog instead of pushing either out, even with no grace."""
+    body = json.dumps(GOOD).encode()
+    head = f"POST /run HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n".encode()
+    rest = f"Content-Length: {len(body)}\r\n\r\n".encode()
+    with running(max_connections=2, request_timeout_s=600.0, auth_grace_s=0.0) as server:
+        a = socket.create_connection(server.server_address, timeout=HANG_S)
+        b = socket.create_connection(server.server_address, timeout=HANG_S)
+        a.sendall(head)  # in its headers, token shown
+        b.sendall(head + rest + body[:5])  # in its body
+        wait_until(lambda: server.authenticated == 2, "both clients are authenticated")
+        stranger = socket.create_connection(server.server_address, timeout=HANG_S)
+        stranger.sendall(b"POST /run HTTP/1.1\r\n")
+        a.sendall(rest + body)
+        b.sendall(body[5:])
+        for s in (a, b):
+            got = read_until_closed(s)
+            assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+            s.close()
+        assert server.runs == 2
+        stranger.close()
+
+
+def test_remote_sandbox_shows_its_token_early_in_its_headers(monkeypatch):
+    """The early check of the token protects a client from the moment its Authorization line is in: the client
+    sends it right after the request line (and never on a redirect)."""
+    got = []
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        def serve_once():
+            c, _ = lsock.accept()
+            with c:
+                c.settimeout(HANG_S)
+                got.append(c.recv(65536))
+                c.sendall(b"HTTP/1.1 500 x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+        t = threading.Thread(target=serve_once, daemon=True)
+        t.start()
+        monkeypatch.setenv(TOKEN_ENV, TOKEN)
+        url = f"http://127.0.0.1:{lsock.getsockname()[1]}"
+        run = RemoteSandbox(SandboxConfig(backend="remote", url=url)).run("print(1)", [""])
+        t.join(HANG_S)
+        assert "HTTP 500" in run.error
+    lines = got[0].split(b"\r\n")
+    assert lines[0] == b"POST /run HTTP/1.1"
+    assert any(x == f"Authorization: Bearer {TOKEN}".encode() for x in lines[1:3]), lines[:4]

@@ -18,6 +18,7 @@ from nemo_prorl.cluster.actors import ActorBase, ActorError, ActorGroup
 from nemo_prorl.procs import ignore_preemption_signals
 from nemo_prorl.rewards import RewardInput, RewardSuite
 from nemo_prorl.rewards.base import RewardResult, failed
+from nemo_prorl.rewards.code_judge import SANDBOX_RUNS_PER_ROW
 
 log = logging.getLogger("nemo_prorl")
 
@@ -49,7 +50,8 @@ def derived_worker_timeout(reward: Any, names: Sequence[str]) -> float:
         "math": (reward.math.timeout_s + VERIFIER_RESTART_S) / reward.math.num_workers,
         "stem": reward.math.timeout_s + VERIFIER_RESTART_S,  # expression answers: one checker process
         "reasoning_gym": (reward.reasoning_gym.timeout_s + VERIFIER_RESTART_S) / reward.reasoning_gym.num_workers,
-        "code": (sb.total_timeout_s + SANDBOX_SLACK_S.get(sb.backend, 30.0)) / sb.num_workers,
+        # a row with replay tests (code_judge.py) runs the sandbox up to SANDBOX_RUNS_PER_ROW times
+        "code": SANDBOX_RUNS_PER_ROW * (sb.total_timeout_s + SANDBOX_SLACK_S.get(sb.backend, 30.0)) / sb.num_workers,
     }
     in_thread = IN_THREAD_ROW_S / max(1, reward.num_workers)
     return START_MARGIN_S + sum(per_row.get(n, in_thread) for n in names)

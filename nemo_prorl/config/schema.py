@@ -340,6 +340,17 @@ class ReasoningGymRewardConfig:
 
 
 @dataclass
+class IFEvalRewardConfig:
+    # Training-time gate (rewards/ifeval.py, `attempted`): an answer with fewer than `min_distinct_words`
+    # distinct words (of two or more letters; one character each in scripts written without spaces; fewer
+    # where the row's own instructions cap the length) scores 0, with the gate in its reason. Upstream IFEval
+    # scores '.' or 'ok' 1.0 on a row whose instructions are all prohibitions (no commas, no capitals, ...),
+    # and a policy trained on that learns to say nothing. `prorl eval` turns the gate off (upstream semantics).
+    require_attempt: bool = True
+    min_distinct_words: int = 5
+
+
+@dataclass
 class SandboxConfig:
     """Limits for running generated code (rewards/sandbox.py). ProRL §3.1 (code): reward = fraction of
     tests passed, 0 on syntax error or more than 5 s in total."""
@@ -370,6 +381,7 @@ class RewardConfig:
     num_workers: int = 4  # threads scoring rows of rewards without their own pool
     math: MathRewardConfig = field(default_factory=MathRewardConfig)
     reasoning_gym: ReasoningGymRewardConfig = field(default_factory=ReasoningGymRewardConfig)
+    ifeval: IFEvalRewardConfig = field(default_factory=IFEvalRewardConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     # STEM numeric answers: accepted within this relative tolerance (answers are often rounded).
     stem_rel_tol: float = 0.01
@@ -450,6 +462,17 @@ class ClusterConfig:
 
 
 @dataclass
+class HackingAlarmConfig:
+    """The reward-hacking alarm (trainer/validate.py, algo/hacking.py): per domain, a warning (log, events,
+    `alarm/reward_hacking/<domain>` = 1, the progress bar) when the training reward (`reward/<domain>`, the
+    mean of the steps since the previous validation) rose and validation's `val/<validation.metric>/<domain>`
+    fell, each by more than `min_delta`, at `patience` validations in a row."""
+
+    patience: int = 3  # validations in a row; 0 disables the alarm
+    min_delta: float = 0.01  # smaller changes, either way, are noise and end the streak
+
+
+@dataclass
 class TrainerConfig:
     num_steps: int = 2000
     seed: int = 42
@@ -464,6 +487,7 @@ class TrainerConfig:
     progress_bar: bool = True
     tensorboard: bool = True
     plot: bool = True
+    hacking_alarm: HackingAlarmConfig = field(default_factory=HackingAlarmConfig)
 
 
 @dataclass

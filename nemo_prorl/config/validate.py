@@ -170,6 +170,9 @@ def validate_config(cfg: ProRLConfig) -> None:
     _check_sources(cfg.data, check, cfg.eval.tasks)
     check(cfg.trainer.num_steps >= 0, "trainer.num_steps", "must be >= 0")
     check(cfg.trainer.keep_last_checkpoints >= 1, "trainer.keep_last_checkpoints", "must be >= 1")
+    check(cfg.trainer.hacking_alarm.patience >= 0, "trainer.hacking_alarm.patience",
+          "must be >= 0 (0 disables the alarm)")
+    check(cfg.trainer.hacking_alarm.min_delta >= 0, "trainer.hacking_alarm.min_delta", "must be >= 0")
     if cfg.model.path is None:
         check(cfg.model.warm_start.steps >= 0, "model.warm_start.steps", "must be >= 0")
 

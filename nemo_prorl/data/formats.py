@@ -15,6 +15,7 @@ raises `RowError` naming the field; the caller adds the file and row.
 
 from __future__ import annotations
 
+import ast
 import json
 import zlib
 from dataclasses import dataclass
@@ -214,7 +215,20 @@ def code_row(row: Mapping[str, Any], ctx: RowContext) -> PromptRecord:
             raise RowError(f"field {field!r}: 'inputs' and 'outputs' must be non-empty lists of equal length")
     elif not (isinstance(tests, Mapping) and ("test_list" in tests or "test" in tests)):
         raise RowError(f"field {field!r}: expected inputs/outputs lists, a list of asserts, test_list or test")
+    if "test" in tests and "prompt" not in tests and _defines(problem, tests.get("entry_point")):
+        # HumanEval: the problem is code whose helpers (`poly`, `encode_cyclic`) its `check` calls; the judge
+        # runs them (trusted, from the data), so a check is never refused for needing the program's copy
+        tests = {**tests, "prompt": problem}
     return _record(ctx, "code", problem, json.dumps(tests), {})
+
+
+def _defines(code: str, name: Any) -> bool:
+    """Whether `code` is Python defining the function `name` at its top level (a HumanEval prompt)."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in tree.body)
 
 
 @FORMATS.register("ifeval")

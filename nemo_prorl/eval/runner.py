@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from transformers import AutoTokenizer
 
-from nemo_prorl.config.schema import ProRLConfig
+from nemo_prorl.config.schema import ProRLConfig, RewardConfig
 from nemo_prorl.data import DATA_SOURCES
 from nemo_prorl.data.blend import SourceStream
 from nemo_prorl.data.readers import DataError
@@ -171,7 +171,7 @@ def evaluate_all(cfg: ProRLConfig, checkpoints: Sequence[str], out_dir: Path | N
     results: dict[str, Any] = {}
     report = {"config": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "tasks"} |
               {"tasks": sorted(tasks)}, "checkpoints": results}
-    rewards, engines = RewardSuite(cfg.reward), EngineCache(cfg)
+    rewards, engines = RewardSuite(eval_reward_config(cfg.reward)), EngineCache(cfg)
     try:
         for label, (_, path) in zip(labels, resolved):
             log.info("evaluating %s (%s) on %d task(s)", label, path, len(tasks))
@@ -185,6 +185,13 @@ def evaluate_all(cfg: ProRLConfig, checkpoints: Sequence[str], out_dir: Path | N
     print(results_table(results, cfg.eval.pass_k), flush=True)
     print(f"results: {out_dir / 'eval.json'}; pass@k curves: {out_dir / 'pass_at_k.png'}", flush=True)
     return report
+
+
+def eval_reward_config(reward: RewardConfig) -> RewardConfig:
+    """The reward settings `prorl eval` scores with: the run's, less the training-only gates, so that
+    figures are the benchmarks' published semantics. IFEval's attempt gate (reward.ifeval.require_attempt)
+    is off: upstream IFEval scores an answer that breaks no prohibition 1.0, however short."""
+    return dataclasses.replace(reward, ifeval=dataclasses.replace(reward.ifeval, require_attempt=False))
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -14,7 +14,6 @@ whole group and raises MegatronWorkerError naming the rank, its node and the com
 from __future__ import annotations
 
 import logging
-import secrets
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -40,6 +39,7 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
 
         from nemo_prorl import cluster
         from nemo_prorl.cluster.actors import start_group
+        from nemo_prorl.cluster.rendezvous import start_rendezvous
 
         self.cfg = cfg
         self.model_dir = Path(model_dir)
@@ -55,6 +55,8 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
         self._rank_sites = [(r.node, r.device) for r in plan.ranks]
         self._sync_layout: Optional[tuple] = None
         self._relays: Any = None  # the weight relays the ranks share a transport group with (split mode)
+        self._transports = 0  # transport groups made so far: each has its own keys in the rendezvous
+        self._rendezvous: Any = None
         self._session = cluster.session(cfg, plan)
         self._placement = self._session.place(plan, cfg.cluster.ray_timeout_s)
         per_node = max(1, sum(1 for r in plan.ranks if r.node == 0))
@@ -70,11 +72,10 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
             self.group = start_group("megatron rank", MegatronRank, self._placement, slots,
                                      init_args=[(s,) for s in specs], timeout_s=m.worker_timeout_s,
                                      env={"OMP_NUM_THREADS": str(threads)}, error_type=MegatronWorkerError)
-            master, port = self.group.gather([self.group.actors[0].open_store.remote()], "open_store", 60)[0]
-            self._store_address = (master, port)
+            # the group meets in a key-value actor of its own, reachable with the cluster's token only
+            self._rendezvous = start_rendezvous()
             # (tp, pp, dp) of each rank, as megatron laid out the process groups
-            secret = secrets.token_hex(16)  # the group's keys in the (unauthenticated) torch.distributed store
-            self.layout: list[tuple[int, int, int]] = [tuple(x) for x in self._call_all("start", master, port, secret)]
+            self.layout: list[tuple[int, int, int]] = [tuple(x) for x in self._call_all("start", self._rendezvous)]
         except BaseException:
             self.close()
             raise
@@ -174,10 +175,11 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
     def connect_relays(self, relays: Any) -> None:
         if self._relays is relays:
             return
-        master, port = self._store_address
-        secret, size = secrets.token_hex(16), self.world + len(relays.actors)
-        ranks = [a.run.remote("join_transport", master, port, secret, size) for a in self.group.actors]
-        joins = [a.join.remote(master, port, secret, self.world + j, size) for j, a in enumerate(relays.actors)]
+        # the group's rendezvous, under keys of this transport group's own (an earlier one's are still there)
+        self._transports += 1
+        prefix, size, kv = f"transport-{self._transports}", self.world + len(relays.actors), self._rendezvous
+        ranks = [a.run.remote("join_transport", kv, prefix, size) for a in self.group.actors]
+        joins = [a.join.remote(kv, prefix, self.world + j, size) for j, a in enumerate(relays.actors)]
         gather_groups([(self.group, ranks), (relays, joins)], "join_transport", self.cfg.cluster.ray_timeout_s)
         self._relays = relays
 
@@ -248,6 +250,11 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
             except ActorError:
                 pass
             group.kill()
+        rendezvous, self._rendezvous = getattr(self, "_rendezvous", None), None
+        if rendezvous is not None:
+            from nemo_prorl.cluster.rendezvous import stop_rendezvous
+
+            stop_rendezvous(rendezvous)
         placement, self._placement = getattr(self, "_placement", None), None
         if placement is not None:
             self._session.release(placement)

@@ -11,7 +11,6 @@ import math
 import os
 import warnings
 from collections import defaultdict
-import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Optional
@@ -39,9 +38,6 @@ class WorkerSpec:
     seed: int
     use_reference: bool
     num_threads: int
-    master_addr: str = ""  # host and port of the group's torch.distributed store (on rank 0's node)
-    master_port: int = 0
-    store_secret: str = ""  # prefix of every key of the group in that store (see parallel.init_distributed)
     entropy_grad: bool = False  # algo.entropy_coef > 0: the entropy bonus needs its gradient
 
 
@@ -65,7 +61,7 @@ def sequence_pad_multiple(m: MegatronConfig) -> int:
 
 
 class MegatronWorker:
-    def __init__(self, spec: WorkerSpec, store_fd: Optional[int] = None) -> None:
+    def __init__(self, spec: WorkerSpec, rendezvous: Any) -> None:
         from megatron.core import parallel_state as ps
         from transformers import AutoConfig
 
@@ -75,9 +71,8 @@ class MegatronWorker:
         self.spec = spec
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
-        self.device = parallel.init_distributed(spec.rank, spec.world_size, master_addr=spec.master_addr,
-                                                master_port=spec.master_port, backend=m.dist_backend,
-                                                store_fd=store_fd, secret=spec.store_secret)
+        self.device = parallel.init_distributed(spec.rank, spec.world_size, rendezvous=rendezvous,
+                                                backend=m.dist_backend)
         parallel.init_model_parallel(m.tensor_parallel_size, m.pipeline_parallel_size, spec.seed,
                                      vp=m.virtual_pipeline_parallel_size)
         self.hf_config = AutoConfig.from_pretrained(spec.model_dir)
@@ -320,9 +315,9 @@ class MegatronWorker:
             stages[stage][t] = sd
         return sender.plan_buckets(megatron_to_hf_lazy(stages, self.shape), bucket_bytes, dtype, kinds[self.spec.rank])
 
-    def join_transport(self, addr: str, port: int, secret: str, size: int) -> None:
+    def join_transport(self, rendezvous: Any, prefix: str, size: int) -> None:
         """The gloo group with the weight relays of nodes without ranks (weight_sync.WeightRelay)."""
-        self._sender().join_transport(addr, port, secret, self.spec.rank, size)
+        self._sender().join_transport(rendezvous, prefix, self.spec.rank, size)
 
     def sync_pack(self, k: int) -> Optional[dict[str, tuple[tuple, list]]]:
         return self._sender().pack(k)
@@ -419,8 +414,8 @@ class MegatronWorker:
 
 
 class MegatronRank(ActorBase):
-    """One rank as a Ray actor (placed by nemo_prorl.cluster): built by `start` once every rank knows the
-    address of the group's torch.distributed store, then serving the commands of MegatronWorker. A
+    """One rank as a Ray actor (placed by nemo_prorl.cluster): built by `start`, which meets the other ranks
+    in the group's rendezvous actor (cluster/rendezvous.py), then serving the commands of MegatronWorker. A
     command's exception reaches the controller with its traceback (as a RayTaskError)."""
 
     def __init__(self, spec: WorkerSpec) -> None:
@@ -430,21 +425,11 @@ class MegatronRank(ActorBase):
         self.spec = spec
         self.worker: Optional[MegatronWorker] = None
 
-    def open_store(self) -> tuple[str, int]:
-        """Rank 0: a listening socket on this node's address for the group's torch.distributed store (bound
-        now, so the port cannot be taken before the store starts); its (address, port)."""
-        import socket
-
-        ip = self.node_info()["ip"]
-        self._store_socket = socket.create_server((ip, 0), backlog=1024)
-        return ip, self._store_socket.getsockname()[1]
-
-    def start(self, master_addr: str, master_port: int, secret: str) -> tuple[int, int, int]:
-        if master_addr in ("127.0.0.1", "localhost"):
+    def start(self, rendezvous: Any) -> tuple[int, int, int]:
+        """Join the group through `rendezvous` (the handle of its key-value actor) and build this rank."""
+        if self.node_info()["ip"] in ("127.0.0.1", "localhost"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a loopback cluster: gloo's pairs on loopback too
-        sock = getattr(self, "_store_socket", None)
-        spec = dataclasses.replace(self.spec, master_addr=master_addr, master_port=master_port, store_secret=secret)
-        self.worker = MegatronWorker(spec, store_fd=sock.fileno() if sock is not None else None)
+        self.worker = MegatronWorker(self.spec, rendezvous)
         return self.worker.layout()
 
     def run(self, name: str, *args: Any) -> Any:

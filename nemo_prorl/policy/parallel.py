@@ -198,18 +198,20 @@ def init_model_parallel(tp: int, pp: int, seed: int = 0, vp: Optional[int] = Non
     seed_model_parallel(seed)
 
 
-def init_distributed(rank: int, world_size: int, *, master_addr: str, master_port: int, backend: str = "auto",
-                     store_fd: Optional[int] = None, secret: str = "", timeout_s: float = 1800.0) -> torch.device:
+def init_distributed(rank: int, world_size: int, *, rendezvous: Any, backend: str = "auto",
+                     timeout_s: float = 1800.0) -> torch.device:
     """torch.distributed for one rank: NCCL and the GPU Ray gave this actor on CUDA machines, gloo on the
-    CPU. Returns the rank's device. Rank 0 serves the group's store on the socket `store_fd` (bound to its
-    node's address only, not every interface); the others connect to `master_addr:master_port`.
+    CPU. Returns the rank's device.
 
-    torch's store has no authentication: every key of the group lives under `secret` (random per group,
-    handed out over the token-authenticated Ray cluster), so a stranger who connects to the port can
-    neither read nor overwrite the rendezvous (gloo's peer addresses, NCCL's id)."""
+    The group meets in `rendezvous`, the handle of its key-value actor (nemo_prorl/cluster/rendezvous.py):
+    gloo's peer addresses, NCCL's unique id and every sub-group's keys go through Ray, which admits only
+    clients with the cluster's token. No TCPStore serves them: torch's has no authentication, and anyone
+    who reached its port could list, read and overwrite the group's keys."""
     import datetime
 
     import torch.distributed as dist
+
+    from nemo_prorl.cluster.rendezvous import RayStore
 
     cuda = torch.cuda.is_available()
     if backend == "auto":
@@ -218,11 +220,8 @@ def init_distributed(rank: int, world_size: int, *, master_addr: str, master_por
     if cuda:
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout,
-                          master_listen_fd=store_fd if rank == 0 else None)
-    if secret:
-        store = dist.PrefixStore(f"prorl-{secret}", store)  # keys: prorl-<secret>/<key>
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group(backend, store=RayStore(rendezvous, timeout), rank=rank, world_size=world_size,
+                            timeout=timeout)
     return device
 
 

@@ -87,6 +87,10 @@ class RewardSuite:
         self._fns: dict[str, RewardFn] = {}
         self._lock = threading.Lock()
         self._threads: Optional[ThreadPoolExecutor] = None
+        if cfg is not None:  # a run's suite: an unusable sandbox uid lock folder fails the launch, naming it
+            from nemo_prorl.rewards.sandbox import check_sandbox_uids
+
+            check_sandbox_uids()
 
     def get(self, name: str) -> RewardFn:
         with self._lock:

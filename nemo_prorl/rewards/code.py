@@ -17,8 +17,14 @@ Judging happens here, outside the program (issue 18): expected outputs never ent
   and asserts of the forms `assert f(<literals>) == <literal>` (either side), `... is True/False/None`,
   `assert f(...)`, `assert not f(...)`, `abs(f(...) - v) < tol`, `math.isclose(f(...), v, ...)` and
   `set(f(...)) == set(...)` (HumanEval's `candidate(...)` likewise) become such call tests.
-- Any other assert runs in the program's process and writes a random token when it passes. A program can
-  forge that, so these are "weak" tests, counted per row in `reward/code/weak_tests` (their share).
+- Any other test form (a `check` with loops, `!=`, ordering or helper expressions; an MBPP assert with
+  variables or `and`) is judged by replay (code_judge.py, issue 29): a judge process without the program
+  collects the arguments of the test's calls, the program returns literals for exactly those arguments,
+  and a fresh judge process replays the test's comparisons on them. The program never sees the test.
+  Their share is `reward/code/weak_tests` (replayed tests: they depend on the judge's replay).
+Results are decoded with `sandbox_judge.parse_literal`, a parser that builds the values directly (no
+syntax tree) and refuses, with the reason, a result nested deeper than the harness writes or one whose
+objects would take more than any output of the harness makes (48 bytes per character, 16 MiB at least).
 """
 
 from __future__ import annotations
@@ -28,15 +34,16 @@ import builtins
 import json
 import math
 import re
-import secrets
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from nemo_prorl.config.schema import SandboxConfig
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
+from nemo_prorl.rewards.code_judge import Replay, ReplayJudge, check_replay, mbpp_replay, run_rounds
 from nemo_prorl.rewards.extract import last_code_block, strip_thinking
 from nemo_prorl.rewards.sandbox import Sandbox, SandboxRun, make_sandbox
+from nemo_prorl.rewards.sandbox_judge import parse_literal
 
 
 @dataclass
@@ -45,18 +52,19 @@ class TestPlan:
     judgement happens here in the trainer; expected values never enter the sandbox."""
 
     program: str
-    inputs: list[str]  # stdin text (stdio) or a harness request (sandbox_driver.py)
+    inputs: list[str]  # stdin text (stdio) or a harness request (sandbox_driver.py); "" for a replay test
     checks: list["Check"]
     kind: str  # "stdio" or "driver"
+    replays: list[Replay] = field(default_factory=list)  # tests judged by replay (Check "replay": the index)
 
     @property
     def weak(self) -> int:
-        return sum(c.cmp == "token" for c in self.checks)
+        return sum(c.cmp == "replay" for c in self.checks)
 
 
 @dataclass(frozen=True)
 class Check:
-    cmp: str  # "stdio", "eq", "in_list" (APPS call outputs), "is", "truthy", "falsy", "close", "set_eq", "token"
+    cmp: str  # "stdio", "eq", "in_list" (APPS call outputs), "is", "truthy", "falsy", "close", "set_eq", "replay"
     expected: Any = None
     rel_tol: float = 0.0
     abs_tol: float = 0.0
@@ -146,13 +154,8 @@ def _call_request(fn: str, args: str, kwargs: str, setup: str) -> str:
     return json.dumps({"kind": "call", "fn": fn, "args": args, "kwargs": kwargs, "setup": setup})
 
 
-def _weak_request(stmt: str, setup: str) -> tuple[str, Check]:
-    token = secrets.token_hex(16)
-    return json.dumps({"kind": "assert", "stmt": stmt, "setup": setup, "token": token}), Check("token", token)
-
-
-def _plan_asserts(tests: list[str], setup: str) -> TestPlan:
-    inputs, checks = [], []
+def _plan_asserts(tests: list[str], setup: str, program: str = "") -> TestPlan:
+    inputs, checks, replays = [], [], []
     for src in tests:
         try:
             mod = ast.parse(src)
@@ -163,11 +166,11 @@ def _plan_asserts(tests: list[str], setup: str) -> TestPlan:
         if conv is not None:
             inputs.append(_call_request(next(iter(names)), conv[0], conv[1], setup))
             checks.append(conv[2])
-        else:
-            req, chk = _weak_request(src, setup)
-            inputs.append(req)
-            checks.append(chk)
-    return TestPlan("", inputs, checks, "driver")
+        else:  # judged outside the program, by replay
+            inputs.append("")
+            checks.append(Check("replay", len(replays)))
+            replays.append(mbpp_replay(src, setup, program))  # the program: which builtin names it defines
+    return TestPlan("", inputs, checks, "driver", replays)
 
 
 _NOT_TESTED = set(dir(builtins)) | {"math", "isclose"}
@@ -180,9 +183,9 @@ def _tested_names(mod: ast.Module) -> set[str]:
             and n.func.id not in _NOT_TESTED}
 
 
-def _plan_check(code: str, test: str, entry: str) -> TestPlan:
+def _plan_check(code: str, test: str, entry: str, prompt: str = "") -> TestPlan:
     """HumanEval: `def check(candidate): assert candidate(...) == ...` turned into one call test per
-    assert; a check with any other statement runs whole as one weak test."""
+    assert; a check with any other statement is judged whole by replay (one test)."""
     try:
         mod = ast.parse(test)
     except SyntaxError as e:
@@ -204,8 +207,7 @@ def _plan_check(code: str, test: str, entry: str) -> TestPlan:
         else:
             if inputs:
                 return TestPlan(code, inputs, checks, "driver")
-    req, chk = _weak_request(f"{test}\ncheck({entry})", "")
-    return TestPlan(code, [req], [chk], "driver")
+    return TestPlan(code, [""], [Check("replay", 0)], "driver", [check_replay(test, entry, prompt)])
 
 
 def _harmless(node: ast.stmt) -> bool:
@@ -240,11 +242,11 @@ def plan_tests(code: str, truth: Any) -> TestPlan:
         tests = list(truth["test_list"])
         if not tests or not all(isinstance(t, str) for t in tests):
             raise ValueError("'test_list' must be a non-empty list of strings")
-        plan = _plan_asserts(tests, str(truth.get("test_setup_code") or ""))
+        plan = _plan_asserts(tests, str(truth.get("test_setup_code") or ""), code)
         plan.program = code
         return plan
     if "test" in truth and "entry_point" in truth:
-        return _plan_check(code, str(truth["test"]), str(truth["entry_point"]))
+        return _plan_check(code, str(truth["test"]), str(truth["entry_point"]), str(truth.get("prompt") or ""))
     raise ValueError(f"unknown test format with keys {sorted(truth)}; expected inputs/outputs, test_list, "
                      "or test/entry_point")
 
@@ -282,9 +284,23 @@ def outputs_match(got: str, expected: str) -> bool:
 
 
 def _decode(result: str) -> Any:
-    """The harness's literal of plain built-in values. Parsed, never evaluated: `ast.literal_eval`
-    builds only literals, so a result cannot run code or carry an object with its own __eq__."""
-    return ast.literal_eval(result)
+    """The harness's literal of plain built-in values. Parsed, never evaluated: `parse_literal` builds
+    only plain values, so a result cannot run code or carry an object with its own __eq__. It builds them
+    without a syntax tree (`ast.literal_eval` took about 270 bytes per byte of result, issue 29) and
+    raises ValueError, with the reason, past 101 levels of nesting or more decoded objects than any
+    output of the harness makes (sandbox_judge.BYTES_PER_CHAR per character, 16 MiB at least)."""
+    return parse_literal(result)
+
+
+def decode_problem(t: Any) -> str:
+    """Why a call test's result could not be decoded ("" when it could, or when it did not run)."""
+    if getattr(t, "status", "") != "ok" or not t.result:
+        return ""
+    try:
+        _decode(t.result)
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError) as e:
+        return f"result refused: {e}"
+    return ""
 
 
 def _close(got: Any, c: Check) -> bool:
@@ -302,8 +318,6 @@ def passes(c: Check, t: Any) -> bool:
         return False
     if c.cmp == "stdio":
         return outputs_match(t.stdout, c.expected)
-    if c.cmp == "token":
-        return t.result == c.expected
     try:
         got = _decode(t.result)
     except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
@@ -373,21 +387,53 @@ class CodeReward:
             plan = plan_tests(code, truth)
         except ValueError as e:
             return failed("error", f"bad test cases: {e}")
+        if plan.replays:
+            return self._score_with_replays(plan)
         run = self.sandbox.run(plan.program, plan.inputs, driver=plan.kind == "driver")
         if run.error:
             return failed("error", f"sandbox: {run.error}")
         passed = judge(plan, run)
-        statuses = [t.status for t in run.tests]
-        frac = sum(passed) / len(plan.inputs)
-        info = {"tests_passed": frac, "sandbox_s": run.wall_s, "weak_tests": plan.weak / len(plan.inputs)}
-        if "timeout" in statuses:  # ProRL: more than the time budget scores 0
-            return RewardResult(0.0, correct=False, reason="time limit exceeded", info=info)
-        bad = sorted({s for s in statuses if s != "ok"})
-        reason = ("; ".join(f"{s}: {_first_stderr(run, s)}" for s in bad)) if bad else ""
-        return RewardResult(frac, correct=frac == 1.0, reason=reason, info=info)
+        extra = [decode_problem(t) for c, t, ok in zip(plan.checks, run.tests, passed) if not ok and c.cmp != "stdio"]
+        return _result(plan, passed, [run], run.wall_s, extra)
+
+    def _score_with_replays(self, plan: TestPlan) -> RewardResult:
+        """Call tests run as always, in the program's first run; the replay tests' record requests ride
+        along in it, and their verdicts come from the judge (code_judge.py)."""
+        calls = [k for k, c in enumerate(plan.checks) if c.cmp != "replay"]
+
+        def first_run(requests: list[str]) -> tuple[SandboxRun, list]:
+            run = self.sandbox.run(plan.program, [plan.inputs[k] for k in calls] + requests, driver=True)
+            return run, run.tests[len(calls):]
+
+        rj = ReplayJudge(self.sandbox, plan.program, plan.replays)
+        out = run_rounds(rj, first_run)  # runs the program once at least, unless a judge run failed
+        if out.error or not out.runs or out.runs[0].error:
+            return failed("error", out.error or f"sandbox: {out.runs[0].error if out.runs else 'no run'}")
+        runs = out.runs
+        call_passed = [_passes_safely(plan.checks[k], t) for k, t in zip(calls, runs[0].tests)]
+        passed, extra, it = [], [], iter(call_passed)
+        for k, c in enumerate(plan.checks):
+            passed.append(out.passed[c.expected] if c.cmp == "replay" else next(it, False))
+        extra += [decode_problem(t) for k, t, ok in zip(calls, runs[0].tests, call_passed) if not ok]
+        extra += [r for r in out.reasons if r]
+        return _result(plan, passed, runs, sum(r.wall_s for r in runs), extra)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _result(plan: TestPlan, passed: list[bool], runs: list[SandboxRun], wall_s: float,
+            extra: list[str]) -> RewardResult:
+    """The row's reward from its verdicts; `extra`: reasons of failed tests beyond the run statuses."""
+    statuses = [t.status for r in runs for t in r.tests]
+    frac = sum(passed) / len(plan.inputs)
+    info = {"tests_passed": frac, "sandbox_s": wall_s, "weak_tests": plan.weak / len(plan.inputs)}
+    if "timeout" in statuses:  # ProRL: more than the time budget scores 0
+        return RewardResult(0.0, correct=False, reason="time limit exceeded", info=info)
+    bad = sorted({s for s in statuses if s != "ok"})
+    first = {s: next(_first_stderr(r, s) for r in runs if any(t.status == s for t in r.tests)) for s in bad}
+    notes = [f"{s}: {first[s]}" for s in bad] + list(dict.fromkeys(e for e in extra if e))[:3]
+    return RewardResult(frac, correct=frac == 1.0, reason="; ".join(notes), info=info)
 
 
 def _first_stderr(run: SandboxRun, status: str) -> str:

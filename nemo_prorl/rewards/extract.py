@@ -145,12 +145,33 @@ _CAPITALS = re.compile(r"[A-Z]+")
 
 
 def arithmetic(answer: str) -> bool:
-    """For countdown and puzzle24: numbers, + - * / and parentheses, nothing else (`E`, `floor(E)` or
-    any name would let an answer make numbers it was not given)."""
-    return _ARITHMETIC.fullmatch(answer) is not None
+    """For countdown and puzzle24: the tasks' own operations and nothing else. Decimal integers, binary
+    + - * /, parentheses, and a minus sign on an operand (the tasks' answers write a leading subtraction as
+    `-5 + ...`). Refused: names and calls (`floor(E)` makes numbers it was not given), `**` and `//`
+    (`10**3+2-1` is 1001, out of reach of 10, 3, 2, 1 with the four operations), `%`, bit operations (`-~x`
+    is x + 1), a sign on a sign (`--x`: no arithmetic needs it, and its depth is unbounded), and an answer
+    too deep for the parser. Characters first, so that only decimal digits make numbers (no `1e2`, `0x64`,
+    `1_0`, `1.0`), then the syntax tree, which is what the scorers evaluate."""
+    if _ARITHMETIC.fullmatch(answer) is None:
+        return False
+    try:
+        tree = ast.parse(answer.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp):
+            ok = type(node.op) in _ARITH_OPS
+        elif isinstance(node, ast.UnaryOp):
+            ok = isinstance(node.op, ast.USub) and not isinstance(node.operand, ast.UnaryOp)
+        else:
+            ok = isinstance(node, (ast.Expression, ast.Constant, ast.operator, ast.unaryop))
+        if not ok:
+            return False
+    return True
 
 
 _ARITHMETIC = re.compile(r"[0-9\s+\-*/()]+")
+_ARITH_OPS = (ast.Add, ast.Sub, ast.Mult, ast.Div)
 
 
 # Function and constant names of the expressions that sympy-parsed answers hold (the oracle answers of

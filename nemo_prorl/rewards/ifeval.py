@@ -18,6 +18,10 @@ differences:
   into a regex unescaped, which only differs (or raises) for text with regex metacharacters;
 * missing, unknown or ill-typed arguments are an error of the row; the reference draws random ones.
 
+In training (`reward.ifeval.require_attempt`, on by default; `prorl eval` turns it off) an answer that does
+not attempt the prompt scores 0: see `ifeval_attempt.py`. Upstream gives '.' 1.0 where every
+instruction is a prohibition.
+
 Only the text after the last `</think>` is checked. The reward is the fraction of instructions followed
 strictly (continuous, so a partly compliant response still gets signal); `info` also has the "loose"
 fraction (IFEval's loose variants: first/last line and `*` removed) and the all-followed rates.
@@ -37,6 +41,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
 from nemo_prorl.rewards.extract import strip_thinking
+from nemo_prorl.rewards.ifeval_attempt import attempt_minimum, attempt_text, distinct_words
 
 
 class InstructionError(ValueError):
@@ -574,12 +579,23 @@ def _instructions_of(metadata: Mapping[str, Any]) -> tuple[list[str], list[Any]]
 
 
 class IFEvalReward:
-    """Fraction of a row's IFEval instructions the answer follows strictly; `correct` when all are."""
+    """Fraction of a row's IFEval instructions the answer follows strictly; `correct` when all are.
+
+    With `reward.ifeval.require_attempt` (the default, for training) an answer that does not attempt the
+    prompt (fewer distinct words than `attempt_minimum`) scores 0 whatever it follows: its reason says so
+    and `info["no_attempt"]` is 1 (0 on every other row, so the trainer logs the gated fraction). `prorl
+    eval` turns the gate off: upstream IFEval's semantics, with no `no_attempt` key."""
+
+    def __init__(self, cfg: Any = None) -> None:
+        icfg = getattr(cfg, "ifeval", None)
+        self.require_attempt = bool(getattr(icfg, "require_attempt", True))
+        self.min_distinct_words = int(getattr(icfg, "min_distinct_words", 5))
 
     def score(self, inp: RewardInput) -> RewardResult:
         try:
             ids, kwargs = _instructions_of(inp.metadata or {})
-            outcomes = evaluate(strip_thinking(inp.response), ids, kwargs)
+            answer = strip_thinking(inp.response)
+            outcomes = evaluate(answer, ids, kwargs)
         except InstructionError as e:
             return failed("error", str(e))
         checked = [o for o in outcomes if o.strict is not None]
@@ -596,7 +612,15 @@ class IFEvalReward:
             reasons.append("not checkable: " + "; ".join(unchecked))
         info = {"strict": strict, "loose": loose,
                 "strict_all": float(strict == 1.0), "loose_all": float(loose == 1.0)}
+        if self.require_attempt:
+            have = distinct_words(attempt_text(answer, ids, kwargs))
+            need = attempt_minimum(ids, kwargs, self.min_distinct_words)
+            info["no_attempt"] = float(have < need)
+            if have < need:  # the instructions' figures stay in `info`: what upstream IFEval would give
+                why = (f"no attempt: {have} distinct word(s), the training gate (reward.ifeval.require_attempt) "
+                       f"asks for {need}")
+                return RewardResult(0.0, correct=False, reason="; ".join([why, *reasons]), info=info)
         return RewardResult(strict, correct=strict == 1.0, reason="; ".join(reasons), info=info)
 
 
-REWARDS.register("ifeval")(lambda cfg=None: IFEvalReward())
+REWARDS.register("ifeval")(IFEvalReward)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import signal
 import struct
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
@@ -55,6 +56,13 @@ _ARCH = {
         "process_madvise": 440, "process_mrelease": 448, "migrate_pages": 256, "move_pages": 279,
         "prlimit64": 302, "setpriority": 141, "ioprio_set": 251, "sched_setaffinity": 203,
         "sched_setscheduler": 144, "sched_setparam": 142, "sched_setattr": 314, "socket": 41, "socketpair": 53,
+        "semget": 64, "semop": 65, "semctl": 66, "semtimedop": 220, "msgsnd": 69, "msgrcv": 70, "msgctl": 71,
+        "shmat": 30, "shmctl": 31, "shmdt": 67, "mq_unlink": 241, "mq_timedsend": 242, "mq_timedreceive": 243,
+        "mq_notify": 244, "mq_getsetattr": 245, "io_setup": 206, "io_destroy": 207, "io_getevents": 208,
+        "io_submit": 209, "io_cancel": 210, "io_pgetevents": 333, "timer_create": 222, "inotify_init": 253,
+        "inotify_init1": 294, "inotify_add_watch": 254, "fanotify_init": 300, "fanotify_mark": 301,
+        "fcntl": 72, "setsockopt": 54, "landlock_create_ruleset": 444, "landlock_add_rule": 445,
+        "landlock_restrict_self": 446, "vmsplice": 278, "splice": 275, "tee": 276,
     }),
     "aarch64": (0xC00000B7, {
         "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "unshare": 97, "setns": 268,
@@ -71,6 +79,14 @@ _ARCH = {
         "memfd_secret": 447, "kcmp": 272, "process_madvise": 440, "process_mrelease": 448, "migrate_pages": 238,
         "move_pages": 239, "prlimit64": 261, "setpriority": 140, "ioprio_set": 30, "sched_setaffinity": 122,
         "sched_setscheduler": 119, "sched_setparam": 118, "sched_setattr": 274, "socket": 198, "socketpair": 199,
+        "semget": 190, "semop": 193, "semctl": 191, "semtimedop": 192, "msgsnd": 189, "msgrcv": 188,
+        "msgctl": 187, "shmat": 196, "shmctl": 195, "shmdt": 197, "mq_unlink": 181, "mq_timedsend": 182,
+        "mq_timedreceive": 183, "mq_notify": 184, "mq_getsetattr": 185, "io_setup": 0, "io_destroy": 1,
+        "io_getevents": 4, "io_submit": 2, "io_cancel": 3, "io_pgetevents": 292, "timer_create": 107,
+        "inotify_init1": 26, "inotify_add_watch": 27, "fanotify_init": 262, "fanotify_mark": 263,
+        "fcntl": 25, "setsockopt": 208, "landlock_create_ruleset": 444, "landlock_add_rule": 445,
+        "landlock_restrict_self": 446, "vmsplice": 75, "splice": 76, "tee": 77,
+        # (aarch64 has no inotify_init: inotify_init1 only)
     }),
 }
 # Refused for every confined process: changing mounts or namespaces, looking into other processes,
@@ -87,7 +103,30 @@ DENY_ALWAYS = ("mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "
                # own memfds before the filter)
                "shmget", "msgget", "mq_open", "memfd_create", "memfd_secret",
                # reaching into another process of the same uid (the runner, when the trainer is not root)
-               "kcmp", "process_madvise", "process_mrelease", "migrate_pages", "move_pages")
+               "kcmp", "process_madvise", "process_mrelease", "migrate_pages", "move_pages",
+               # kernel objects that neither RLIMIT_AS nor the runner's resident-memory budget sees, and that
+               # no rlimit bounds (issue 29): a program held 1.4 GiB of SysV semaphore sets beyond its budget,
+               # and reserved the host's every AIO event (aio-max-nr is host-wide), so the host's own io_setup
+               # failed. POSIX timers and inotify instances count against per-uid quotas that, when the trainer
+               # is not root, are the trainer's own (its timers and file watches would fail). Every IPC call
+               # too, not only the *get: nothing to reach if a creation slipped through. Landlock rules: one
+               # per port or inode, unlimited (64 bytes each: 4 MiB in each ruleset descriptor).
+               "semget", "semop", "semctl", "semtimedop", "msgsnd", "msgrcv", "msgctl", "shmat", "shmctl",
+               "shmdt", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr",
+               "io_setup", "io_destroy", "io_getevents", "io_submit", "io_cancel", "io_pgetevents",
+               "timer_create", "inotify_init", "inotify_init1", "inotify_add_watch", "fanotify_init",
+               "fanotify_mark", "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self",
+               # Page references outside every budget (issue 29 review): vmsplice puts references to the
+               # caller's own pages in a pipe, and a slot holding one byte of a transparent huge page keeps
+               # the whole 2 MiB page alive after the program unmaps it (32 MiB per 16-slot pipe; a test
+               # program held 1.8 GiB this way with 14 MiB resident). splice and tee move such references
+               # on: a slot, or a socket's fragment (charged by its length, not its page), pins a whole page
+               # or page-cache folio for one byte (here a unix socket with a 208 KiB send buffer took 4352
+               # one-byte splices, one page of a deleted tmpfs file each: ~17 MiB). Python programs do not
+               # need them (the standard library never calls os.splice); sendfile stays (shutil,
+               # socket.sendfile): one call is one fragment of at most one page-cache folio, bounded by the
+               # socket's buffer per call overhead.
+               "vmsplice", "splice", "tee")
 # Calls whose target is in their arguments: allowed on the caller itself only, as (argument index, allowed
 # values) conditions that must all hold. When the trainer is not root the runner (PID 1) has the
 # program's kernel uid, and prlimit on it could starve the runner of memory or files for the next tests;
@@ -96,6 +135,17 @@ PRIO_PROCESS, IOPRIO_WHO_PROCESS = 0, 1
 SELF_ONLY = {"prlimit64": ((0, (0,)),), "setpriority": ((0, (PRIO_PROCESS,)), (1, (0,))),
              "ioprio_set": ((0, (IOPRIO_WHO_PROCESS,)), (1, (0,))), "sched_setaffinity": ((0, (0,)),),
              "sched_setscheduler": ((0, (0,)),), "sched_setparam": ((0, (0,)),), "sched_setattr": ((0, (0,)),)}
+# Calls refused when all their (argument index, values) conditions hold. Descriptors (pipes, sockets,
+# eventfd, epoll, signalfd, timerfd) are bounded by RLIMIT_NOFILE, but what some hold is not: a pipe grows
+# to pipe-max-size (F_SETPIPE_SZ) and a socket's buffer to twice net.core.wmem_max (4 MiB on our test
+# host, where 20 forked processes buffered 1.6 GiB in socket pairs), neither in anyone's resident memory. At their
+# default sizes (64 KiB, net.core.wmem_default) descriptors x processes stays small. POSIX record locks
+# (F_SETLK: a kernel object per locked range, no limit at all) are refused too; flock() (one per open
+# file) stays. Both arches share these values (asm-generic fcntl.h and socket.h).
+F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW, F_SETPIPE_SZ = 6, 7, 37, 38, 1031
+SOL_SOCKET, SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 1, 7, 8, 32, 33
+REFUSED_ARGS = {"fcntl": ((1, (F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW, F_SETPIPE_SZ)),),
+                "setsockopt": ((1, (SOL_SOCKET,)), (2, (SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE)))}
 # Socket families: unix and internet sockets only (the network namespace is empty). Netlink reads host
 # events (uevents) and vsock reaches the hypervisor: neither is confined by a network namespace.
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
@@ -256,8 +306,8 @@ def remount_root_readonly() -> None:
 def seccomp_filter(deny: tuple[str, ...], *, threads_only: bool) -> bytes:
     """A classic-BPF seccomp program: another architecture is killed (its numbers differ), x32 calls and
     the `deny` calls fail with EPERM, clone3 with ENOSYS (so libc falls back to clone, whose flags a
-    filter can read), and clone creating namespaces fails - or, with `threads_only`, any clone that is
-    not a thread."""
+    filter can read), the argument rules hold (SELF_ONLY, socket families, REFUSED_ARGS), and clone
+    creating namespaces fails - or, with `threads_only`, any clone that is not a thread."""
     machine = platform.machine()
     if machine not in _ARCH:
         raise JailError(ENOSYS, f"seccomp: unsupported architecture {machine}")
@@ -274,20 +324,25 @@ def seccomp_filter(deny: tuple[str, ...], *, threads_only: bool) -> bytes:
     for name in deny:
         if name in nrs:
             prog += [ins(jeq, nrs[name], 0, 1), ins(ret, RET_ERRNO | EPERM)]
-    # argument conditions: [nr?] then per condition [load arg] [== v: next condition ...] [jump: refuse];
-    # [allow] [refuse]. The accumulator holds the number again for the next rule only when it did not match.
-    rules = [(nrs[n], conds, EPERM) for n, conds in SELF_ONLY.items()] + \
-        [(nrs[n], ((0, SOCKET_FAMILIES),), EAFNOSUPPORT) for n in ("socket", "socketpair")]
-    for nr, conds, errno in rules:
+    # argument conditions: [nr?] then per condition [load arg] [== v: next condition ...] [jump: second];
+    # [first] [second]: all conditions hold -> first. Allow-rules (SELF_ONLY, socket families) have first =
+    # allow, second = refuse; REFUSED_ARGS the other way round. The accumulator holds the number again for
+    # the next rule only when it did not match.
+    allow = ins(ret, RET_ALLOW)
+    rules = [(nrs[n], conds, (allow, ins(ret, RET_ERRNO | EPERM))) for n, conds in SELF_ONLY.items()] + \
+        [(nrs[n], ((0, SOCKET_FAMILIES),), (allow, ins(ret, RET_ERRNO | EAFNOSUPPORT)))
+         for n in ("socket", "socketpair")] + \
+        [(nrs[n], conds, (ins(ret, RET_ERRNO | EPERM), allow)) for n, conds in REFUSED_ARGS.items()]
+    for nr, conds, (first, second) in rules:
         body: list[bytes] = []
         for i, (arg, allowed) in enumerate(conds):
             k = len(allowed)
             body.append(ins(ld, 16 + 8 * arg))
-            # a match skips the rest of this condition's compares and its jump to the refusal
+            # a match skips the rest of this condition's compares and its jump to the second return
             body += [ins(jeq, v, k - j, 0) for j, v in enumerate(allowed)]
             left = sum(1 + len(a) + 1 for _, a in conds[i + 1:])  # the later conditions' instructions
-            body.append(ins(ja, left + 1))  # past them and the allow: to the refusal
-        body += [ins(ret, RET_ALLOW), ins(ret, RET_ERRNO | errno)]
+            body.append(ins(ja, left + 1))  # past them and the first return: to the second
+        body += [first, second]
         prog += [ins(jeq, nr, 0, len(body))] + body
     # last: clone's flags (args[0], low 32 bits at offset 16 on little-endian machines)
     prog += [ins(jeq, nrs["clone"], 0, 2), ins(ld, 16)]
@@ -340,3 +395,24 @@ def become_unprivileged(uid: int | None, userns: bool) -> str:
         map_self(65534, 0, 0)
         return "uid 65534 in a nested user namespace"
     return f"uid {os.getuid()} (not root: no other uid to drop to)"
+
+
+def kill_uid(uid: int, within: range | None = None) -> None:
+    """kill(-1, SIGKILL) from a forked child running as `uid` (real, effective and saved): the kernel signals
+    every process of that uid in one pass under its task list lock, so no fork slips between a scan and a
+    kill, and no reused pid of another uid is hit. Refused (nothing is signalled) for uid 0, for a uid
+    outside `within` and for a `within` holding 0: kill(-1) as root would kill everything."""
+    child = os.fork()
+    if child == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            # the last check before a call that, as root or another uid, would kill what is not ours
+            ours = within is None or (uid in within and 0 not in within)
+            if os.getresuid() == (uid, uid, uid) and uid != 0 and ours:
+                os.kill(-1, signal.SIGKILL)
+        except BaseException:  # noqa: BLE001  nothing of the caller may run on in this child
+            pass
+        os._exit(0)
+    os.waitpid(child, 0)

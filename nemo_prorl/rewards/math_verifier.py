@@ -1,8 +1,9 @@
 """Math answers (reward "math"). ProRL §3.1 scored math with DeepScaleR's verifier or Math-Verify, reward 1
 if either accepts. We extract the last `\\boxed{}` after the thinking block and accept it if Math-Verify
 does, or if a sympy-based grader in the style of DeepScaleR/PRM800K does (after removing LaTeX formatting
-noise and units, comparing fractions/decimals/percentages numerically, and intervals, tuples, sets and
-matrices element by element). Binary reward.
+noise and units, comparing fractions/decimals/percentages as exact rationals; a decimal matches a value no finite
+decimal can write, such as 1/3, only as its rounding or truncation (0.333); intervals, tuples, sets and matrices
+element by element). Binary reward.
 
 Both checkers run in a `HardTimeoutPool` worker with a per-call time limit, so an expression that makes
 sympy spin cannot hang scoring; such a call is recorded with status "timeout".
@@ -11,7 +12,6 @@ sympy spin cannot hang scoring; such a call is recorded with status "timeout".
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 from collections import OrderedDict
@@ -50,19 +50,21 @@ def normalize(ans: str) -> str:
     return s
 
 
-_NUM = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?")
+_NUM = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d{1,4})?")  # an exponent of 5+ digits is left to sympy
 
 
-def to_number(s: str) -> Optional[float]:
-    """Plain numbers, a/b, \\frac{a}{b}, -\\frac{a}{b}, and percentages (as their value / 100)."""
+def to_number(s: str) -> Optional[Fraction]:
+    """The exact value of a plain number, a/b, \\frac{a}{b}, -\\frac{a}{b}, or a percentage (its value / 100).
+    Exact (a decimal string is the fraction it writes: `1.0e9` is 10^9), so that `_close` can tell an
+    integer from a near miss."""
     pct = s.endswith("%")
     s = s.rstrip("%")
     m = re.fullmatch(r"(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", s) or re.fullmatch(r"(-?)(-?[\d.]+)/(-?[\d.]+)", s)
     try:
         if m:
-            v = float(Fraction(m.group(2)) / Fraction(m.group(3))) * (-1 if m.group(1) else 1)
+            v = Fraction(m.group(2)) / Fraction(m.group(3)) * (-1 if m.group(1) else 1)
         elif _NUM.fullmatch(s):
-            v = float(s)
+            v = Fraction(s)
         else:
             return None
     except (ValueError, ZeroDivisionError):
@@ -70,8 +72,50 @@ def to_number(s: str) -> Optional[float]:
     return v / 100 if pct else v
 
 
-def _close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+def _finite_decimal(x: Fraction) -> bool:
+    """Whether x can be written as a finite decimal: its denominator has no prime factor but 2 and 5."""
+    d = x.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1
+
+
+_DECIMAL = re.compile(r"-?(\d*)\.(\d+)(%?)")
+# A rounded decimal must carry this many significant digits: 0.333 is 1/3 written rounded, 0.33 or 0.3 say
+# little more than "about a third" (and 0.0 would match any fraction under 1/20).
+_MIN_SIGNIFICANT = 3
+
+
+def _decimal_digits(s: str) -> Optional[tuple[int, int]]:
+    """(fractional digits of the value, significant digits) of a plainly written decimal such as 0.333 or
+    33.3% (a percentage's value has two more), or None for every other form: integers, fractions,
+    exponents."""
+    m = _DECIMAL.fullmatch(s)
+    if not m:
+        return None
+    return len(m.group(2)) + (2 if m.group(3) else 0), len((m.group(1) + m.group(2)).lstrip("0"))
+
+
+def rounds_to(x: Fraction, dec: Fraction, k: int) -> bool:
+    """Whether `dec` is `x` rounded to the nearest, or truncated toward zero, at k fractional digits."""
+    scaled, d = x * 10**k, dec * 10**k
+    return d.denominator == 1 and d.numerator in (int(scaled), round(scaled))
+
+
+def _close(a: Fraction, sa: str, b: Fraction, sb: str) -> bool:
+    """Equal (exact rationals), or one side has no finite decimal form (1/3, 2/7) and the other, `sa` or `sb`
+    as written, is a decimal with k >= 1 fractional digits and 3+ significant digits that is that value
+    rounded or truncated to k digits (0.333, 0.3333333, 0.2857): the only way to write such a value as a
+    decimal. Nothing else has a tolerance: integers compare exactly (a relative 1e-6 accepted 1000000000 for
+    1000000007, and \\frac{3000000001}{3} for it), and so do two fractions (1/3 is not 333334/1000003)."""
+    if a == b:
+        return True
+    for exact, dec, written in ((a, b, sb), (b, a, sa)):
+        digits = None if _finite_decimal(exact) else _decimal_digits(written)
+        if digits and digits[0] >= 1 and digits[1] >= _MIN_SIGNIFICANT and rounds_to(exact, dec, digits[0]):
+            return True
+    return False
 
 
 def _split_top(s: str, sep: str = ",") -> list[str]:
@@ -113,11 +157,12 @@ def scalar_equal(a: str, b: str) -> bool:
         return True
     na, nb = to_number(a), to_number(b)
     if na is not None and nb is not None:
-        if _close(na, nb):
+        if _close(na, a, nb, b):
             return True
         # "50%" against "50": percentages are often written either way
         if a.endswith("%") != b.endswith("%"):
-            return _close(to_number(a.rstrip("%")), to_number(b.rstrip("%")))  # type: ignore[arg-type]
+            a, b = a.rstrip("%"), b.rstrip("%")
+            return _close(to_number(a), a, to_number(b), b)  # type: ignore[arg-type]
         return False
     try:
         return _sympy_equal(a, b)

@@ -20,9 +20,11 @@ adversarial answer (`x**99999999` to intermediate_integration); such a call is k
 PYTHONHASHSEED (isomorphic_strings, knight_swap, polynomial_multiplication, ransom_note, word_ladder), so a
 regenerated entry is used only if its question matches the prompt; otherwise the row's metadata is.
 
-Two scorers of reasoning-gym 0.1.25 are overridden because they can be gamed: game_of_life_halting compares
-`bool(answer) == bool(oracle)`, so any non-empty answer scores 1 when the oracle is "True"; puzzle24 does
-not check that the answer uses the puzzle's numbers (`1*2*3*4` scored 1 on every puzzle).
+Three scorers of reasoning-gym 0.1.25 are overridden because they can be gamed: game_of_life_halting
+compares `bool(answer) == bool(oracle)`, so any non-empty answer scores 1 when the oracle is "True"; puzzle24
+does not check that the answer uses the puzzle's numbers (`1*2*3*4` scored 1 on every puzzle); countdown
+evaluates whatever sympy parses (`10**3+2-1` made 1001 from 10, 3, 2, 1) and compares floats within 1e-6.
+Both arithmetic puzzles are scored exactly, from their own operations and numbers (`_arithmetic_value`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import ast
 import copy
 import functools
 import json
-import re
 from fractions import Fraction
 from typing import Any, Callable, Optional, Sequence
 
@@ -111,20 +112,40 @@ def _strict_bool(answer: Optional[str], entry: dict) -> float:
     return float(isinstance(answer, str) and answer.strip().lower() == str(entry["answer"]).strip().lower())
 
 
+def _arithmetic_value(answer: Optional[str], numbers: Sequence[int]) -> tuple[str, Optional[Fraction]]:
+    """("ok", exact value) of an answer in the tasks' arithmetic (extract.arithmetic) that uses exactly
+    `numbers`; ("malformed", None) or ("numbers", None) otherwise. The numbers are checked before anything is
+    evaluated, so the work is bounded by the puzzle's own numbers; no eval, no floats."""
+    if not isinstance(answer, str) or not answer.strip() or not arithmetic(answer):
+        return "malformed", None
+    tree = ast.parse(answer.strip(), mode="eval")
+    used = sorted(n.value for n in ast.walk(tree) if isinstance(n, ast.Constant))
+    if used != sorted(int(n) for n in numbers):
+        return "numbers", None
+    try:
+        return "ok", _exact(tree.body)
+    except (ValueError, ZeroDivisionError, RecursionError, MemoryError):
+        return "malformed", None
+
+
 def _puzzle24(answer: Optional[str], entry: dict) -> float:
     """puzzle24's scorer checks that the answer makes 24 with four numbers in range, not that they are the
     puzzle's four: `1*2*3*4` scored 1 on every puzzle. Here the numbers must be the puzzle's, and the
     arithmetic answer (its grammar) is evaluated exactly, without eval. 0.01 otherwise, as upstream."""
-    if not isinstance(answer, str) or not arithmetic(answer):
+    kind, value = _arithmetic_value(answer, entry["metadata"]["numbers"])
+    return 1.0 if kind == "ok" and value == 24 else 0.01
+
+
+def _countdown(answer: Optional[str], entry: dict) -> float:
+    """countdown's scorer parse_expr-evaluates the answer, so `**` and `//` reached targets the four
+    operations cannot (`10**3+2-1` for 1001), and compares floats within 1e-6 (`100 + 1/9999999` made 100).
+    As puzzle24: the task's operations only (the grammar), its numbers each used once, the value exact.
+    Upstream's partial credit is kept: 0.01 for no expression, 0.05 for an expression with other numbers
+    or another value (so breaking the rules earns no more than any wrong answer)."""
+    kind, value = _arithmetic_value(answer, entry["metadata"]["numbers"])
+    if kind == "malformed":
         return 0.01
-    used = sorted(int(n) for n in re.findall(r"\d+", answer))
-    if used != sorted(int(n) for n in entry["metadata"]["numbers"]):
-        return 0.01
-    try:
-        value = _exact(ast.parse(answer.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError, MemoryError):
-        return 0.01
-    return 1.0 if value == 24 else 0.01
+    return 1.0 if kind == "ok" and value == entry["metadata"]["target"] else 0.05
 
 
 _ARITH = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
@@ -145,7 +166,7 @@ def _exact(node: ast.AST) -> Fraction:
 
 # task -> scorer used instead of the package's (see the module docstring for why)
 OVERRIDES: dict[str, Callable[[Optional[str], dict], float]] = {"game_of_life_halting": _strict_bool,
-                                                                "puzzle24": _puzzle24}
+                                                                "puzzle24": _puzzle24, "countdown": _countdown}
 
 
 def _regenerated(task: str, config_json: str, entry_meta: dict) -> Optional[dict]:

@@ -6,10 +6,11 @@ library only). It reads one request from stdin before the program runs, loads th
       writes the return value as a Python literal of plain built-in types; the trainer compares it with
       the expected value (which never enters the sandbox). A value of any other type (an object whose
       __eq__ always succeeds) is refused.
-  {"kind": "assert", "stmt": "assert ...", "setup": "...", "token": "..."}
-      a test that could not be turned into a call ("weak"): it runs in the program's process, and the
-      token is written when it passes. A program that searches its own process can forge this; the
-      trainer counts such tests in reward/code/weak_tests.
+  {"kind": "record", "calls": [[fn, args, kwargs], ...], "setup": "..."}
+      for a test that is no plain call (issue 29): calls the function with each argument list and writes
+      one line per call, "<i>:v:<literal>" (the return value), "<i>:e:<ExceptionName>" (it raised: the nearest builtin class) or
+      "<i>:x:<reason>" (no plain data). The test itself never enters the sandbox: a judge process that
+      never ran the program replays its comparisons on these literals (sandbox_judge.py).
 """
 
 import ast
@@ -20,6 +21,8 @@ import sys
 
 _write, _exec, _compile, _type = os.write, builtins.exec, builtins.compile, type  # before the program runs
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
+# The builtin exception classes, taken before the program runs (it may rebind builtins' names)
+_BUILTIN_EXC = {c: n for n, c in vars(builtins).items() if isinstance(c, type) and issubclass(c, BaseException)}
 
 
 def encode(v, depth=0):
@@ -63,9 +66,46 @@ def main():
         kwargs = ast.literal_eval(req.get("kwargs") or "{}")
         out = encode(fn(*args, **kwargs))
         _write(3, out.encode("utf-8", "surrogatepass"))
+    elif req["kind"] == "record":
+        for i, (name, args, kwargs) in enumerate(req["calls"]):
+            _write(3, f"{i}:{record(ns, name, args, kwargs)}\n".encode("utf-8", "surrogatepass"))
     else:
-        _exec(_compile(req["stmt"], "test", "exec"), ns)
-        _write(3, req["token"].encode())
+        raise ValueError(f"unknown request kind {req['kind']!r}")
 
 
-main()
+def record(ns, name, args, kwargs):
+    """One call's outcome as a line: each is written before the next call, so a program that ends the
+    process midway loses only the calls after it (they read as "no result" and fail)."""
+    fn = ns.get(name)
+    if fn is None and "Solution" in ns:
+        fn = getattr(ns["Solution"](), name, None)
+    if fn is None:
+        return f"x:the program defines no function {name!r}"
+    try:  # read before the call: a failure here is the harness's, not an exception of the program
+        args, kwargs = ast.literal_eval(args), ast.literal_eval(kwargs)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+        return "x:the arguments could not be read: " + " ".join(str(e).split())[:200]
+    try:
+        value = fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001  an exception is an outcome the test may expect
+        return "e:" + builtin_base(_type(e))
+    try:
+        return "v:" + encode(value)
+    except (TypeError, ValueError, RecursionError) as e:
+        return "x:" + " ".join(str(e).split())[:200]
+
+
+def builtin_base(cls):
+    """The name of the nearest builtin class `cls` derives from (the program's `class Bad(ValueError)` is
+    a ValueError to the judge, which never sees the program's classes)."""
+    try:
+        for c in _type.__getattribute__(cls, "__mro__"):  # type's own __mro__: no metaclass can reorder it
+            if c in _BUILTIN_EXC:
+                return _BUILTIN_EXC[c]
+    except Exception:  # noqa: BLE001  an odd class: the judge still knows it is an Exception
+        pass
+    return "Exception"
+
+
+if __name__ == "__main__":  # run as the sandbox's entry; imported by tests for `encode`
+    main()

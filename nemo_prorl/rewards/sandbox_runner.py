@@ -17,8 +17,9 @@ Containment (jail.py has the primitives and why each exists):
    FIFO or a folder, and no file of one test reaches the next.
 5. While a test runs, PID 1 polls the namespace's processes: more than `max_processes` or more than
    `memory_mb` resident in all together kills the whole tree (rlimits alone are per process, so forks
-   would multiply them; the filter refuses the memory no process's resident size shows: SysV and POSIX
-   shared memory and queues, memfds). Wall time is enforced per test and in total, and output per test
+   would multiply them; the filter refuses the kernel memory no process's resident size shows: SysV IPC
+   and POSIX queues, memfds, AIO, POSIX timers, inotify/fanotify, landlock rules, record locks and grown
+   pipe or socket buffers; issue 29). Wall time is enforced per test and in total, and output per test
    and over the run.
 """
 
@@ -38,6 +39,7 @@ import jail  # noqa: E402  (a sibling module, imported without the trainer's pac
 ROOT = "/tmp"  # where the new root is assembled, in the runner's private mount namespace
 PROGRAM_DIR, WORK_DIR = "/sbx", "/w"
 POLL_S = 0.02
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def _emit(payload: dict) -> None:
@@ -94,9 +96,18 @@ def _limits(lim: dict) -> None:
     set_(resource.RLIMIT_CPU, int(lim["cpu_time_s"]))
     set_(resource.RLIMIT_AS, int(lim["memory_mb"]) << 20)
     set_(resource.RLIMIT_FSIZE, int(lim["max_file_bytes"]))
+    # 64 descriptors also bound the kernel objects that are descriptors (pipes and sockets at their default
+    # buffer sizes, eventfd, epoll, signalfd, timerfd; the filter refuses growing the buffers), and the
+    # descriptors a process may have in flight over unix sockets
     set_(resource.RLIMIT_NOFILE, 64)
     set_(resource.RLIMIT_CORE, 0)
     set_(resource.RLIMIT_NPROC, int(lim["nproc"]))
+    # Kernel memory that the address space and the resident budget do not show (issue 29): no locked
+    # pages, no POSIX message queue bytes, and few queued signals. These count per uid (for an unprivileged
+    # trainer, up to the trainer's own uid), so a program could otherwise use up the trainer's share.
+    set_(resource.RLIMIT_MEMLOCK, 0)
+    set_(resource.RLIMIT_MSGQUEUE, 0)
+    set_(resource.RLIMIT_SIGPENDING, 128)
 
 
 def _memfd(name: str, data: bytes = b"") -> int:
@@ -187,8 +198,11 @@ def _wait(pid: int, timeout: float, budget: dict | None) -> tuple[int | None, st
         os.close(fd)
 
 
-def _kill_leftovers(pid: int, pid1: bool) -> None:
-    """As PID 1 of the namespace, kill(-1) reaches exactly the sandbox; otherwise the test's group."""
+def _kill_leftovers(pid: int, pid1: bool, uid: int | None = None) -> list[int]:
+    """As PID 1 of the namespace, kill(-1) reaches exactly the sandbox; otherwise the test's group, and,
+    when the runner is root, every process of the sandbox uid (a daemon that left the group with setsid
+    would otherwise outlive the test and meet the next one, issue 29). Returns the processes that outran the
+    clean-up (`_kill_descendants`)."""
     try:
         if pid1:
             os.kill(-1, signal.SIGKILL)
@@ -196,12 +210,73 @@ def _kill_leftovers(pid: int, pid1: bool) -> None:
             os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    if not pid1 and uid is not None and os.getuid() == 0:
+        jail.kill_uid(uid)
+    survivors = _kill_descendants() if not pid1 else []
     while True:  # reap everything re-parented to us
         try:
             if os.waitpid(-1, os.WNOHANG) == (0, 0):
                 break
         except ChildProcessError:
             break
+    return survivors
+
+
+CLEANUP_S = 3.0  # how long an unconfined runner chases the orphans of a test
+
+
+def _kill_descendants() -> list[int]:
+    """Unconfined runs: the runner is a child subreaper (`_unconfined`), so whatever a program left (a
+    daemon that double-forked and called setsid, beyond the reach of its process group and, when the
+    trainer is not root, of any uid) is re-parented to the runner once its parent dies. Kill the runner's
+    children until none is left: each round's orphans are the next round's children. Returns the children
+    still there after CLEANUP_S seconds.
+
+    No guarantee (issue 29 review): unconfined and not root, a chain of processes that each fork and exit at
+    once can stay ahead of this loop (the one live process is always a new one); only a PID namespace (the
+    confined sandbox) or a uid of its own (a root trainer) contains that. The run then reports the survivors
+    and the program scores 0."""
+    deadline = time.monotonic() + CLEANUP_S
+    while True:
+        kids = _children()
+        if not kids or time.monotonic() > deadline:
+            return kids
+        for k in kids:  # our unreaped children: their pids cannot be reused before we wait for them
+            try:
+                os.kill(k, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for k in kids:
+            try:
+                os.waitpid(k, 0)
+            except ChildProcessError:
+                pass
+
+
+def _children() -> list[int]:
+    """The runner's children: /proc/self/task/*/children where the kernel has it (cheap), else a scan."""
+    me, out, found = os.getpid(), [], False
+    try:
+        for t in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{t}/children") as f:
+                    out += [int(x) for x in f.read().split()]
+                found = True
+            except FileNotFoundError:
+                break
+    except OSError:
+        pass
+    if found:
+        return out
+    return [int(n) for n in os.listdir("/proc") if n.isdigit() and _parent_of(n) == me]
+
+
+def _parent_of(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def run_test(spec: dict, test: dict, timeout: float, uid: int | None, out_left: int) -> dict:
@@ -222,7 +297,7 @@ def run_test(spec: dict, test: dict, timeout: float, uid: int | None, out_left: 
     if status is None:
         os.kill(pid, signal.SIGKILL)
         status = os.waitpid(pid, 0)[1]
-    _kill_leftovers(pid, confined)
+    survivors = _kill_leftovers(pid, confined, uid)
     per_test = int(lim["max_output_bytes"])
     stdout, out_cut = _read_fd(fds[1], min(per_test, out_left))
     stderr, _ = _read_fd(fds[2], 4096)
@@ -242,6 +317,8 @@ def run_test(spec: dict, test: dict, timeout: float, uid: int | None, out_left: 
         res.update(status="ok" if code == 0 else "runtime_error", returncode=code)
     if out_cut:
         res["status"] = "output_limit"
+    if survivors:
+        res["outran"] = len(survivors)
     return res
 
 
@@ -263,6 +340,11 @@ def run_all(spec: dict, notes: list[str]) -> None:
         # as the trainer receives it: JSON, where a control character takes six bytes
         out_left -= len(json.dumps(res["stdout"])) + len(json.dumps(res["result"]))
         results.append(res)
+        if res.pop("outran", 0):  # they may tamper with later tests: the run is void, and scores 0
+            notes.append(f"processes of test {len(results)} outran the clean-up")
+            _emit({"error": f"the program's processes outran the clean-up (test {len(results)}: still forking "
+                            f"after {CLEANUP_S:g} s; unconfined sandbox)", "notes": notes})
+            return
     _emit({"results": results, "notes": notes})
 
 
@@ -287,6 +369,10 @@ def _unconfined(spec: dict, notes: list[str]) -> None:
                 os.chown(p, uid, uid)
         spec.update(program_dir=wd, host_workdir=wd)
         notes.append("UNCONFINED: rlimits only (reward.sandbox.allow_unconfined)")
+        try:  # orphans of the programs come to the runner, which kills them after each test
+            jail.prctl(PR_SET_CHILD_SUBREAPER, 1)
+        except OSError:
+            pass
         run_all(spec, notes)
     finally:
         shutil.rmtree(wd, ignore_errors=True)

@@ -15,12 +15,16 @@ import builtins
 import functools
 import importlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import queue
 import resource
+import select
+import signal
 import sys
 import threading
+import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from nemo_prorl.procs import ignore_preemption_signals, track
 from nemo_prorl.rewards import jail
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,10 +95,14 @@ def _jail(ro_paths: Sequence[str], uid: Optional[int]) -> None:
     userns = jail.enter_namespaces(jail.CLONE_NEWNET | jail.CLONE_NEWIPC | jail.CLONE_NEWUTS | jail.CLONE_NEWPID)
     # Continue as PID 1 of a new PID namespace: the trainer's processes (and, on the same uid, their
     # /proc environ, signals and rlimits) are out of reach. The outer process only passes the exit on.
+    # The outer holds the write end of `alive` while it lives: the inner sees EOF once the outer is gone.
+    alive, outer_end = os.pipe()
     child = os.fork()
     if child:
+        os.close(alive)
         _, status = os.waitpid(child, 0)
         os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    os.close(outer_end)
     jail.prctl(jail.PR_SET_PDEATHSIG, 9)  # killed with the outer process (the pool kills that one)
     # a folder of its own for the new root, so that binds below /tmp (a project cloned there) stay visible
     root = "/dev/shm" if os.path.isdir("/dev/shm") else "/mnt"
@@ -107,8 +117,28 @@ def _jail(ro_paths: Sequence[str], uid: Optional[int]) -> None:
     os.environ.update(HOME=scratch, TMPDIR=scratch)
     os.chdir(scratch)
     jail.become_unprivileged(uid, userns)
+    _die_with_outer(alive)
     jail.prctl(jail.PR_SET_DUMPABLE, 0)
     jail.install_seccomp(jail.DENY_ALWAYS)
+
+
+def _die_with_outer(alive: int) -> None:
+    """The uid change cleared the death signal (the kernel clears it when the effective uid or the
+    capabilities change, issue 29): set it again, then check that the outer process did not die before it
+    was set (its end of the `alive` pipe closed), since the signal is sent only for a parent that dies
+    afterwards. A second line: the pool kills the worker's tree itself (`_kill_tree`)."""
+    jail.prctl(jail.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _ready(alive, 0.0):  # EOF: no writer left
+        os._exit(1)
+    os.close(alive)
+
+
+def _ready(fd: int, timeout: float) -> bool:
+    """Whether `fd` polls readable within `timeout` seconds (poll, not select: a trainer's descriptors can
+    be numbered past select's 1024)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(max(0, int(timeout * 1000))))
 
 
 _MISSING = object()
@@ -320,6 +350,10 @@ class _Worker:
             initializer = functools.partial(confine, tuple(ro_paths), self.uid)
         self.proc = track(ctx.Process(target=_serve, args=(child, initializer, tuple(preload)), daemon=True))
         self.proc.start()
+        # Taken now, while the worker cannot have been reaped (it runs until told to stop): every later
+        # signal goes through it, never through a pid that another pool thread's Process.start() (which
+        # reaps exited children) may have freed for reuse
+        self.pidfd: Optional[int] = os.pidfd_open(self.proc.pid)
         child.close()
         self.stuck = False  # it never began a call it was given: replace it
         self.calls = 0
@@ -366,7 +400,13 @@ class _Worker:
         return self.proc.is_alive()
 
     def kill(self) -> None:
-        self.proc.kill()
+        """Kill the worker's whole process tree and wait until it is gone, then give its uid back (which
+        kills whatever still runs under the uid: a second line, as root)."""
+        if self.pidfd is not None:
+            if not _kill_tree(self.proc.pid, self.pidfd):
+                log.error("a killed verifier worker (pid %s) still had processes after 60 s", self.proc.pid)
+            os.close(self.pidfd)
+            self.pidfd = None
         self.proc.join(5)
         self.conn.close()
         if self.uid is not None:
@@ -374,6 +414,80 @@ class _Worker:
 
             UIDS.give(self.uid)
             self.uid = None
+
+
+def _kill_tree(pid: int, pidfd: int, wait_s: float = 60.0) -> bool:
+    """SIGKILL the worker process `pid` (signalled only through `pidfd`, its pidfd taken at its start) and
+    its children, and wait until they are gone; False if some child outlived `wait_s` (stuck in the kernel).
+
+    Why this way (issue 29): the answer runs in a child of `proc`, PID 1 of a PID namespace of its own and
+    under another uid, so killing `proc` alone left it computing. `proc` is stopped first (a stopped process
+    can neither fork nor reap, so its children's pids stay theirs, also during its start-up), then each child
+    is taken by a pidfd (one process, immune to pid reuse; checked to still be `proc`'s child after the
+    open), killed, and waited for. PID 1 of a namespace ends only after the kernel killed and reaped every
+    process in it, so a readable pidfd means the whole tree is gone. (A cgroup would need a delegated cgroup
+    v2 tree, which an unprivileged trainer seldom has; a pid reported by `proc` would race with a kill
+    during its start-up.)"""
+    # Through the pidfd (issue 29 review): another pool thread's Process.start() reaps exited children, so
+    # between a check of the exit code and a kill by pid the worker could be reaped and its pid reused.
+    # Once stopped and not exited it cannot be reaped, so its children's parent pid is still `pid`.
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
+    except ProcessLookupError:  # exited (its PID 1 child, if any, got the death signal then)
+        return True
+    _wait_stopped(pid)
+    fds = []
+    for child in _children(pid):
+        try:
+            fd = os.pidfd_open(child)
+        except OSError:
+            continue
+        if _parent(child) == pid:
+            fds.append(fd)
+        else:  # it died and the pid was reused between the scan and the open
+            os.close(fd)
+    for fd in fds:
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + wait_s
+    gone = True
+    for fd in fds:
+        gone = _ready(fd, deadline - time.monotonic()) and gone
+        os.close(fd)
+    return gone
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (which may hold spaces and parentheses): state, ppid, ..."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _parent(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if len(fields) > 1 else -1
+
+
+def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = (_stat_fields(pid) or ["X"])[0]
+        if state in ("T", "t", "Z", "X"):
+            return
+        time.sleep(0.001)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(n) for n in os.listdir("/proc") if n.isdigit() and _parent(int(n)) == pid]
 
 
 # A worker is replaced after this many calls: state an answer changed in a way the guard does not see
@@ -399,6 +513,10 @@ class HardTimeoutPool:
             raise ValueError("num_workers must be >= 1")
         self.num_workers = num_workers
         self.initializer = initializer
+        if initializer is confine:  # built at launch: an unusable uid lock folder fails the run here
+            from nemo_prorl.rewards.sandbox import check_sandbox_uids
+
+            check_sandbox_uids()
         self.preload = tuple(preload)
         self.ro_paths = tuple(ro_paths)
         self.start_timeout = start_timeout

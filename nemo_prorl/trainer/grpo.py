@@ -43,7 +43,7 @@ from nemo_prorl.trainer.phases import PhaseTimer
 from nemo_prorl.trainer.producer import (RolloutProducer, SerializedRewards, Taken, multi_version_tokens,
                                          version_lags)
 from nemo_prorl.trainer.scoring import Scores, per_domain_means, reward_health, score_completions, shaped_rewards
-from nemo_prorl.trainer.validate import validate
+from nemo_prorl.trainer.validate import HackingWatch, validate
 from nemo_prorl.weight_sync import sync_weights
 
 log = logging.getLogger("nemo_prorl")
@@ -88,6 +88,7 @@ class ProRLTrainer:
         self.step = 0
         self.last_reset_step = 0
         self.val_history: list[float] = []  # validation metric since the last reference reset
+        self.hacking = HackingWatch(cfg.trainer.hacking_alarm, cfg.validation.metric)  # train vs val, per domain
         self.val_records, self.val_prompt_ids, _ = self.encode_prompts(source.validation_set())
         self.use_reference = cfg.algo.kl_coef > 0
         self.stop_ids = (tokenizer.eos_token_id,)
@@ -358,7 +359,7 @@ class ProRLTrainer:
                            max_tokens=v.max_response_length or self.cfg.rollout.max_response_length,
                            seed=_seed(self.cfg.trainer.seed, 999))  # same seed each time: comparable numbers
         self.val_history.append(out[f"val/{v.metric}"])
-        return out
+        return {**out, **self.hacking.observe_validation(step, out)}
 
     def maybe_reset_reference(self, step: int, timer: PhaseTimer, logger: MetricsLogger) -> bool:
         """Hard-reset the reference (and, if configured, the optimizer) when the schedule or the stall rule
@@ -397,7 +398,7 @@ class ProRLTrainer:
                 "data": self.consumed_data_state if self.producer is not None and self.consumed_data_state is not None
                 else self.source.state_dict(),
                 "prompts_consumed": self.prompts_consumed, "policy_version": self.policy_version,
-                "stage_name": self.cfg.stage_name}
+                "stage_name": self.cfg.stage_name, "hacking_alarm": self.hacking.state_dict()}
 
     def restore(self, ckpt: Path) -> None:
         """Continue exactly where the checkpoint left off: policy (optimizer, reference), counters, data
@@ -411,6 +412,7 @@ class ProRLTrainer:
         self.num_resets, self.skipped_streak = st.get("num_resets", 0), st.get("skipped_streak", 0)
         self.prompts_consumed = st.get("prompts_consumed", 0)
         self.policy_version = st.get("policy_version", self.step)
+        self.hacking.load_state_dict(st.get("hacking_alarm"))
         self.source.load_state_dict(st["data"])
         set_rng_state(read_checkpoint_file(ckpt, "rng_state.pt"))
         self.resumed_stage = st.get("stage_name")
@@ -433,6 +435,7 @@ class ProRLTrainer:
         """One step: train, validate (every k steps), reset the reference if due."""
         t, v = self.cfg.trainer, self.cfg.validation
         metrics = self.train_step(self.step, timer)
+        self.hacking.observe_step(metrics)
         if metrics["filter/shortfall_groups"] > 0:
             logger.event(self.step, "groups_short", kept=int(metrics["filter/kept_groups"]),
                          planned=self.cfg.algo.num_prompts_per_step, updates=int(metrics.get("actor/num_updates", 0)),
@@ -457,6 +460,7 @@ class ProRLTrainer:
         tidied = self._tidy_for_resume() if resumed_at else {}
         logger = MetricsLogger(self.out_dir, total_steps=t.num_steps, start_step=self.step,
                                tensorboard=t.tensorboard, progress_bar=t.progress_bar)
+        logger.restore_alarms(self.hacking.alarmed)  # a resumed run's bar names what is still raised
         if tidied:
             logger.event(self.step, "resume_cleanup", **tidied)
         validations: dict[int, dict[str, float]] = {}

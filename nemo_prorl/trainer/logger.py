@@ -10,6 +10,11 @@ from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
+ALARM_PREFIX = "alarm/reward_hacking/"  # trainer/validate.py's HackingWatch: 1.0 where a domain is flagged
+# HackingWatch: 1.0 for a domain flagged at the previous validation and not at this one. The watch says it, not
+# this logger's memory: a resumed run builds a new logger, while the watch's state comes from the checkpoint.
+CLEARED_PREFIX = "alarm/reward_hacking_cleared/"
+
 # What the progress bar shows, under short names: reward, entropy, KL, length, clip and filtered fractions.
 BAR_KEYS = {
     "reward/mean": "reward",
@@ -36,6 +41,7 @@ class MetricsLogger:
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="prorl", unit="step", dynamic_ncols=True)
         self.last_val: dict[str, float] = {}
+        self.alarms: list[str] = []  # domains the reward-hacking alarm flagged at the last validation
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
@@ -45,6 +51,33 @@ class MetricsLogger:
                 if math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
         self.last_val.update({k: v for k, v in clean.items() if k.startswith("val/")})
+        if any(k.startswith((ALARM_PREFIX, CLEARED_PREFIX)) for k in clean):  # a validation: the alarm is news
+            self._show_alarms(step, sorted(k[len(ALARM_PREFIX):] for k, v in clean.items()
+                                           if k.startswith(ALARM_PREFIX) and v > 0),
+                              sorted(k[len(CLEARED_PREFIX):] for k, v in clean.items()
+                                     if k.startswith(CLEARED_PREFIX) and v > 0))
+
+    def restore_alarms(self, domains: list[str]) -> None:
+        """A resumed run: the domains its HackingWatch (restored from the checkpoint) has raised, for the bar
+        until the next validation says otherwise; no event (it was logged when raised)."""
+        self.alarms = sorted(domains)
+        self._show_bar()
+
+    def _show_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f"prorl [reward hacking? {','.join(self.alarms)}]" if self.alarms else "prorl",
+                                     refresh=False)
+
+    def _show_alarms(self, step: int, domains: list[str], cleared: list[str]) -> None:
+        """Raised: an event each validation it stays raised, and the bar's title names the domains until a
+        validation clears them; cleared (as HackingWatch says, also for a part of the domains): an event
+        (the figures are in the trainer's warning and the metrics)."""
+        if domains:
+            self.event(step, "reward_hacking_alarm", domains=domains)
+        if cleared:
+            self.event(step, "reward_hacking_alarm_cleared", domains=cleared)
+        self.alarms = domains
+        self._show_bar()
 
     def histogram(self, step: int, name: str, values: Any) -> None:
         """A distribution (TensorBoard only; metrics.jsonl keeps its summary figures)."""
