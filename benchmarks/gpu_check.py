@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -140,12 +139,6 @@ def _model_dir(shape: dict, dtype: str) -> Path:
     return d
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _batch(rows: int, vocab: int, prompt: tuple[int, int], response: tuple[int, int]) -> dict:
     import torch
 
@@ -180,9 +173,8 @@ def _megatron_run(args: argparse.Namespace, shape: dict, *, te: bool, fp8: bool,
     m = MegatronConfig(transformer_impl="transformer_engine" if te else "local", fp8="hybrid" if fp8 else None,
                        micro_batch_tokens=16384, logprob_micro_batch_tokens=32768)
     spec = WorkerSpec(rank=0, world_size=1, model_dir=str(model_dir), megatron=m, optim=OptimConfig(),
-                      dtype=_dtype(args), seed=0, use_reference=False, num_threads=0, master_addr="127.0.0.1",
-                      master_port=_free_port())
-    worker = MegatronWorker(spec)
+                      dtype=_dtype(args), seed=0, use_reference=False, num_threads=0)
+    worker = MegatronWorker(spec, torch.distributed.HashStore())  # one rank in this process: no rendezvous
     batch = _batch(rows, shape["vocab_size"], *lengths)
     tokens = int(batch["attention_mask"].sum())
     loss = functools.partial(microbatch_loss, clip_eps_low=0.2, clip_eps_high=0.4, clip_ratio_c=None,

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import socket
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -28,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.megatron_policy import make_batch, make_model_dir  # noqa: E402
 
 
-def _rank_loop(spec: Any, commands: Any, results: Any) -> None:  # a spawned rank of the peer
+def _rank_loop(spec: Any, store_path: str, commands: Any, results: Any) -> None:  # a spawned rank of the peer
     from nemo_prorl.policy.megatron_worker import MegatronWorker
 
-    worker = MegatronWorker(spec)
+    # the peer's ranks meet in a FileStore in a private folder of this machine (no Ray, no port)
+    worker = MegatronWorker(spec, torch.distributed.FileStore(store_path, spec.world_size))
     results.put((spec.rank, worker.layout()))
     while True:
         name, args = commands.get()
@@ -49,18 +51,16 @@ class SpawnPeer:
         from nemo_prorl.policy.megatron_worker import WorkerSpec
 
         ctx = torch.multiprocessing.get_context("spawn")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        self.store_dir = tempfile.mkdtemp(prefix="prorl-peer-")  # mode 0700: the rendezvous is ours alone
         m = cfg.policy.megatron
         self.world = m.tensor_parallel_size
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(self.world)]
         base = WorkerSpec(rank=0, world_size=self.world, model_dir=str(model_dir), megatron=m, optim=cfg.policy.optim,
-                          dtype=cfg.model.dtype, seed=0, use_reference=False, num_threads=1,
-                          master_addr="127.0.0.1", master_port=port)
-        self.procs = [ctx.Process(target=_rank_loop, args=(dataclasses.replace(base, rank=r), self.commands[r],
-                                                           self.results)) for r in range(self.world)]
+                          dtype=cfg.model.dtype, seed=0, use_reference=False, num_threads=1)
+        store = os.path.join(self.store_dir, "store")
+        self.procs = [ctx.Process(target=_rank_loop, args=(dataclasses.replace(base, rank=r), store,
+                                                           self.commands[r], self.results)) for r in range(self.world)]
         for p in self.procs:
             p.start()
         self._gather()
@@ -79,6 +79,7 @@ class SpawnPeer:
             q.put(("stop", ()))
         for p in self.procs:
             p.join(30)
+        shutil.rmtree(self.store_dir, ignore_errors=True)
 
 
 def _ray_daemons_mb() -> float:

@@ -203,7 +203,8 @@ def init_distributed(rank: int, world_size: int, *, rendezvous: Any, backend: st
     """torch.distributed for one rank: NCCL and the GPU Ray gave this actor on CUDA machines, gloo on the
     CPU. Returns the rank's device.
 
-    The group meets in `rendezvous`, the handle of its key-value actor (nemo_prorl/cluster/rendezvous.py):
+    The group meets in `rendezvous`, the handle of its key-value actor (nemo_prorl/cluster/rendezvous.py), or
+    a local `torch.distributed.Store` for ranks on one machine without Ray (benchmarks):
     gloo's peer addresses, NCCL's unique id and every sub-group's keys go through Ray, which admits only
     clients with the cluster's token. No TCPStore serves them: torch's has no authentication, and anyone
     who reached its port could list, read and overwrite the group's keys."""
@@ -220,8 +221,10 @@ def init_distributed(rank: int, world_size: int, *, rendezvous: Any, backend: st
     if cuda:
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, store=RayStore(rendezvous, timeout), rank=rank, world_size=world_size,
-                            timeout=timeout)
+    # a local store (a benchmark's ranks on one machine, without Ray: HashStore, or FileStore in a private
+    # folder) is used as it is; anything else is the handle of the group's rendezvous actor
+    store = rendezvous if isinstance(rendezvous, dist.Store) else RayStore(rendezvous, timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return device
 
 
