@@ -353,7 +353,7 @@ class _Worker:
         # Taken now, while the worker cannot have been reaped (it runs until told to stop): every later
         # signal goes through it, never through a pid that another pool thread's Process.start() (which
         # reaps exited children) may have freed for reuse
-        self.pidfd: Optional[int] = os.pidfd_open(self.proc.pid)
+        self.pidfd: Optional[int] = _pidfd(self.proc.pid)
         child.close()
         self.stuck = False  # it never began a call it was given: replace it
         self.calls = 0
@@ -407,6 +407,8 @@ class _Worker:
                 log.error("a killed verifier worker (pid %s) still had processes after 60 s", self.proc.pid)
             os.close(self.pidfd)
             self.pidfd = None
+        else:  # no pidfds here (not Linux >= 5.3): the worker itself; its jail is Linux-only anyway
+            self.proc.kill()
         self.proc.join(5)
         self.conn.close()
         if self.uid is not None:
@@ -414,6 +416,13 @@ class _Worker:
 
             UIDS.give(self.uid)
             self.uid = None
+
+
+def _pidfd(pid: int) -> Optional[int]:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # another OS, or a kernel (or container filter) without pidfds
+        return None
 
 
 def _kill_tree(pid: int, pidfd: int, wait_s: float = 60.0) -> bool:
