@@ -42,13 +42,19 @@ QWEN2_0P5B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, nu
                   tie_word_embeddings=True)
 TINY = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+# Qwen3-MoE shapes (issue 30): every layer MoE, top-k renormalised (Qwen3-30B-A3B's layout, scaled down)
+TINY_MOE = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                max_position_embeddings=1024, norm_topk_prob=True, tie_word_embeddings=False)
+MOE_SMALL = dict(TINY_MOE, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=32, num_experts_per_tok=8)
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, by device-name fragment.
 # The first fragment that matches wins: more specific names first.
 BF16_PEAK_TFLOPS = [("H200 NVL", 835.0), ("H200", 989.4), ("GH200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
                     ("H100", 989.4), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0),
                     ("A10", 125.0)]
 TIME_LIMITS_S = {"env": 45, "embedded": 120, "megatron_local": 75, "megatron_te": 75, "mfu_0p5b": 100,
-                 "weight_sync": 75}
+                 "weight_sync": 75, "moe": 60, "moe_te": 60}
 DEADLINE_S = 480  # the whole check (issue 19: at most 8 minutes); a section never runs past it
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {}
 
@@ -131,11 +137,12 @@ def embedded(args: argparse.Namespace) -> dict[str, Any]:
 
 def _model_dir(shape: dict, dtype: str) -> Path:
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: F401
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     d = Path(tempfile.mkdtemp(prefix="prorl-gpu-check-"))
     torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(**shape, dtype=dtype)).to(getattr(torch, dtype)).save_pretrained(d)
+    config, model = (Qwen3MoeConfig, Qwen3MoeForCausalLM) if "num_experts" in shape else (Qwen2Config, Qwen2ForCausalLM)
+    model(config(**shape, dtype=dtype)).to(getattr(torch, dtype)).save_pretrained(d)
     return d
 
 
@@ -159,8 +166,10 @@ def _batch(rows: int, vocab: int, prompt: tuple[int, int], response: tuple[int, 
 
 
 def _megatron_run(args: argparse.Namespace, shape: dict, *, te: bool, fp8: bool, rows: int,
-                  lengths: tuple[tuple[int, int], tuple[int, int]], repeats: int) -> dict[str, Any]:
-    """One Megatron rank (TP=1) in this process: logprobs and training steps on a random batch."""
+                  lengths: tuple[tuple[int, int], tuple[int, int]], repeats: int, replay: bool = False) -> dict[str, Any]:
+    """One Megatron rank (TP=1) in this process: logprobs and training steps on a random batch (with
+    `replay`, a MoE model's steps are timed again replaying random routed experts, as rollout.routing_replay
+    does: `replay_train_step_s`)."""
     import functools
 
     import torch
@@ -193,8 +202,21 @@ def _megatron_run(args: argparse.Namespace, shape: dict, *, te: bool, fp8: bool,
     dt = (time.perf_counter() - t) / repeats
     if metrics.get("update_skipped") or not torch.isfinite(torch.tensor(float(metrics["grad_norm"]))):
         raise RuntimeError(f"the training step was skipped (grad norm {metrics['grad_norm']})")
+    extra = {}
+    if replay:
+        b, t = batch["input_ids"].shape
+        g = torch.Generator().manual_seed(1)
+        order = torch.rand(b, t, shape["num_hidden_layers"], shape["num_experts"], generator=g).argsort(-1)
+        replayed = dict(batch, routed_experts=order[..., : shape["num_experts_per_tok"]].to(torch.uint8))
+        worker.train_minibatch(replayed, loss, 1.0, 1e-6)
+        _sync(args)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            worker.train_minibatch(replayed, loss, 1.0, 1e-6)
+        _sync(args)
+        extra["replay_train_step_s"] = round((time.perf_counter() - t) / repeats, 4)
     mean_len = tokens / rows
-    return {"tokens": tokens, "train_step_s": round(dt, 4), "train_tokens_per_s": round(tokens / dt),
+    return {**extra, "tokens": tokens, "train_step_s": round(dt, 4), "train_tokens_per_s": round(tokens / dt),
             "grad_norm": round(float(metrics["grad_norm"]), 4), "mean_seq_len": round(mean_len, 1),
             "params": sum(p.numel() for p in worker.model[0].parameters()), "transformer_engine": worker.te}
 
@@ -244,6 +266,33 @@ def mfu_0p5b(args: argparse.Namespace) -> dict[str, Any]:
     flops = _flops_per_token(shape, out["mean_seq_len"]) * out["train_tokens_per_s"]
     peak = peak_tflops(torch.cuda.get_device_name(0)) if args.device == "cuda" else None
     return dict(out, model_tflops=round(flops / 1e12, 2), mfu=round(flops / (peak * 1e12), 4) if peak else None)
+
+
+def _moe_run(args: argparse.Namespace, *, te: bool) -> dict[str, Any]:
+    shape = TINY_MOE if args.quick else MOE_SMALL
+    rows, lengths = (8, ((8, 16), (8, 32))) if args.quick else (32, ((64, 256), (128, 768)))
+    return _megatron_run(args, shape, te=te, fp8=False, rows=rows, lengths=lengths, repeats=1 if args.quick else 2,
+                         replay=True)
+
+
+@section
+def moe(args: argparse.Namespace) -> dict[str, Any]:
+    """A Qwen3-MoE rank (issue 30), experts one by one (the local spec): training step time, and with
+    routing replay."""
+    out = _moe_run(args, te=False)
+    return dict(out, replay_x_plain=round(out["replay_train_step_s"] / out["train_step_s"], 2))
+
+
+@section
+def moe_te(args: argparse.Namespace) -> dict[str, Any]:
+    """The same rank under Transformer Engine's layer spec: the experts as one grouped GEMM (compare with
+    section moe's train_step_s), and TE's fused-norm names loaded and exported by the worker."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        raise Skipped(f"Transformer Engine is not importable: {type(e).__name__}: {e}") from e
+    out = _moe_run(args, te=True)
+    return dict(out, replay_x_plain=round(out["replay_train_step_s"] / out["train_step_s"], 2))
 
 
 def _engine_child(conn: Any, model_dir: str, device: str, dtype: str) -> None:

@@ -209,8 +209,10 @@ def load_into_engine(weights: Iterable[LazyWeight], engine: RolloutEngine, *, bu
 
 
 # ---------------------------------------------------------------------- node-local sync (engines as actors)
-# A shard is identified by (stage, tensor-parallel rank); stage = model chunk * PP + pipeline rank.
-ShardKey = tuple[int, int]
+# A shard is identified by (stage, tensor-parallel rank); stage = model chunk * PP + pipeline rank. A
+# mixture-of-experts model's experts are shards of their own, (stage, -1, EP rank, expert-TP rank), held by
+# every rank of their expert-data-parallel group (policy/megatron_moe.py).
+ShardKey = tuple[int, ...]
 ShardMeta = list[tuple[str, list[int], str]]  # (name, shape, dtype name) of each tensor of a shard
 
 
@@ -469,17 +471,17 @@ class WeightRelay(ActorBase):
         self.sender.join_transport(rendezvous, prefix, rank, size)
 
     def sync_prepare(self, transfers: list, kinds: dict[int, set[str]], bucket_bytes: int, dtype: str, metas: dict,
-                     shape: Any, grid: tuple[int, int]) -> int:
-        """Receive the shards this node lacks (all of them), then plan its buckets; `grid` is (stages, TP)."""
+                     shape: Any, grid: tuple[int, int, int, int]) -> int:
+        """Receive the shards this node lacks (all of them), then plan its buckets; `grid` is (stages, TP,
+        EP, expert-TP)."""
         from nemo_prorl.policy.megatron_convert import megatron_to_hf_lazy
+        from nemo_prorl.policy.megatron_moe import assemble
 
         self.sender.exchange(self.rank, {}, transfers, metas)
         if self.rank not in kinds:
             return 0
-        stages: list[list[Any]] = [[None] * grid[1] for _ in range(grid[0])]
-        for (stage, t), sd in self.sender.received.items():
-            stages[stage][t] = sd
-        return self.sender.plan_buckets(megatron_to_hf_lazy(stages, shape), bucket_bytes, dtype, {"host"})
+        stages, experts = assemble(self.sender.received, *grid, shape.is_moe)
+        return self.sender.plan_buckets(megatron_to_hf_lazy(stages, shape, experts), bucket_bytes, dtype, {"host"})
 
     def sync_pack(self, k: int) -> Optional[dict[str, tuple[tuple, list]]]:
         return self.sender.pack(k)

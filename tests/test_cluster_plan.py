@@ -249,11 +249,35 @@ def test_prorl_1p5b_fills_the_4x8_cluster_and_prorl_plan_prints_it(capsys):
 
 
 def test_plans_the_engine_pool_would_refuse_are_named_before_anything_starts():
-    """The pool and `prorl doctor` share this check: an engine over several GPUs is refused (by its key)."""
+    """The pool and `prorl doctor` share this check: engines away from the hf policy's node are refused;
+    engines over several devices are started (one actor, its vLLM workers on the plan's devices)."""
     from nemo_prorl.rollout.pool import plan_problems
 
-    [(index, node, why)] = plan_problems(make_plan(Layout("gpu", 1, 2, engine="vllm", engine_tp=2)))
-    assert (index, node) == (0, 0) and why.startswith("rollout.vllm.tensor_parallel_size=2:")
+    assert plan_problems(make_plan(Layout("gpu", 1, 2, engine="vllm", engine_tp=2))) == []
     assert plan_problems(make_plan(Layout("gpu", 2, 2, rollout_nodes=1, megatron=(1, 1, None), engine="vllm",
                                           num_engines=None))) == []
     assert plan_problems(make_plan(Layout("cpu", 1, 2, engine="vllm", engine_tp=2))) == []  # the CPU build splits
+
+
+def test_the_moe_preset_resolves_to_its_published_settings_and_plans_ep_inside_nodes():
+    """experiment=prorl_moe: NeMo-RL's Qwen3-30B-A3B layout on 4 x 8 GPUs (EP=8 per node, TP=1, vLLM engines
+    of 2 GPUs) with ProRL v2.1's settings for MoE, and a plan whose EP groups never cross a node."""
+    from nemo_prorl.cluster.plan import format_plan
+
+    cfg, _ = load_config(["experiment=prorl_moe"])
+    a, m = cfg.algo, cfg.policy.megatron
+    assert (a.advantage_estimator, a.clip_eps_low, a.clip_eps_high) == ("reinforce_pp_baseline", 0.2, 0.27)
+    assert a.num_prompts_per_minibatch == a.num_prompts_per_step == 64 and a.num_generations_per_prompt == 32
+    rc = a.rollout_correction
+    assert (rc.mode, rc.icepop_low, rc.icepop_high, rc.seq_geo_mask) == ("icepop", 0.5, 5.0, True)
+    assert cfg.reward.stop_properly.enabled and cfg.reward.stop_properly.truncated_reward_scale == 0.0
+    assert (m.tensor_parallel_size, m.expert_parallel_size, m.expert_tensor_parallel_size, m.data_parallel_size) == \
+        (1, 8, 1, 32)
+    assert cfg.rollout.routing_replay and cfg.rollout.vllm.tensor_parallel_size == 2
+    plan = plan_from_config(cfg)
+    assert len(plan.ranks) == 32 and len(plan.engines) == 16
+    groups = {}
+    for r in plan.ranks:
+        groups.setdefault((r.node, r.edp), []).append(r.ep)
+    assert all(sorted(eps) == list(range(8)) for eps in groups.values()) and len(groups) == 4  # one group a node
+    assert "EP groups (ranks): [0,1,2,3,4,5,6,7]; [8,9,10,11,12,13,14,15]" in format_plan(plan)

@@ -469,3 +469,52 @@ def test_split_mode_a_rollout_node_gets_the_weights_through_its_relay(two_nodes,
         policy.close()
     assert stats.cross_node_bytes == whole  # every shard crossed, once
     _gone("MegatronRank", "TorchEngineServer", "WeightRelay")
+
+
+# ---------------------------------------------------------------- a mixture-of-experts policy on two nodes
+
+MOE_TINY = ["model.tiny.architecture=qwen3_moe", "model.tiny.num_experts=4", "model.tiny.num_experts_per_tok=2",
+            "model.tiny.moe_intermediate_size=32", "model.tiny.head_dim=32"]
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="no vLLM interpreter (PRORL_VLLM_PYTHON; make vllm-env)")
+def test_prorl_train_moe_with_expert_parallelism_and_routing_replay_resumes_exactly(two_nodes, tmp_path_factory,
+                                                                                    tmp_path):
+    """A tiny Qwen3-MoE trained by `prorl train` with Megatron EP=2 (each rank, on its own node, holds half the
+    experts), a vLLM engine on each node that returns the experts it chose, and the trainer replaying them:
+    every step updates, the routing reached the trainer (the replayed and fresh-routing mismatch are both
+    logged), the weights reach the engines from their own node; a rank killed after the first checkpoint
+    stops the run with a named error, and resume=auto ends where the uninterrupted run does."""
+    from tests.conftest import VLLM_TINY
+
+    from nemo_prorl.demo.warmstart import warm_started_model
+
+    cfg, _ = load_config([*VLLM_TINY, *MOE_TINY, f"model.warm_start.cache_dir={tmp_path_factory.mktemp('moe_ws')}"])
+    model_dir = warm_started_model(cfg)
+    moe = [*MOE_TINY, "cluster.num_nodes=2", "cluster.cpu_slots_per_node=1", f"cluster.ray_address={two_nodes.address}",
+           "rollout.num_engines=2", "policy.megatron.expert_parallel_size=2", "rollout.routing_replay=true",
+           "trainer.num_steps=2", "validation.every_n_steps=100"]
+    whole = _train(model_dir, tmp_path / "whole", *moe)
+    out, err = whole.communicate(timeout=900)
+    assert whole.returncode == 0, err[-3000:]
+    expected = _rows(tmp_path / "whole")
+    assert {1, 2} <= set(expected), sorted(expected)
+    steps = [expected[s] for s in (1, 2)]
+    assert_every_step_updated(steps)
+    # Each node's engine gets the dense shards and its own rank's experts from that rank; only the experts
+    # the node's rank does not hold (the other half, on the other node) cross: all experts once in total.
+    from safetensors import safe_open
+
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        expert_mb = sum(f.get_tensor(k).nbytes for k in f.keys() if ".experts." in k) / 2**20
+    for r in steps:
+        assert r["sync/cross_node_megabytes"] == pytest.approx(expert_mb, rel=1e-6), (r["sync/cross_node_megabytes"],
+                                                                                       expert_mb)
+        assert "mismatch/k3_kl" in r and "mismatch/no_replay_k3_kl" in r, sorted(k for k in r if "mismatch" in k)
+    run = tmp_path / "run"
+    err, _ = _kill_after_checkpoint(_train(model_dir, run, *moe), run, 1, "MegatronRank")
+    assert re.search(r"megatron rank \d on node \d \(.*pid \d+\) died during", err) and "resume with resume=auto" in err
+    resumed = _train(model_dir, run, *moe, "resume=auto")
+    out, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, err[-3000:]
+    assert _rows(run) == expected

@@ -22,13 +22,17 @@ def mismatch_metrics(policy_logprobs: torch.Tensor, rollout_logprobs: torch.Tens
     max_abs_logprob_diff   the worst token
     mult_prob_error        mean exp(|log p_policy - log p_rollout|): the multiplicative error of a token's
                            probability (1.0 when they agree; NeMo-RL's token_mult_prob_error)
+    k3_kl                  mean k3 estimate of KL(pi_rollout || pi_policy) from the engine's samples:
+                           r - 1 - log r with r = p_policy / p_rollout (unbiased, >= 0 per token)
     """
     mask = mask.to(policy_logprobs.dtype)
-    diff = (policy_logprobs - rollout_logprobs).abs().clamp(max=_MAX_LOG_RATIO) * mask
+    log_r = (policy_logprobs - rollout_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    diff = log_r.abs() * mask
     return {
         "mean_abs_logprob_diff": diff.sum() / num_tokens,
         "max_abs_logprob_diff": diff.max() if diff.numel() else diff.sum(),
         "mult_prob_error": (torch.exp(diff) * mask).sum() / num_tokens,
+        "k3_kl": ((torch.exp(log_r) - 1 - log_r) * mask).sum() / num_tokens,
     }
 
 

@@ -244,3 +244,25 @@ def start_group(role: str, actor_cls: Any, placement: NodePlacement, slots: Sequ
     group.infos = infos
     group.nodes = [f"node {n} ({info['host']}, {info['ip']}, pid {info['pid']})" for (n, _, _), info in zip(slots, infos)]
     return group
+
+
+def engine_gpus(placement: Any, plan: Any, timeout_s: float) -> dict[int, str]:
+    """{engine index: its GPUs' ids as CUDA_VISIBLE_DEVICES lists them, its own first} for the engines
+    over several GPUs. Ray gives an actor the one GPU of its bundle; the engine's vLLM worker processes
+    need all of the plan's devices for it, whose ids a tiny task in each bundle reads (which bundle holds
+    which physical GPU is Ray's choice). Untested here: no GPUs on the CPU test machines."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    wide = [e for e in plan.engines if len(e.devices) > 1]
+    if plan.layout.kind != "gpu" or not wide:
+        return {}
+
+    @ray.remote(num_cpus=0, num_gpus=0.001)
+    def gpu_id() -> str:
+        return ",".join(str(g) for g in ray.get_gpu_ids())
+
+    refs = {(e.index, d): gpu_id.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        placement.groups[e.node], placement_group_bundle_index=d)).remote() for e in wide for d in e.devices}
+    ids = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
+    return {e.index: ",".join(ids[(e.index, d)] for d in e.devices) for e in wide}

@@ -7,6 +7,9 @@ Rules:
   devices, node by node: on GPUs a TP group never leaves its node (TP must divide the GPUs per node),
   pipeline stages come next, and data-parallel replicas spread over the nodes. CPU slots are logical, so
   there a TP group may span nodes (the tests use that to run TP's collectives across simulated nodes).
+- Experts (MoE policies) use the same order (megatron's `tp-cp-ep-pp-dp`): expert-TP fastest, then EP,
+  carved out of each pipeline stage's TP x DP ranks; with PP > 1, EP x expert-TP must equal TP. Expert-TP
+  below TP without EP is refused (the experts' gradients would not be summed over TP).
 - Colocated (cluster.rollout_nodes=0): engines of E devices each take E consecutive training devices of
   one node; they share the GPUs with the Megatron ranks and sleep during the update.
 - Split: the last `rollout_nodes` nodes only generate; engines fill them.
@@ -51,6 +54,8 @@ class Layout:
     rewards_on_every_node: bool = False  # a reward-worker actor per node (with those pools) instead
     rollout_devices_per_node: int = 0  # the last devices of each node that only generate (split inside a node)
     async_steps: bool = False  # algo.async.max_staleness > 0: engines generate during the update
+    # (EP, expert-TP) of a mixture-of-experts policy, expert-TP resolved (null = TP); (1, TP) for dense ones
+    experts: Optional[tuple[int, int]] = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,11 @@ class RankSlot:
     dp: int
     node: int
     device: int
+    # the rank's place among the experts (megatron's expert groups, same order: expert-TP fastest, then EP,
+    # then PP, then expert-DP): it holds experts [ep * E/EP, (ep + 1) * E/EP), split over expert-TP
+    ep: int = 0
+    etp: int = 0
+    edp: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,47 @@ def data_parallel_size(layout: Layout) -> int:
     _check(tp * pp * dp <= train, "policy.megatron.data_parallel_size",
            f"TP x PP x DP = {tp * pp * dp} ranks, but the training nodes have {train} {unit}{note}")
     return dp
+
+
+def expert_sizes(layout: Layout) -> tuple[int, int]:
+    """(EP, expert-TP) of the Megatron layout, after the checks: a layout megatron would refuse, or one
+    that would train the experts wrongly without saying so, raises PlacementError naming the key."""
+    assert layout.megatron is not None
+    tp, pp, _ = layout.megatron
+    ep, etp = layout.experts or (1, tp)
+    k = "policy.megatron."
+    _check(ep >= 1, k + "expert_parallel_size", "must be >= 1")
+    _check(etp >= 1, k + "expert_tensor_parallel_size", "must be >= 1 or null (= tensor_parallel_size)")
+    # Without EP megatron treats the experts' weights as dense ones (DDP all-reduces them over the dense DP
+    # group, never over the expert groups), so expert-TP must be TP: below it each expert is replicated over
+    # TP ranks whose gradients nothing sums (found by comparing with TP=1: silently wrong expert updates);
+    # above it the dense DP group holds different expert-TP shards, whose gradients it would add together.
+    why = ("leaves the experts' gradients unsummed over TP" if etp < tp else
+           "makes megatron sum different expert-TP shards' gradients over the data-parallel group")
+    _check(ep > 1 or etp == tp, k + "expert_tensor_parallel_size",
+           f"expert-TP={etp} {'below' if etp < tp else 'above'} tensor_parallel_size={tp} with "
+           f"expert_parallel_size=1 {why}: use expert_tensor_parallel_size=null (= TP) or expert_parallel_size > 1")
+    dp = data_parallel_size(layout)
+    _check((tp * dp) % (ep * etp) == 0, k + "expert_parallel_size",
+           f"EP x expert-TP = {ep} x {etp} must divide TP x DP = {tp} x {dp} (the expert groups are carved out "
+           "of each pipeline stage's ranks)")
+    # megatron orders the expert groups like the dense ones (tp-cp-ep-pp-dp, pipeline before DP): with
+    # PP > 1 its pipeline groups agree only when EP x expert-TP spans exactly a TP group
+    _check(pp == 1 or ep * etp == tp, k + "expert_parallel_size",
+           f"with pipeline_parallel_size={pp}, EP x expert-TP = {ep} x {etp} must equal tensor_parallel_size={tp} "
+           "(the rank order keeps pipeline stages adjacent)")
+    return ep, etp
+
+
+def check_experts(num_experts: int, moe_ffn_hidden_size: int, ep: int, etp: int) -> None:
+    """The model's experts against EP and expert-TP (known once the model's config is read)."""
+    k = "policy.megatron."
+    _check(ep == 1 or num_experts > 0, k + "expert_parallel_size",
+           f"expert_parallel_size={ep}, but the model has no experts (a dense model)")
+    _check(num_experts == 0 or num_experts % ep == 0, k + "expert_parallel_size",
+           f"expert_parallel_size={ep} does not divide the model's {num_experts} experts")
+    _check(num_experts == 0 or moe_ffn_hidden_size % etp == 0, k + "expert_tensor_parallel_size",
+           f"expert-TP={etp} does not divide each expert's FFN size {moe_ffn_hidden_size}")
 
 
 def engines_are_actors(layout: Layout) -> bool:
@@ -221,9 +272,11 @@ def make_plan(layout: Layout) -> Plan:
     if layout.megatron is not None:
         tp, pp, _ = layout.megatron
         dp = data_parallel_size(layout)
+        ep, etp = expert_sizes(layout)
         per = train_devices_per_node(layout)  # the first devices of each node; the rest generate
         for r in range(tp * pp * dp):  # megatron-core's order: TP fastest, then PP, then DP
-            ranks.append(RankSlot(r, tp=r % tp, pp=(r // tp) % pp, dp=r // (tp * pp), node=r // per, device=r % per))
+            ranks.append(RankSlot(r, tp=r % tp, pp=(r // tp) % pp, dp=r // (tp * pp), node=r // per, device=r % per,
+                                  ep=(r // etp) % ep, etp=r % etp, edp=r // (etp * ep * pp)))
     return Plan(layout, tuple(ranks), _engine_slots(layout), dp)
 
 
@@ -234,6 +287,8 @@ def layout_from_config(cfg: Any, *, backend: Optional[str] = None, engine: Optio
     backend, engine = backend or cfg.policy.backend, engine or cfg.rollout.engine
     kind = "gpu" if str(c.device).startswith("cuda") else "cpu"
     meg = (m.tensor_parallel_size, m.pipeline_parallel_size, m.data_parallel_size) if backend == "megatron" else None
+    experts = ((m.expert_parallel_size, m.expert_tensor_parallel_size or m.tensor_parallel_size)
+               if backend == "megatron" else None)
     engine_tp = cfg.rollout.vllm.tensor_parallel_size if engine == "vllm" else 1
     split = c.rollout_devices_per_node
     one_machine = kind == "cpu" and c.cpu_slots_per_node is None
@@ -257,7 +312,7 @@ def layout_from_config(cfg: Any, *, backend: Optional[str] = None, engine: Optio
                   megatron=meg, engine=engine, engine_tp=engine_tp, num_engines=num_engines,
                   reward_workers=workers, rewards_on_every_node=c.num_nodes > 1 if c.rewards_on_every_node is None
                   else bool(c.rewards_on_every_node), rollout_devices_per_node=split,
-                  async_steps=async_config(cfg).max_staleness > 0)
+                  async_steps=async_config(cfg).max_staleness > 0, experts=experts)
 
 
 def plan_from_config(cfg: Any, **kw: Any) -> Plan:
@@ -276,6 +331,25 @@ def _mode_line(lay: Layout) -> str:
     return mode + ("; asynchronous steps: the engines generate during the update" if lay.async_steps else "")
 
 
+def _has_ep(lay: Layout) -> bool:
+    return lay.experts is not None and lay.experts[0] > 1
+
+
+def _expert_lines(plan: Plan) -> list[str]:
+    """The expert-parallel groups (only where EP or expert-TP differs from the dense layout)."""
+    tp = plan.layout.megatron[0]  # type: ignore[index]
+    ep, etp = plan.layout.experts or (1, tp)
+    if ep == 1 and etp == tp:
+        return []
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for r in plan.ranks:  # an EP group: the ranks of one (pipeline stage, expert-DP, expert-TP) position
+        groups.setdefault((r.pp, r.edp, r.etp), []).append(r.rank)
+    edp = len(plan.ranks) // (ep * etp * plan.layout.megatron[1])  # type: ignore[index]
+    shown = "; ".join("[" + ",".join(map(str, g)) + "]" for g in list(groups.values())[:8])
+    more = f" (+{len(groups) - 8} more)" if len(groups) > 8 else ""
+    return [f"experts: EP={ep} expert-TP={etp} expert-DP={edp}; EP groups (ranks): {shown}{more}"]
+
+
 def format_plan(plan: Plan) -> str:
     """The table `prorl plan` prints: one line per device in use, then the engines and reward workers."""
     lay = plan.layout
@@ -285,6 +359,7 @@ def format_plan(plan: Plan) -> str:
         tp, pp, _ = lay.megatron  # type: ignore[misc]
         lines.append(f"policy: megatron, TP={tp} PP={pp} DP={plan.data_parallel_size}: {len(plan.ranks)} ranks "
                      "(Ray actors)")
+        lines += _expert_lines(plan)
     else:
         lines.append("policy: hf, in the controller's process (node 0)")
     if plan.engines:
@@ -304,6 +379,6 @@ def format_plan(plan: Plan) -> str:
             r, e = rank_at.get((n, d)), engine_at.get((n, d))
             if r is None and e is None:
                 continue
-            rank = f"{r.rank} ({r.tp},{r.pp},{r.dp})" if r else "-"
+            rank = f"{r.rank} ({r.tp},{r.pp},{r.dp})" + (f" ep{r.ep}" if r and _has_ep(lay) else "") if r else "-"
             lines.append(f"{n:>4}  {dev}{d:<4} {rank:<26} {'-' if e is None else e}")
     return "\n".join(lines)

@@ -19,6 +19,12 @@ class TinyModelConfig:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 256
     vocab_size: int = 320  # target size of the BPE tokenizer trained on the task corpus
+    # qwen2 (ProRL's base model) | qwen3 (QK-norm, explicit head_dim) | qwen3_moe (Qwen3-30B-A3B's layout)
+    architecture: str = "qwen2"
+    head_dim: Optional[int] = None  # qwen3*: None = hidden_size / num_attention_heads (vLLM-CPU needs >= 32)
+    num_experts: int = 8  # qwen3_moe
+    num_experts_per_tok: int = 2  # qwen3_moe: top-k
+    moe_intermediate_size: int = 64  # qwen3_moe: each expert's FFN size
 
 
 @dataclass
@@ -82,6 +88,18 @@ class MegatronConfig:
     fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling) | mxfp8 | blockwise
     dist_backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     make_vocab_size_divisible_by: int = 128
+    # Mixture-of-experts (Qwen3-MoE). Experts are split over expert_parallel_size ranks, each expert's
+    # FFN over expert_tensor_parallel_size ranks (None: = tensor_parallel_size, as Megatron-Bridge does).
+    # With expert_parallel_size=1 expert-TP must equal TP (below it the experts' gradients go unsummed over
+    # TP; above it megatron adds different expert-TP shards' gradients over DP): the plan refuses any other
+    # value. The EP group is carved from TP x DP (megatron's order tp-cp-ep-pp-dp).
+    expert_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
+    moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather
+    moe_grouped_gemm: Optional[bool] = None  # None: with Transformer Engine (GPU); the local spec runs experts one by one
+    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none
+    moe_aux_loss_coeff: float = 1e-3  # Qwen3-MoE's router_aux_loss_coef
+    moe_z_loss_coeff: Optional[float] = None
     worker_timeout_s: float = 3600.0  # a command no worker answers in this time is an error, not a hang
 
 
@@ -138,6 +156,11 @@ class RolloutConfig:
     # With several updates per step it is free: it uses the old-logprob pass, which covers the rows of the
     # updates after the first; with one update it costs a forward pass.
     mismatch_check_every_n_steps: int = 1
+    # Rollout routing replay (R3, arXiv 2510.11370), mixture-of-experts policies only: the engines return the
+    # experts every MoE layer chose for each token (Completion.routed_experts), and the trainer's logprob and
+    # training forwards use those experts instead of routing again, so both compute the same function of the
+    # same tokens. The router's weights still train: its gate values for the replayed experts carry gradient.
+    routing_replay: bool = False
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 from nemo_prorl.config.schema import ProRLConfig, async_config
 
@@ -95,6 +98,9 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(ro.weight_sync_bucket_mb > 0, "rollout.weight_sync_bucket_mb", "must be > 0")
     check(ro.mismatch_check_every_n_steps >= 0, "rollout.mismatch_check_every_n_steps", "must be >= 0 (0: never)")
     check(all(isinstance(x, str) and x for x in ro.stop), "rollout.stop", "stop strings must be non-empty")
+    experts = _model_experts(cfg)  # None: the model folder is not there yet
+    if ro.routing_replay:
+        _check_routing_replay(experts, check)
     if ro.engine == "vllm":
         _check_vllm(cfg, check)
     _check_cluster(cfg, check)
@@ -115,7 +121,12 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(p.optim.grad_clip > 0, "policy.optim.grad_clip", "must be > 0")
 
     if p.backend == "megatron":
-        _check_megatron(cfg, check)
+        _check_megatron(cfg, check, experts)
+    else:  # policy.megatron is not used: expert parallelism asked for there would silently not happen
+        for key, default in (("expert_parallel_size", 1), ("expert_tensor_parallel_size", None)):
+            check(getattr(p.megatron, key) == default, f"policy.megatron.{key}",
+                  f"expert parallelism is the megatron backend's (policy.backend={p.backend!r}): use policy=megatron "
+                  f"or leave it at {default}")
 
     v = cfg.validation
     check(v.every_n_steps >= 0, "validation.every_n_steps", "must be >= 0 (0 disables validation)")
@@ -205,7 +216,7 @@ def _check_sources(data, check, eval_tasks) -> None:
             check(s.size_per_task >= 1, f"{key}.size_per_task", "must be >= 1")
 
 
-def _check_megatron(cfg: ProRLConfig, check) -> None:
+def _check_megatron(cfg: ProRLConfig, check, experts: Optional[tuple[int, str]]) -> None:
     from nemo_prorl.policy.parallel import transformer_engine_available
 
     m, k = cfg.policy.megatron, "policy.megatron"
@@ -235,11 +246,57 @@ def _check_megatron(cfg: ProRLConfig, check) -> None:
           "policy.megatron.transformer_impl auto or transformer_engine; transformer_engine does not import here"
           if not te else "needs policy.megatron.transformer_impl auto or transformer_engine")
     check(not m.sequence_parallel or m.tensor_parallel_size > 1, f"{k}.sequence_parallel", "needs tensor_parallel_size > 1")
-    check(not m.sequence_parallel or (te and m.transformer_impl != "local"), f"{k}.sequence_parallel",
-          "needs Transformer Engine's layer spec (megatron's torch norm does not support sequence parallelism)")
+    # on CPU the local spec's torch norms run sequence-parallel (policy/parallel.py, shim 8)
+    check(not m.sequence_parallel or (te and m.transformer_impl != "local") or cfg.cluster.device == "cpu",
+          f"{k}.sequence_parallel",
+          "needs Transformer Engine's layer spec on GPUs (megatron's torch norm does not support sequence parallelism)")
     check(m.transformer_impl != "transformer_engine" or te, f"{k}.transformer_impl",
           "transformer_engine does not import here; use auto or local")
     check(cfg.cluster.device == "cuda" or m.dist_backend != "nccl", f"{k}.dist_backend", "nccl needs cluster.device=cuda")
+    _check_moe(m, k, check, experts)
+
+
+def _check_moe(m: Any, k: str, check, experts: Optional[tuple[int, str]]) -> None:
+    """Mixture-of-experts keys (the layout itself is checked by the placement plan, cluster/plan.py), and,
+    where the model's shape is known (`experts`: _model_experts), the keys against it."""
+    check(m.expert_parallel_size >= 1, f"{k}.expert_parallel_size", "must be >= 1")
+    check(m.expert_tensor_parallel_size is None or m.expert_tensor_parallel_size >= 1,
+          f"{k}.expert_tensor_parallel_size", "must be >= 1, or null (= tensor_parallel_size)")
+    check(m.moe_token_dispatcher_type in ("alltoall", "allgather"), f"{k}.moe_token_dispatcher_type",
+          "allowed values: alltoall, allgather")
+    # allgather gathers equal-shaped token blocks from the EP group; our micro-batches differ in shape
+    # from one DP rank to the next, so an EP group that spans DP ranks (EP x expert-TP > TP) needs alltoall
+    etp = m.expert_tensor_parallel_size or m.tensor_parallel_size
+    check(m.moe_token_dispatcher_type != "allgather" or m.expert_parallel_size * etp <= m.tensor_parallel_size,
+          f"{k}.moe_token_dispatcher_type", "allgather needs expert_parallel_size x expert-TP <= tensor_parallel_size "
+          "(micro-batches differ in shape across data-parallel ranks): use alltoall")
+    check(m.moe_router_load_balancing_type in ("aux_loss", "seq_aux_loss", "none"),
+          f"{k}.moe_router_load_balancing_type", "allowed values: aux_loss, seq_aux_loss, none")
+    check(m.moe_aux_loss_coeff >= 0, f"{k}.moe_aux_loss_coeff", "must be >= 0")
+    check(m.moe_z_loss_coeff is None or m.moe_z_loss_coeff >= 0, f"{k}.moe_z_loss_coeff", "must be >= 0 or null")
+    # pipeline stages exchange shapes first because micro-batches differ in length (variable_seq_lengths, as
+    # policy/parallel.py sets it: not with the interleaved schedule), which megatron's allgather refuses
+    check(m.moe_token_dispatcher_type != "allgather" or m.pipeline_parallel_size == 1
+          or bool(m.virtual_pipeline_parallel_size), f"{k}.moe_token_dispatcher_type",
+          "allgather does not take micro-batches of varying length, which pipeline_parallel_size > 1 sends: "
+          "use alltoall")
+    if experts is None:
+        return
+    num, what = experts
+    if num == 0:  # megatron would build the dense model and ignore the split the run asked for
+        check(m.expert_parallel_size == 1, f"{k}.expert_parallel_size", f"{what} is a dense model (no experts to split)")
+        check(m.expert_tensor_parallel_size is None, f"{k}.expert_tensor_parallel_size",
+              f"{what} is a dense model (no experts to split): leave it null")
+        return
+    # megatron's MoE layer refuses TP > 1 without sequence parallelism only when it trains, after a rollout
+    check(m.tensor_parallel_size == 1 or m.sequence_parallel, f"{k}.sequence_parallel",
+          f"{what} is a mixture-of-experts model: with tensor_parallel_size={m.tensor_parallel_size} it needs "
+          "sequence_parallel=true (megatron's MoE layer does not train without it)")
+    if m.moe_aux_loss_coeff > 0 and m.moe_router_load_balancing_type == "none":
+        # a warning, not an error: the coefficient has a non-zero default, and "none" alone says what is meant
+        logging.getLogger("nemo_prorl").warning(
+            "%s.moe_aux_loss_coeff=%s is ignored: %s.moe_router_load_balancing_type=none adds no load-balancing loss",
+            k, m.moe_aux_loss_coeff, k)
 
 
 def _check_cluster(cfg: ProRLConfig, check) -> None:
@@ -263,3 +320,26 @@ def _check_vllm(cfg: ProRLConfig, check) -> None:
           f"must be >= data.max_prompt_length + rollout.max_response_length = {need}, or null")
     check(v.startup_timeout_s > 0 and v.request_timeout_s > 0, "rollout.vllm.startup_timeout_s",
           "timeouts must be > 0")
+
+
+def _model_experts(cfg: ProRLConfig) -> Optional[tuple[int, str]]:
+    """(number of experts, what says so) of the policy's model, 0 experts for a dense one: the tiny model's
+    architecture, or a model folder's config.json. None when the folder is not there yet (left to the run's
+    own checks, which read the model)."""
+    if cfg.model.path is None:
+        t = cfg.model.tiny
+        return (t.num_experts if t.architecture == "qwen3_moe" else 0), f"model.tiny.architecture={t.architecture!r}"
+    conf = Path(cfg.model.path).expanduser() / "config.json"
+    try:
+        c = json.loads(conf.read_text())
+    except (OSError, ValueError):
+        return None
+    n = int(c.get("num_experts") or c.get("num_local_experts") or c.get("n_routed_experts") or 0)
+    return n, f"{conf} (model_type {c.get('model_type')!r})"
+
+
+def _check_routing_replay(experts: Optional[tuple[int, str]], check) -> None:
+    """rollout.routing_replay replays the experts of a mixture-of-experts policy: a dense one has none."""
+    if experts is not None:
+        check(experts[0] > 0, "rollout.routing_replay",
+              f"needs a mixture-of-experts policy; {experts[1]} is a dense model (qwen3_moe is not)")

@@ -20,7 +20,7 @@ import torch
 
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.data.synthetic import TASKS, problems, to_record
-from nemo_prorl.demo.tiny import build_tiny_qwen2, train_tokenizer
+from nemo_prorl.demo.tiny import build_tiny_model, train_tokenizer
 
 log = logging.getLogger(__name__)
 VERSION = 1  # bump when the warm-start procedure changes, to invalidate old caches
@@ -29,9 +29,13 @@ VERSION = 1  # bump when the warm-start procedure changes, to invalidate old cac
 def cache_key(cfg: ProRLConfig) -> str:
     ws = dataclasses.asdict(cfg.model.warm_start)
     ws.pop("cache_dir")
+    tiny = dataclasses.asdict(cfg.model.tiny)
+    if tiny["architecture"] == "qwen2":  # the fields Qwen3/Qwen3-MoE added: a Qwen2's key (and cache) stays as it was
+        for name in ("architecture", "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            tiny.pop(name)
     payload = {
         "version": VERSION,
-        "tiny": dataclasses.asdict(cfg.model.tiny),
+        "tiny": tiny,
         "warm_start": ws,
         "task": dataclasses.asdict(cfg.data.synthetic),
         "data_seed": cfg.data.seed,
@@ -98,7 +102,7 @@ def warm_started_model(cfg: ProRLConfig) -> Path:
             prob = TASKS.get(make)(corpus_rng, cfg.data.synthetic)
             corpus.append(f"{prob.prompt}\n{prob.answer}\n")
     tokenizer = train_tokenizer(corpus, cfg.model.tiny.vocab_size)
-    model = build_tiny_qwen2(cfg.model.tiny, tokenizer, seed=cfg.trainer.seed)
+    model = build_tiny_model(cfg.model.tiny, tokenizer, seed=cfg.trainer.seed)
     losses = _sft(model, _examples(cfg, tokenizer), cfg, tokenizer.pad_token_id) if cfg.model.warm_start.enabled else []
     tmp = root / f".tmp-{path.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

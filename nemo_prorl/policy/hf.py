@@ -3,6 +3,7 @@ Runs on CPU or a single GPU; the Megatron-core backend serves multi-GPU runs beh
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections import defaultdict
@@ -16,11 +17,13 @@ from transformers import AutoModelForCausalLM
 from nemo_prorl.algo.loss import entropy_from_logits
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.policy.base import POLICY_BACKENDS, Batch, LossFn, PolicyBackend
+from nemo_prorl.policy.routing import MoERouting
 from nemo_prorl.torch_utils import DTYPES
 
 
 def trimmed_forward(
-    model: torch.nn.Module, mb: Batch, *, temperature: float, with_entropy: str = "none"
+    model: torch.nn.Module, mb: Batch, *, temperature: float, with_entropy: str = "none",
+    routing: Optional[MoERouting] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Logprobs (and entropy) [b, R] of the response tokens of one micro-batch. `with_entropy`: "none",
     "metric" (no gradient) or "grad" (for the entropy bonus).
@@ -28,6 +31,8 @@ def trimmed_forward(
     Columns that are padding in every row (leading prompt padding, trailing response padding) are cut
     before the forward pass, so a short micro-batch does not pay for the longest sequence of the step.
     Position ids come from the attention mask, exactly as the rollout engine computes them.
+    A micro-batch with `routed_experts` (routing replay) runs with those experts forced through `routing`,
+    the hooks on `model`'s routers.
     """
     ids, am, rmask = mb["input_ids"], mb["attention_mask"], mb["response_mask"]
     R = rmask.shape[1]
@@ -36,7 +41,14 @@ def trimmed_forward(
     r_used = max(int(rmask.sum(dim=1).max()), 1)
     ids_t, am_t = ids[:, lead : P + r_used], am[:, lead : P + r_used]
     pos = (am_t.cumsum(dim=-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids_t, attention_mask=am_t, position_ids=pos, use_cache=False).logits
+    replay = contextlib.nullcontext()
+    if "routed_experts" in mb:
+        if routing is None or not routing.num_layers:
+            raise ValueError("rollout.routing_replay: the batch carries routed experts but the policy has no "
+                             "MoE router (or was built with rollout.routing_replay=false)")
+        replay = routing.forcing(mb["routed_experts"][:, lead : P + r_used])
+    with replay:
+        logits = model(input_ids=ids_t, attention_mask=am_t, position_ids=pos, use_cache=False).logits
     # Row t predicts token t+1: the response tokens are predicted by the columns just before them.
     start = P - lead - 1
     logits = logits[:, start : start + r_used].float() / temperature
@@ -70,6 +82,10 @@ class HFPolicy(PolicyBackend):
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[cfg.model.dtype]).to(self.device)
         self.model.config.use_cache = False
         self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False) if use_reference else None
+        # Router hooks (rollout.routing_replay): they force the experts of batches that carry `routed_experts`.
+        # The reference model replays them too, so the KL term compares the two policies on the same experts.
+        self.routing = {id(m): MoERouting(m) for m in (self.model, self.ref_model)
+                        if m is not None and cfg.rollout.routing_replay}
         self.optimizer, self.scheduler = self._make_optimizer()
 
     def _make_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -93,8 +109,8 @@ class HFPolicy(PolicyBackend):
         model.eval()
         out = torch.zeros_like(batch["response_mask"], dtype=torch.float32)
         for rows, mb in by_length(batch, self.cfg.policy.logprob_micro_batch_size):
-            out[rows] = trimmed_forward(model, self._to_device(mb), temperature=temperature,
-                                        with_entropy="none")[0].float().cpu()
+            out[rows] = trimmed_forward(model, self._to_device(mb), temperature=temperature, with_entropy="none",
+                                        routing=self.routing.get(id(model)))[0].float().cpu()
         return out
 
     def train_minibatch(self, batch: Batch, loss_fn: LossFn, *, temperature: float) -> dict[str, float]:
@@ -105,7 +121,8 @@ class HFPolicy(PolicyBackend):
         for _, mb in by_length(batch, self.cfg.policy.micro_batch_size):
             mb = self._to_device(mb)
             logp, ent = trimmed_forward(self.model, mb, temperature=temperature,
-                                        with_entropy="grad" if self.cfg.algo.entropy_coef > 0 else "metric")
+                                        with_entropy="grad" if self.cfg.algo.entropy_coef > 0 else "metric",
+                                        routing=self.routing.get(id(self.model)))
             loss, metrics = loss_fn(logp, ent, mb)
             loss.backward()
             for k, v in metrics.items():
@@ -129,7 +146,11 @@ class HFPolicy(PolicyBackend):
         self.optimizer, self.scheduler = self._make_optimizer()
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in self.model.state_dict().items():
+        # the checkpoint's names: a MoE model's fused experts come out per expert (views, no copies), as the
+        # weight sync, vLLM and the Megatron mapping name them (policy/hf_experts.py)
+        from nemo_prorl.policy.hf_experts import canonical_items
+
+        for name, tensor in canonical_items(self.model.state_dict().items()):
             yield name, tensor.detach()
 
     def save(self, path: Path) -> None:

@@ -7,7 +7,8 @@ this class sends every command to all of them and gathers the answers. Data para
 mini-batch's rows; the loss normalisers are the mini-batch totals and gradients are summed over ranks, so
 the update does not depend on the layout. A mini-batch with fewer rows than DP replicas leaves some of them
 none: those run an empty, fully masked micro-batch (MegatronWorker._split), which takes part in every
-collective and adds nothing to the loss, the gradients or the metrics. A rank that fails or dies stops the
+collective and adds nothing to the loss, the gradients or the metrics (an MoE model's DP ranks also run
+as many micro-batches as the busiest of them: their expert group's dispatch is a collective). A rank that fails or dies stops the
 whole group and raises MegatronWorkerError naming the rank, its node and the command.
 """
 
@@ -20,6 +21,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from nemo_prorl.cluster.actors import ActorError, gather_groups
+from nemo_prorl.cluster.plan import check_experts
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.policy.base import POLICY_BACKENDS, STATE_FILE, Batch, LazyWeight, LossFn, PolicyBackend
 from nemo_prorl.policy.megatron_convert import ModelShape, megatron_to_hf_lazy
@@ -31,6 +33,38 @@ log = logging.getLogger("nemo_prorl")
 
 class MegatronWorkerError(ActorError):
     pass
+
+
+def check_routed_experts(batch: Batch, shape: ModelShape) -> None:
+    """Refuse a batch whose `routed_experts` (rollout.routing_replay) do not fit the model, here on the
+    controller: a rank that refused it alone would leave its pipeline and expert-parallel peers waiting in
+    the schedule's collectives. Every layer of a Megatron MoE policy is an MoE layer (ModelShape)."""
+    routed = batch.get("routed_experts")
+    if routed is None:
+        return
+    if not shape.is_moe:
+        raise ValueError("the batch carries routed_experts (rollout.routing_replay), but the policy has no MoE layers")
+    want = (*batch["input_ids"].shape, shape.num_layers, shape.moe_topk)
+    if tuple(routed.shape) != want:
+        raise ValueError(f"rollout.routing_replay: routed_experts of shape {tuple(routed.shape)} do not fit the "
+                         f"policy (expected {want}: rows, positions, {shape.num_layers} MoE layers, "
+                         f"top-{shape.moe_topk})")
+    if routed.numel() and (int(routed.min()) < 0 or int(routed.max()) >= shape.num_experts):
+        raise ValueError(f"rollout.routing_replay: routed_experts name experts in [{int(routed.min())}, "
+                         f"{int(routed.max())}], the policy has experts [0, {shape.num_experts})")
+
+
+def check_resume_layout(state: dict[str, Any], layout: list[tuple[int, int, int]], experts: tuple[int, int],
+                        tp: int) -> None:
+    """Refuse policy state saved on another layout: the ranks' (tp, pp, dp) and the expert layout (EP,
+    expert-TP), whose shards of the experts and their optimizer state differ. State from before expert
+    parallelism has no `experts`: it was EP=1 with expert-TP = TP."""
+    saved = [tuple(x) for x in state["layout"]]
+    saved_experts = tuple(state.get("experts") or (1, tp))
+    if saved != layout or saved_experts != tuple(experts):
+        raise ValueError(f"policy state was saved with rank layout {state['layout']} and (EP, expert-TP) "
+                         f"{saved_experts}, this run has {layout} and {tuple(experts)}: resume with the same "
+                         "policy.megatron parallel sizes")
 
 
 class MegatronPolicy(PolicyBackend, NodeLocalSource):
@@ -49,6 +83,9 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
         self.step = 0  # optimizer steps taken, for the warmup
         self.group = None
         plan = cluster.plan_from_config(cfg, backend="megatron")
+        # the model's experts against EP and expert-TP (the plan checked the layout itself)
+        self.ep, self.etp = plan.layout.experts or (1, m.tensor_parallel_size)
+        check_experts(self.shape.num_experts, self.shape.moe_ffn_hidden_size, self.ep, self.etp)
         self.world = len(plan.ranks)
         self.dp = plan.data_parallel_size
         self.rank_nodes = [r.node for r in plan.ranks]
@@ -116,6 +153,7 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
 
     # ------------------------------------------------------------------ PolicyBackend
     def logprobs(self, batch: Batch, *, temperature: float, reference: bool = False) -> torch.Tensor:
+        check_routed_experts(batch, self.shape)
         out = self._call("logprobs", [(b, temperature, reference) for b in self._per_rank_batches(batch)])
         return torch.cat([out[r] for r in self._output_ranks()])
 
@@ -125,13 +163,16 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
         return o.lr * (min(1.0, (self.step + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
 
     def train_minibatch(self, batch: Batch, loss_fn: LossFn, *, temperature: float) -> dict[str, float]:
+        check_routed_experts(batch, self.shape)
         lr = self._lr()
         out = self._call("train_minibatch", [(b, loss_fn, temperature, lr) for b in self._per_rank_batches(batch)])
         metrics: dict[str, float] = {}
         for r in self._output_ranks():  # loss metrics are already normalised by mini-batch totals: sum them
             for k, v in out[r].items():
-                if k not in ("grad_norm", "update_skipped"):
+                if k not in ("grad_norm", "update_skipped") and not k.startswith("moe_"):
                     metrics[k] = metrics.get(k, 0.0) + v
+        # load-balancing metrics (MoE) are reduced over all ranks by the ranks themselves
+        metrics.update({k: v for k, v in out[0].items() if k.startswith("moe_")})
         grad_norm = out[0]["grad_norm"]
         skipped = out[0]["update_skipped"]
         if not skipped:
@@ -145,21 +186,28 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
         self._call_all("reset_optimizer")
         self.step = 0
 
-    def _shards(self) -> list[list[dict[str, torch.Tensor]]]:
-        """shards[stage][tp rank]; with an interleaved pipeline, stage = chunk * PP + pipeline rank."""
-        tp, pp = self.m.tensor_parallel_size, self.m.pipeline_parallel_size
-        vp = self.m.virtual_pipeline_parallel_size or 1
-        stages: list[list[Optional[dict]]] = [[None] * tp for _ in range(pp * vp)]
-        for (t, p, d), chunks in zip(self.layout, self._call_all("export_shards")):
-            if d == 0:
-                for i, sd in enumerate(chunks):
-                    stages[i * pp + p][t] = sd
-        return stages  # type: ignore[return-value]
+    def _grid(self) -> tuple[int, int, int, int]:
+        """(stages, TP, EP, expert-TP); with an interleaved pipeline, stage = chunk * PP + pipeline rank."""
+        m = self.m
+        return (m.pipeline_parallel_size * (m.virtual_pipeline_parallel_size or 1), m.tensor_parallel_size,
+                self.ep, self.etp)
+
+    def _shards(self) -> tuple[list[list[dict[str, torch.Tensor]]], Optional[list]]:
+        """(shards[stage][tp rank], experts[stage][ep rank][expert-TP rank] or None for a dense model):
+        each dense shard from a rank of DP rank 0, each expert shard from one of expert-DP rank 0, so every
+        expert comes exactly once."""
+        from nemo_prorl.policy.megatron_moe import assemble
+
+        items: dict[tuple, dict[str, torch.Tensor]] = {}
+        for shards in self._call_all("export_shards"):
+            items.update(shards)
+        return assemble(items, *self._grid(), self.shape.is_moe)
 
     def lazy_weights(self) -> Iterator[LazyWeight]:
         # The shards are the workers' live parameters, mapped through shared memory (no copy after the
         # first sync), so each full tensor is built exactly once, in the rollout engine's buffer.
-        yield from megatron_to_hf_lazy(self._shards(), self.shape)
+        stages, experts = self._shards()
+        yield from megatron_to_hf_lazy(stages, self.shape, experts)
 
     # ------------------------------------------------------------------ NodeLocalSource (weight_sync.py)
     def shard_layout(self) -> tuple[list[list[ShardKey]], list[int], dict[ShardKey, ShardMeta]]:
@@ -188,7 +236,7 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
         metas = self.shard_layout()[2]
         # all at once: ranks and relays meet in the same point-to-point transfers
         ranks = [a.run.remote("sync_prepare", transfers, kinds, bucket_bytes, dtype, metas) for a in self.group.actors]
-        grid = (self.m.pipeline_parallel_size * (self.m.virtual_pipeline_parallel_size or 1), self.m.tensor_parallel_size)
+        grid = self._grid()
         extra = [a.sync_prepare.remote(transfers, kinds, bucket_bytes, dtype, metas, self.shape, grid)
                  for a in (relays.actors if relays is not None else [])]
         calls = [(self.group, ranks)] + ([(relays, extra)] if extra else [])
@@ -218,12 +266,11 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
                   metadata={"format": "pt"})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "layout": self.layout, "ranks": self._call_all("state_dict")}
+        return {"step": self.step, "layout": self.layout, "experts": (self.ep, self.etp),
+                "ranks": self._call_all("state_dict")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if [tuple(x) for x in state["layout"]] != self.layout:
-            raise ValueError(f"policy state was saved with rank layout {state['layout']}, this run has {self.layout}: "
-                             "resume with the same policy.megatron parallel sizes")
+        check_resume_layout(state, self.layout, (self.ep, self.etp), self.m.tensor_parallel_size)
         self._call("load_state_dict", [(s,) for s in state["ranks"]])
         self.step = state["step"]
 
@@ -232,13 +279,12 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
         several nodes `path` must be on a shared file system."""
         (path / "megatron").mkdir()
         self._call_all("save_state", str(path / "megatron"))
-        torch.save({"step": self.step, "layout": self.layout, "format": "megatron_dist"}, path / STATE_FILE)
+        torch.save({"step": self.step, "layout": self.layout, "experts": (self.ep, self.etp),
+                    "format": "megatron_dist"}, path / STATE_FILE)
 
     def load_state(self, path: Path) -> None:
         state = torch.load(path / STATE_FILE, weights_only=True)  # step, layout, format: nothing to unpickle
-        if [tuple(x) for x in state["layout"]] != self.layout:
-            raise ValueError(f"policy state was saved with rank layout {state['layout']}, this run has {self.layout}: "
-                             "resume with the same policy.megatron parallel sizes")
+        check_resume_layout(state, self.layout, (self.ep, self.etp), self.m.tensor_parallel_size)
         self._call_all("load_state", str(path / "megatron"))
         self.step = state["step"]
 

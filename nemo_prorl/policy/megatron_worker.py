@@ -6,6 +6,7 @@ log-probabilities and the loss with vocab-parallel cross entropy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -20,7 +21,7 @@ import torch
 from nemo_prorl.cluster.actors import ActorBase
 from nemo_prorl.config.schema import MegatronConfig, OptimConfig
 from nemo_prorl.policy.base import Batch, LossFn
-from nemo_prorl.policy.megatron_convert import ModelShape, hf_to_megatron, lazy_hf_weights
+from nemo_prorl.policy.megatron_convert import ModelShape, from_te_names, hf_to_megatron, lazy_hf_weights, to_te_names
 from nemo_prorl.policy.microbatch import (MicroBatch, empty_micro_batch, make_micro_batch, pad_micro_batch,
                                           response_values, split_micro_batches)
 from nemo_prorl.procs import ignore_preemption_signals
@@ -74,13 +75,22 @@ class MegatronWorker:
         self.device = parallel.init_distributed(spec.rank, spec.world_size, rendezvous=rendezvous,
                                                 backend=m.dist_backend)
         parallel.init_model_parallel(m.tensor_parallel_size, m.pipeline_parallel_size, spec.seed,
-                                     vp=m.virtual_pipeline_parallel_size)
+                                     vp=m.virtual_pipeline_parallel_size, ep=m.expert_parallel_size,
+                                     etp=m.expert_tensor_parallel_size)
         self.hf_config = AutoConfig.from_pretrained(spec.model_dir)
         self.shape = ModelShape.from_hf_config(self.hf_config)
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
+        # this rank's experts: EP rank (which experts), expert-TP rank (which slice of each), and its place
+        # among the ranks that hold the same experts (expert-DP; rank 0 of it exports them)
+        self.ep, self.etp = m.expert_parallel_size, m.expert_tensor_parallel_size or m.tensor_parallel_size
+        self.ep_rank, self.etp_rank = ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
+        self.edp_rank = ps.get_expert_data_parallel_rank()
         self.is_last = ps.is_pipeline_last_stage()
         self.te = parallel.use_transformer_engine(m.transformer_impl)
+        # Transformer Engine's layer spec names the norms it fuses into the next linear (and the grouped-GEMM
+        # experts) differently from the local spec our conversion speaks: shards are renamed at this border
+        self.grouped_experts = self.te and self.shape.is_moe and m.moe_grouped_gemm is not False
         self.pad_multiple = sequence_pad_multiple(m)
         hf = lazy_hf_weights(spec.model_dir)
         chunks = self._build_chunks(hf)
@@ -110,8 +120,9 @@ class MegatronWorker:
             chunk.to(self.device)
             shard = hf_to_megatron(hf, self.shape, tp_rank=self.tp_rank, tp=m.tensor_parallel_size,
                                    pp_rank=i * m.pipeline_parallel_size + self.pp_rank,
-                                   pp=m.pipeline_parallel_size * (vp or 1), vocab_multiple=m.make_vocab_size_divisible_by)
-            self._load_shard(chunk, shard)
+                                   pp=m.pipeline_parallel_size * (vp or 1), vocab_multiple=m.make_vocab_size_divisible_by,
+                                   ep_rank=self.ep_rank, ep=self.ep, etp_rank=self.etp_rank, etp=self.etp)
+            self._load_shard(chunk, to_te_names(shard, grouped_experts=self.grouped_experts) if self.te else shard)
             chunks.append(chunk)
         return chunks
 
@@ -135,6 +146,10 @@ class MegatronWorker:
                       loss_for: Callable[[MicroBatch, torch.Tensor], Any], *, forward_only: bool) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from nemo_prorl.policy.megatron_replay import routing_replay
+
+        replay = None  # routing replay (rollout.routing_replay): set below when the batch carries routing
+
         def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
             mb = next(data_iterator)
             tokens = mb.tokens.to(self.device)
@@ -143,19 +158,29 @@ class MegatronWorker:
             # right-padded rows: the causal mask is all the masking needed (True = masked out); TE's
             # attention applies it itself (causal mask type) on its fused path
             causal = None if self.te else torch.ones(S, S, dtype=torch.bool, device=self.device).triu(1).view(1, 1, S, S)
-            return model(tokens, pos, attention_mask=causal), partial(loss_for, mb)
+            with replay.forward(model, mb.routed_experts) if replay else contextlib.nullcontext():
+                out = model(tokens, pos, attention_mask=causal)
+            return out, partial(loss_for, mb)
 
         data = [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=data, model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(mbs), seq_length=max(mb.tokens.shape[1] for mb in mbs),
-            micro_batch_size=max(mb.tokens.shape[0] for mb in mbs), forward_only=forward_only)
+        with routing_replay(chunks, [mb.routed_experts for mb in mbs], forward_only=forward_only) as replay:
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=data, model=chunks if len(chunks) > 1 else chunks[0],
+                num_microbatches=len(mbs), seq_length=max(mb.tokens.shape[1] for mb in mbs),
+                micro_batch_size=max(mb.tokens.shape[0] for mb in mbs), forward_only=forward_only)
 
     def _split(self, batch: Batch, max_tokens: int) -> list[MicroBatch]:
-        mbs = split_micro_batches(batch, max_tokens, pad_token_id=0, pad_multiple=self.pad_multiple)
+        pad = dict(pad_token_id=0, pad_multiple=self.pad_multiple, num_experts=self.shape.num_experts or None)
+        mbs = split_micro_batches(batch, max_tokens, **pad)
         # A mini-batch with fewer rows than DP ranks leaves some ranks none. They must still run the step's
         # collectives (pipeline p2p, the DP gradient reduction, TP all-reduces), so they run an empty, fully
         # masked micro-batch: the loss normalisers are the mini-batch totals, so it adds exactly nothing.
+        # An MoE layer's token dispatch is a collective of its expert group, which under EP spans DP ranks
+        # (EP x expert-TP > TP): every rank of it must run as many micro-batches as the others, or the one
+        # with more waits forever. Ranks pack their own rows, so their counts differ: all DP ranks of an MoE
+        # model run the largest count, the rest in empty micro-batches (also under EP=1, so that the
+        # load-balancing loss, whose router sees the empty ones' padding tokens, is the same on any layout).
+        mbs += [empty_micro_batch(batch, **pad) for _ in range(self._dp_max(len(mbs)) - len(mbs))]
         need = self.m.pipeline_parallel_size if self.m.virtual_pipeline_parallel_size else 1
         if self.m.virtual_pipeline_parallel_size:
             # the interleaved schedule wants at least PP micro-batches: split the largest until there are
@@ -163,15 +188,29 @@ class MegatronWorker:
                 big = max(mbs, key=lambda mb: len(mb.rows))
                 mbs.remove(big)
                 half = len(big.rows) // 2
-                mbs += [make_micro_batch(batch, rows, pad_token_id=0, pad_multiple=self.pad_multiple)
+                mbs += [make_micro_batch(batch, rows, **pad)
                         for rows in (big.rows[:half].tolist(), big.rows[half:].tolist())]
-        mbs += [empty_micro_batch(batch, pad_token_id=0, pad_multiple=self.pad_multiple)
-                for _ in range(need - len(mbs))]
+            # ... and a multiple of PP of them (megatron refuses a remainder below PP): empty ones make it up
+            need = max(need, -(-len(mbs) // need) * need)
+        mbs += [empty_micro_batch(batch, **pad) for _ in range(need - len(mbs))]
         if self.m.virtual_pipeline_parallel_size:
             # ... and exchanges fixed-shape tensors between stages: one shape for all micro-batches
             rows, width = max(mb.tokens.shape[0] for mb in mbs), max(mb.tokens.shape[1] for mb in mbs)
-            mbs = [pad_micro_batch(mb, rows, width) for mb in mbs]
+            mbs = [pad_micro_batch(mb, rows, width, num_experts=pad["num_experts"]) for mb in mbs]
         return mbs
+
+    def _dp_max(self, n: int) -> int:
+        """The largest micro-batch count `n` of the data-parallel ranks for an MoE model with DP > 1 (see
+        _split); `n` itself otherwise. The same on every rank: all of them call it with their own count."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_data_parallel_group()
+        if not self.shape.is_moe or dist.get_world_size(group) == 1:
+            return n
+        count = torch.tensor([n], dtype=torch.long, device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+        return int(count)
 
     # ------------------------------------------------------------------ commands
     def layout(self) -> tuple[int, int, int]:
@@ -245,7 +284,9 @@ class MegatronWorker:
         self.optimizer.zero_grad()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self._run_schedule(self.model, self._split(batch, self.m.micro_batch_tokens), loss_for, forward_only=False)
+        mbs = self._split(batch, self.m.micro_batch_tokens)
+        with self._moe_step(mbs) as moe_metrics:
+            self._run_schedule(self.model, mbs, loss_for, forward_only=False)
         with cuda_type_names():
             # megatron clips by a NaN norm as if it were small: look first, and drop a NaN/inf update
             # (it would poison the weights) instead of taking it. step() repeats these two cheap calls.
@@ -255,8 +296,28 @@ class MegatronWorker:
             if not skipped:
                 _, grad_norm, _ = self.optimizer.step()
         out = dict(sums) if self.is_last and self.tp_rank == 0 else {}
-        out.update(grad_norm=grad_norm, update_skipped=float(skipped))
+        out.update(grad_norm=grad_norm, update_skipped=float(skipped), **moe_metrics)
         return out
+
+    @contextlib.contextmanager
+    def _moe_step(self, mbs: list[MicroBatch]) -> Any:
+        """Around a training schedule of an MoE model: the load-balancing losses' gradient scale, and the
+        step's load-balancing metrics (filled in the yielded dict on exit; the same on every rank)."""
+        metrics: dict[str, float] = {}
+        if not self.shape.is_moe:
+            yield metrics
+            return
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from nemo_prorl.policy.megatron_moe import LoadMeter, aux_loss_scale
+
+        tokens = torch.tensor([float(sum(mb.tokens.numel() for mb in mbs))], device=self.device)
+        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+        with LoadMeter(self.model, self.shape.num_layers, self.shape.num_experts) as meter, \
+                aux_loss_scale(1.0 / float(tokens), self.device):
+            yield metrics
+        metrics.update(meter.metrics(len(mbs), sequence_parallel=self.m.sequence_parallel, device=self.device))
 
     def reset_reference(self) -> None:
         if self.reference is not None:
@@ -271,22 +332,34 @@ class MegatronWorker:
         for opt in self._inner_optimizers():
             opt.state.clear()  # Adam moments and step counts start again, as in a fresh optimizer
 
-    def export_shards(self) -> Optional[list[dict[str, torch.Tensor]]]:
-        """This rank's Megatron weights (one dict per model chunk) for the weight sync; DP replicas stay
-        silent. They reach the controller through Ray's object store (a copy per sync, across the network
-        from other nodes): a sync that bypasses the controller is still to come."""
-        if self.dp_rank:
-            return None
-        return [{k: v.detach().cpu() for k, v in self._module(c).state_dict().items() if not k.endswith("_extra_state")}
-                for c in self.model]
+    def export_shards(self) -> dict[tuple, dict[str, torch.Tensor]]:
+        """This rank's Megatron weights for the export, keyed as in _own_shards: the dense part from DP rank
+        0 only, the experts from expert-DP rank 0 only (under EP, a rank of DP rank > 0 holds experts no
+        other exporting rank does). They reach the controller through Ray's object store."""
+        from nemo_prorl.policy.megatron_moe import EXPERTS
+
+        return {k: {n: t.cpu() for n, t in sd.items()} for k, sd in self._own_shards().items()
+                if (self.edp_rank if len(k) == 4 and k[1] == EXPERTS else self.dp_rank) == 0}
 
     # ------------------------------------------------------------------ node-local weight sync
-    def _own_shards(self) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
-        """This rank's live weights by (stage, TP rank), stage = chunk * PP + pipeline rank: no copies."""
-        pp = self.m.pipeline_parallel_size
-        return {(i * pp + self.pp_rank, self.tp_rank): {k: v.detach() for k, v in self._module(c).state_dict().items()
-                                                        if not k.endswith("_extra_state")}
-                for i, c in enumerate(self.model)}
+    def _own_shards(self) -> dict[tuple, dict[str, torch.Tensor]]:
+        """This rank's live weights by (stage, TP rank), stage = chunk * PP + pipeline rank: no copies. An
+        MoE model's experts are a shard of their own, (stage, EXPERTS, EP rank, expert-TP rank) (see
+        policy/megatron_moe.py)."""
+        from nemo_prorl.policy.megatron_moe import split_shard
+
+        pp, out = self.m.pipeline_parallel_size, {}
+        for i, c in enumerate(self.model):
+            sd = {k: v.detach() for k, v in self._module(c).state_dict().items() if not k.endswith("_extra_state")}
+            sd = from_te_names(sd) if self.te else sd
+            out.update(split_shard(i * pp + self.pp_rank, self.tp_rank, self.ep_rank, self.etp_rank, sd,
+                                   self.shape.is_moe))
+        return out
+
+    def shard_grid(self) -> tuple[int, int, int, int]:
+        """(stages, TP, EP, expert-TP): the shape of the assembled shards."""
+        return (self.m.pipeline_parallel_size * (self.m.virtual_pipeline_parallel_size or 1),
+                self.m.tensor_parallel_size, self.ep, self.etp)
 
     def _sender(self) -> Any:
         from nemo_prorl.weight_sync import NodeLocalSender
@@ -295,7 +368,7 @@ class MegatronWorker:
             self._weight_sender = NodeLocalSender(self.device)
         return self._weight_sender
 
-    def sync_meta(self) -> dict[tuple[int, int], list]:
+    def sync_meta(self) -> dict[tuple, list]:
         from nemo_prorl.weight_sync import NodeLocalSender
 
         return NodeLocalSender.metas(self._own_shards())
@@ -304,16 +377,15 @@ class MegatronWorker:
         """weight_sync.sync_node_local on this rank: take part in the shard transfers; a leader then plans
         its node's buckets (the number of them)."""
         from nemo_prorl.policy.megatron_convert import megatron_to_hf_lazy
+        from nemo_prorl.policy.megatron_moe import assemble
 
         own, sender = self._own_shards(), self._sender()
         sender.exchange(self.spec.rank, own, transfers, metas)
         if self.spec.rank not in kinds:
             return 0
-        tp, pp = self.m.tensor_parallel_size, self.m.pipeline_parallel_size
-        stages: list[list[Any]] = [[None] * tp for _ in range(pp * (self.m.virtual_pipeline_parallel_size or 1))]
-        for (stage, t), sd in {**own, **sender.received}.items():
-            stages[stage][t] = sd
-        return sender.plan_buckets(megatron_to_hf_lazy(stages, self.shape), bucket_bytes, dtype, kinds[self.spec.rank])
+        stages, experts = assemble({**own, **sender.received}, *self.shard_grid(), self.shape.is_moe)
+        return sender.plan_buckets(megatron_to_hf_lazy(stages, self.shape, experts), bucket_bytes, dtype,
+                                   kinds[self.spec.rank])
 
     def join_transport(self, rendezvous: Any, prefix: str, size: int) -> None:
         """The gloo group with the weight relays of nodes without ranks (weight_sync.WeightRelay)."""
@@ -329,7 +401,8 @@ class MegatronWorker:
         """Everything for an exact resume on the same layout: weights, reference, optimizer state and the
         optimizer's own (main) copies of its parameters."""
         inner = self._inner_optimizers()
-        return {"layout": (self.tp_rank, self.pp_rank, self.dp_rank), "model": self._chunk_state(self.model),
+        return {"layout": (self.tp_rank, self.pp_rank, self.dp_rank), "experts": (self.ep, self.etp),
+                "model": self._chunk_state(self.model),
                 "reference": self._chunk_state(self.reference) if self.reference is not None else None,
                 # copies: tensors sent to the controller move into shared memory, and a live Adam moment
                 # shared with another process would be updated under it
@@ -398,9 +471,13 @@ class MegatronWorker:
                         opt.state[p]["step"] = torch.tensor(float(group["step"]))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if tuple(state["layout"]) != (self.tp_rank, self.pp_rank, self.dp_rank):
-            raise RuntimeError(f"state for rank layout {state['layout']} given to rank "
-                               f"{(self.tp_rank, self.pp_rank, self.dp_rank)}")
+        # (state from before expert parallelism has no "experts": EP=1, expert-TP = TP)
+        experts = tuple(state.get("experts") or (1, self.m.tensor_parallel_size))
+        if tuple(state["layout"]) != (self.tp_rank, self.pp_rank, self.dp_rank) or experts != (self.ep, self.etp):
+            here = (self.tp_rank, self.pp_rank, self.dp_rank)
+            raise RuntimeError(f"state for rank layout {state['layout']} with (EP, expert-TP) {experts} given to rank "
+                               f"{here} of (EP, expert-TP) {(self.ep, self.etp)}: resume with the same "
+                               "policy.megatron parallel sizes")
         for c, sd in zip(self.model, state["model"]):
             self._load_shard(self._module(c), sd)
         if self.reference is not None and state["reference"] is not None:

@@ -17,10 +17,20 @@ found by running it:
      embedding group's all-reduce that makes both copies equal: during that setup `.cuda()` of a CPU
      tensor is the tensor itself. The all-reduce itself runs (over gloo), and so does the one of the two
      copies' gradients after every backward (finalize_model_grads), which keeps them equal.
+  6. Mixture-of-experts (6 and 7: `shim_moe` in policy/megatron_moe.py): the router's gating GEMM calls
+     Transformer Engine's te_general_gemm where it is bound, and the module binds it only when TE imports
+     (a NameError without TE): it is bound to None, megatron's own torch.mm fallback. The per-layer
+     aux-loss tracker is made on device="cuda".
+  7. The alltoall token dispatcher copies its split sizes to the host on a side CUDA stream and waits for
+     an event: on CPU they are host tensors already, taken as they are (numpy, as the dispatcher wants).
+  8. Sequence parallelism: megatron's torch norm refuses it (TE's and apex's norms mark their weights
+     `sequence_parallel`, so that finalize_model_grads sums their gradients over TP). A norm is per
+     position, so it is built as usual and its weights are marked the same way. Mixture-of-experts
+     models need sequence parallelism with TP > 1 (megatron's MoE layer refuses to train without it).
 Everything else (DDP with reduce-scatter, the distributed optimizer, vocab-parallel cross entropy, TP/PP
-communication, recomputation) is megatron-core's own code over gloo. What does not run on CPU: sequence
-parallelism (megatron's torch-norm fallback refuses it; it needs Transformer Engine's or apex's norms) and
-FP8 (Transformer Engine on Hopper/Blackwell GPUs). Transformer Engine and apex are optional.
+communication, recomputation, sequence parallelism with shim 8, MoE routing and token dispatch) is
+megatron-core's own code over gloo. What does not run on CPU: FP8 and grouped-GEMM experts (Transformer
+Engine on GPUs). Transformer Engine and apex are optional.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ import types
 from typing import Any, Optional
 
 import torch
+
+from nemo_prorl.policy.megatron_moe import moe_fields, shim_moe
 
 _CPU_SHIMS = False
 
@@ -83,7 +95,33 @@ def enable_cpu_megatron() -> None:
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     _shim_tied_embedding_setup()
+    shim_moe(proxy)  # shims 6-7, in policy/megatron_moe.py
+    _shim_sequence_parallel_norm()
     _CPU_SHIMS = True
+
+
+def _shim_sequence_parallel_norm() -> None:
+    """Shim 8 (module doc): megatron's torch norm under sequence parallelism."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    make = WrappedTorchNorm.__new__
+    if getattr(make, "_prorl_cpu", False):
+        return
+
+    def new(cls: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
+        if not config.sequence_parallel:
+            return make(cls, config, *args, **kwargs)
+        config.sequence_parallel = False  # (only its own refusal reads it)
+        try:
+            norm = make(cls, config, *args, **kwargs)
+        finally:
+            config.sequence_parallel = True
+        for p in norm.parameters():  # each TP rank's gradient covers its own positions: summed over TP
+            p.sequence_parallel = True
+        return norm
+
+    new._prorl_cpu = True  # type: ignore[attr-defined]
+    WrappedTorchNorm.__new__ = staticmethod(new)  # type: ignore[method-assign,assignment]
 
 
 @contextlib.contextmanager
@@ -185,16 +223,21 @@ def seed_model_parallel(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_model_parallel(tp: int, pp: int, seed: int = 0, vp: Optional[int] = None) -> None:
-    """Process groups for TP x PP (x DP, the rest of the world), on an initialised torch.distributed."""
+def init_model_parallel(tp: int, pp: int, seed: int = 0, vp: Optional[int] = None, *, ep: int = 1,
+                        etp: Optional[int] = None) -> None:
+    """Process groups for TP x PP (x DP, the rest of the world), on an initialised torch.distributed, and
+    for the experts of a MoE model: EP ranks of expert-TP `etp` (None: = TP) each, carved out of TP x DP."""
     from megatron.core import parallel_state
 
     enable_cpu_megatron()
     if not parallel_state.model_parallel_is_initialized():
         # rank order TP, then PP, then DP (megatron's default puts DP before PP): the placement plan keeps
-        # TP groups inside a node and pipeline stages next to each other (nemo_prorl/cluster/plan.py)
+        # TP groups inside a node and pipeline stages next to each other (nemo_prorl/cluster/plan.py). The
+        # experts' groups use the same order (expert-TP fastest, then EP): cluster/plan.py checks the sizes.
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                                 virtual_pipeline_model_parallel_size=vp, order="tp-cp-ep-pp-dp")
+                                                 virtual_pipeline_model_parallel_size=vp, order="tp-cp-ep-pp-dp",
+                                                 expert_model_parallel_size=ep,
+                                                 expert_tensor_parallel_size=etp or tp)
     seed_model_parallel(seed)
 
 
@@ -341,8 +384,10 @@ def vocab_parallel_entropy(logits: torch.Tensor, group: Any = "tp") -> torch.Ten
 
 def transformer_config(hf_config: Any, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
                        **options: Any) -> Any:
-    """Megatron's TransformerConfig for a Qwen2/Llama HF config: GQA, SwiGLU, RMSNorm, RoPE, QKV bias for
-    Qwen2. `options` are further TransformerConfig fields (parallelism, recompute, FP8)."""
+    """Megatron's TransformerConfig for a Qwen2/Llama/Qwen3/Qwen3-MoE HF config: GQA, SwiGLU, RMSNorm, RoPE,
+    QKV bias for Qwen2, QK-norm and an explicit head_dim for Qwen3, experts and router for Qwen3-MoE.
+    `options` are further TransformerConfig fields (parallelism, recompute, FP8, MoE dispatcher and losses,
+    routing replay); MoE-only ones are dropped for a dense model."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from nemo_prorl.policy.megatron_convert import ModelShape
@@ -351,7 +396,7 @@ def transformer_config(hf_config: Any, *, tp: int, pp: int, dtype: torch.dtype =
     return TransformerConfig(
         num_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_heads,
         num_query_groups=s.num_kv_heads, ffn_hidden_size=s.ffn_hidden_size, kv_channels=s.head_dim,
-        add_bias_linear=False, add_qkv_bias=s.qkv_bias, gated_linear_unit=True,
+        add_bias_linear=False, add_qkv_bias=s.qkv_bias, gated_linear_unit=True, qk_layernorm=s.qk_norm,
         activation_func=torch.nn.functional.silu, normalization="RMSNorm", layernorm_epsilon=hf_config.rms_norm_eps,
         attention_dropout=0.0, hidden_dropout=0.0, params_dtype=dtype, pipeline_dtype=dtype,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -359,12 +404,14 @@ def transformer_config(hf_config: Any, *, tp: int, pp: int, dtype: torch.dtype =
         # fused kernels are CUDA-only; megatron falls back to these unfused paths
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, **options,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, **moe_fields(s, tp, pp, options),
     )
 
 
 def megatron_options(m: Any) -> dict[str, Any]:
-    """TransformerConfig fields for `policy.megatron` (a MegatronConfig): parallelism, recompute, FP8."""
+    """TransformerConfig fields for `policy.megatron` (a MegatronConfig): parallelism, recompute, FP8, and the
+    MoE ones (expert parallelism, dispatcher, load-balancing losses; transformer_config drops them for a
+    dense model)."""
     opts: dict[str, Any] = dict(sequence_parallel=m.sequence_parallel,
                                 virtual_pipeline_model_parallel_size=m.virtual_pipeline_parallel_size,
                                 # micro-batches differ in length: pipeline stages exchange shapes first
@@ -374,14 +421,21 @@ def megatron_options(m: Any) -> dict[str, Any]:
                                 # with PP=2 the previous and next stage are the same rank: the interleaved
                                 # schedule then receives the wrong tensors. Separate ops are ordered safely.
                                 batch_p2p_comm=torch.cuda.is_available())
-    if m.pipeline_parallel_size > 1:  # a dense model has no MoE dispatcher, but the config check wants this one
-        opts.update(moe_token_dispatcher_type="alltoall")
+    opts.update(expert_model_parallel_size=m.expert_parallel_size,
+                expert_tensor_parallel_size=m.expert_tensor_parallel_size or m.tensor_parallel_size,
+                moe_token_dispatcher_type=m.moe_token_dispatcher_type, moe_grouped_gemm=m.moe_grouped_gemm,
+                moe_router_load_balancing_type=m.moe_router_load_balancing_type,
+                moe_aux_loss_coeff=m.moe_aux_loss_coeff, moe_z_loss_coeff=m.moe_z_loss_coeff)
     if m.recompute_granularity:
         opts.update(recompute_granularity=m.recompute_granularity)
         if m.recompute_granularity == "full":
             opts.update(recompute_method=m.recompute_method, recompute_num_layers=m.recompute_num_layers)
     if m.fp8:
         opts.update(fp8=m.fp8, fp8_recipe=m.fp8_recipe)
+    # Every MoE router gets megatron's RouterReplay (rollout.routing_replay): it only acts while
+    # policy/megatron_replay.py sets an action, and a batch without routed_experts routes as usual, so it is
+    # on whatever the rollout config says (this config only knows policy.megatron).
+    opts.update(moe_enable_routing_replay=True)
     return opts
 
 
@@ -409,7 +463,8 @@ def use_transformer_engine(impl: str) -> bool:
 def build_gpt(hf_config: Any, *, tp: int, pp: int, vocab_multiple: int = 128, dtype: torch.dtype = torch.float32,
               te: bool = False, vp_stage: Optional[int] = None, **options: Any) -> Any:
     """This rank's pipeline stage (model chunk `vp_stage` of an interleaved pipeline) of a GPTModel, with Transformer Engine's layer spec
-    (fused kernels, FP8) or the local one (plain torch: runs on CPU)."""
+    (fused kernels, FP8; MoE experts as one grouped GEMM unless moe_grouped_gemm=False) or the local one
+    (plain torch: runs on CPU; experts one by one)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_layer_specs as specs
@@ -417,9 +472,19 @@ def build_gpt(hf_config: Any, *, tp: int, pp: int, vocab_multiple: int = 128, dt
     from nemo_prorl.policy.megatron_convert import ModelShape, padded_vocab
 
     s = ModelShape.from_hf_config(hf_config)
+    grouped = False
+    if s.is_moe:
+        grouped = te if options.get("moe_grouped_gemm") is None else bool(options["moe_grouped_gemm"])
+        if grouped and not te:
+            raise ValueError("policy.megatron.moe_grouped_gemm=true needs Transformer Engine's layer spec "
+                             "(policy.megatron.transformer_impl); the local spec runs the experts one by one")
+        options = {**options, "moe_grouped_gemm": grouped}
     cfg = transformer_config(hf_config, tp=tp, pp=pp, dtype=dtype, **options)
-    spec = (specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False) if te
-            else specs.get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm"))
+    experts = s.num_experts or None
+    spec = (specs.get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=grouped,
+                                                             qk_layernorm=s.qk_norm) if te
+            else specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, qk_layernorm=s.qk_norm,
+                                                normalization="RMSNorm"))
     return GPTModel(
         cfg, spec, vocab_size=padded_vocab(s.vocab_size, tp, vocab_multiple),
         max_sequence_length=hf_config.max_position_embeddings, share_embeddings_and_output_weights=s.tied_embeddings,

@@ -37,6 +37,12 @@ class Completion:
     # (len == len(token_ids)); a weight update that lands while a request runs switches it mid-response.
     # None: the engine does not record versions.
     versions: Optional[list[int]] = None
+    # Mixture-of-experts models, rollout.routing_replay: the experts each MoE layer chose for every token the
+    # engine fed to the model, i.e. the prompt and all response tokens but the last, as int16
+    # [len(prompt) + len(token_ids) - 1, num_moe_layers, top_k] (rows in token order, layers in model
+    # order). The trainer replays them (R3, arXiv 2510.11370). A token whose KV was rebuilt after an
+    # in-flight weight update keeps the routing of the latest forward. None: not recorded.
+    routed_experts: Optional[torch.Tensor] = None
 
 
 def prompt_seed(seed: int, index: int) -> int:

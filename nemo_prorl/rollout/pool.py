@@ -78,16 +78,22 @@ def plan_problems(plan: Any) -> list[tuple[int, int, str]]:
         if e.node != 0 and not plan.ranks:
             out.append((e.index, e.node, f"engine {e.index} on node {e.node}: with the policy in the controller "
                         "(policy=hf) the engines take their weights from it, on node 0"))
-        if plan.layout.kind == "gpu" and len(e.devices) > 1:
-            out.append((e.index, 0, f"rollout.vllm.tensor_parallel_size={len(e.devices)}: an engine actor over "
-                        "several GPUs is not started by this runtime yet; use 1"))
     return out
+
+
+def _routed(x: Any) -> Optional[torch.Tensor]:
+    """An engine's routed experts: a tensor (the torch engine), or (shape, int16 bytes) from the vLLM
+    engine's process, whose torch and numpy need not be ours."""
+    if x is None or isinstance(x, torch.Tensor):
+        return x
+    shape, data = x
+    return torch.frombuffer(bytearray(data), dtype=torch.int16).view(*shape)
 
 
 class EnginePool(RolloutEngine):
     def __init__(self, cfg: Any, setup: EngineSetup, *, engine: str) -> None:
         from nemo_prorl import cluster
-        from nemo_prorl.cluster.actors import start_group
+        from nemo_prorl.cluster.actors import engine_gpus, start_group
 
         self.setup = setup
         self.role = setup.role
@@ -109,6 +115,7 @@ class EnginePool(RolloutEngine):
         try:
             self._check_plan(plan)
             self._placement = self._session.place(plan, cfg.cluster.ray_timeout_s)
+            gpus = engine_gpus(self._placement, plan, cfg.cluster.ray_timeout_s)  # engines over several GPUs
             rank_devices = {(r.node, r.device) for r in plan.ranks}
             slots = [(e.node, e.devices[0], 0.5 if (e.node, e.devices[0]) in rank_devices else 1.0)
                      for e in plan.engines]
@@ -117,7 +124,8 @@ class EnginePool(RolloutEngine):
                                      runtime_env=setup.runtime_env, timeout_s=setup.startup_timeout_s,
                                      error_type=setup.error_type,
                                      concurrency_groups={WEIGHTS_GROUP: 1} if self.in_flight_updates else None)
-            self._call_all("init", setup.spec, timeout=setup.startup_timeout_s)
+            self._call("init", [({**setup.spec, "visible_devices": gpus.get(e.index)},) for e in plan.engines],
+                       timeout=setup.startup_timeout_s)
         except BaseException:
             self.close()
             raise
@@ -176,10 +184,10 @@ class EnginePool(RolloutEngine):
         with self._generating():
             outs = self._call("generate", [([list(prompts[i]) for i in part], p, [seeds[i] for i in part])
                                            for part in parts])
-        # (prompt index, token ids, logprobs, finish reason[, versions]): an actor that records no versions
-        # answers the first four
+        # (prompt index, token ids, logprobs, finish reason[, versions[, routed experts]]): an actor that
+        # records no versions answers the first four, one that records no routing the first five
         done = [Completion(prompt_index=part[r[0]], token_ids=r[1], logprobs=r[2], finish_reason=r[3],
-                           versions=r[4] if len(r) > 4 else None)
+                           versions=r[4] if len(r) > 4 else None, routed_experts=_routed(r[5]) if len(r) > 5 else None)
                 for part, out in zip(parts, outs) for r in out]
         return sorted(done, key=lambda c: c.prompt_index)  # stable: each prompt's samples stay in order
 

@@ -8,10 +8,15 @@ Weight updates may land while it generates (asynchronous GRPO; NeMo-RL and AReaL
 two model calls and holds it there until the last bucket is in. The running requests then go on with the
 new weights: the loop first rebuilds its KV cache with them (a prefill over prompt + response so far, as
 AReaL's interruptible generation does), so every token's logprob is what the policy of the token's version
-computes for the whole sequence, and `Completion.versions` records which version that was."""
+computes for the whole sequence, and `Completion.versions` records which version that was.
+
+Mixture-of-experts models with rollout.routing_replay: every model call records the experts each MoE layer
+picked (policy/routing.py's router hooks), kept per row beside the KV cache; a rebuild after an update
+records them again, so a token keeps the routing of the latest forward that computed it, as its KV does."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from pathlib import Path
@@ -60,7 +65,7 @@ class TorchRolloutEngine(RolloutEngine):
     in_flight_updates = True  # weights may change between two decode steps (see the module docstring)
 
     def __init__(self, model_dir: Path, *, device: str, dtype: str, max_num_seqs: int, pad_token_id: int,
-                 tokenizer: Optional[Any] = None) -> None:
+                 tokenizer: Optional[Any] = None, record_routing: bool = False) -> None:
         self.device = torch.device(device)
         self.weight_dtype = DTYPES[dtype]
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(self.device).eval()
@@ -77,6 +82,17 @@ class TorchRolloutEngine(RolloutEngine):
         # Called with t (>= 1) by the generating thread before the model call that gives the logits of response
         # token t, outside the gate: where a test lands a weight update at a known step (None: nothing).
         self.step_hook: Optional[Callable[[int], None]] = None
+        self._routing = self._routing_hooks() if record_routing else None
+
+    def _routing_hooks(self) -> Any:
+        # Imported here: rollout/ reaches into policy/ only where it must (policy/__init__ builds backends).
+        from nemo_prorl.policy.routing import MoERouting
+
+        routing = MoERouting(self.model)
+        if not routing.num_layers:
+            raise ValueError(f"rollout.routing_replay=true needs a mixture-of-experts policy; "
+                             f"{type(self.model).__name__} has no MoE router")
+        return routing
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -141,9 +157,13 @@ class TorchRolloutEngine(RolloutEngine):
         with self._gate.reading():
             cache_version = self.version  # the weights the KV cache (and the logits) come from
             logits, cache = self._prefill(ids, mask, pos)
+        # Routing replay: the routing of the latest prefill [rows, columns, layers, k], then one column per
+        # decode step after it (concatenated once, at the end)
+        routes = [self._routing.take(len(chunk))] if self._routing else None
         if len(chunk) < rows:
             cache.batch_select_indices(row_of)
             logits, mask, pos = logits[row_of], mask[row_of], pos[row_of]
+            routes = [routes[0][row_of]] if routes is not None else None
         done = torch.arange(rows, device=self.device) >= B  # idle rows are done from the start
         ends = torch.zeros(rows, dtype=torch.long)  # response length of rows that stopped (0: still going)
         idle = torch.full((rows - B, 1), self.pad_token_id, dtype=torch.long)
@@ -177,9 +197,18 @@ class TorchRolloutEngine(RolloutEngine):
                 self.step_hook(t + 1)
             logits, cache, cache_version = self._next_logits(
                 nxt, mask, last_pos, cache, cache_version, lambda: torch.cat([ids[row_of], torch.stack(tokens, 1)], 1))
+            if routes is not None:
+                new = self._routing.take(rows)
+                # a rebuild's prefill covers every column: it replaces what the earlier weights routed
+                routes = routes + [new] if new.shape[1] == 1 else [new]
         jobs = [i for i, _, k in chunk for _ in range(k)]
-        return self._collect(jobs, torch.stack(tokens, 1)[:B].cpu(), torch.stack(logps, 1)[:B].cpu(), ends[:B],
-                             versions)
+        out = self._collect(jobs, torch.stack(tokens, 1)[:B].cpu(), torch.stack(logps, 1)[:B].cpu(), ends[:B],
+                            versions)
+        if routes is not None:
+            routes = torch.cat(routes, 1)[:B].cpu()
+            for row, c in enumerate(out):  # the prompt's columns, then every response token but the last
+                c.routed_experts = routes[row, P - len(prompts[c.prompt_index]) : P + len(c.token_ids) - 1].clone()
+        return out
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                  last_only: bool = False) -> tuple[torch.Tensor, DynamicCache]:
@@ -188,9 +217,13 @@ class TorchRolloutEngine(RolloutEngine):
         vocab] logits); the first prefill keeps its computation as it was, bit for bit."""
         cache = DynamicCache()
         keep = {"logits_to_keep": 1} if last_only and self._keeps_logits else {}
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                            **{self._cache_kw: cache}, **keep).logits[:, -1]
+        with self._recording():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                **{self._cache_kw: cache}, **keep).logits[:, -1]
         return logits, cache
+
+    def _recording(self) -> Any:
+        return self._routing.recording() if self._routing else contextlib.nullcontext()
 
     def _next_logits(self, nxt: torch.Tensor, mask: torch.Tensor, last_pos: torch.Tensor, cache: DynamicCache,
                      cache_version: int,
@@ -205,8 +238,10 @@ class TorchRolloutEngine(RolloutEngine):
             if version != cache_version:
                 logits, cache = self._prefill(sequence(), mask, (mask.cumsum(-1) - 1).clamp(min=0), last_only=True)
                 return logits, cache, version
-            logits = self.model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=last_pos.unsqueeze(-1),
-                                use_cache=True, **{self._cache_kw: cache}).logits[:, -1]
+            with self._recording():
+                logits = self.model(input_ids=nxt.unsqueeze(-1), attention_mask=mask,
+                                    position_ids=last_pos.unsqueeze(-1), use_cache=True,
+                                    **{self._cache_kw: cache}).logits[:, -1]
             return logits, cache, version
 
     def _stop_string_hit(self, tokens: list[torch.Tensor], live: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
@@ -264,6 +299,11 @@ class TorchRolloutEngine(RolloutEngine):
         for name, tensor in weights:
             target = self._params.get(name)
             if target is None:
+                # a MoE model's per-expert (checkpoint) name: its slice of transformers' fused experts parameter
+                from nemo_prorl.policy.hf_experts import resolve
+
+                target = resolve(self._params, name)
+            if target is None:
                 raise KeyError(f"rollout engine has no weight named {name!r}")
             if target.shape != tensor.shape:
                 raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != engine's {tuple(target.shape)}")
@@ -291,7 +331,7 @@ class TorchEngineServer(ActorBase):
         tok = AutoTokenizer.from_pretrained(spec["model_dir"])
         self.engine = TorchRolloutEngine(Path(spec["model_dir"]), device=spec["device"], dtype=spec["dtype"],
                                          max_num_seqs=spec["max_num_seqs"], pad_token_id=spec["pad_token_id"],
-                                         tokenizer=tok)
+                                         tokenizer=tok, record_routing=bool(spec.get("record_routing")))
         if spec.get("test_hold_at_step"):
             self.engine.step_hook = self._hold_hook(*spec["test_hold_at_step"])
 
@@ -311,11 +351,12 @@ class TorchEngineServer(ActorBase):
     def test_holding(self) -> bool:
         return self._holding
 
-    def generate(self, prompts: list[list[int]], p: dict[str, Any],
-                 seeds: list[int]) -> list[tuple[int, list[int], list[float], str, list[int]]]:
+    def generate(self, prompts: list[list[int]], p: dict[str, Any], seeds: list[int]
+                 ) -> list[tuple[int, list[int], list[float], str, list[int], Optional[torch.Tensor]]]:
+        """Completions as plain data and tensors (routed experts: an int16 tensor, or None)."""
         out = self.engine.generate(prompts, SamplingParams(**{**p, "stop_token_ids": tuple(p["stop_token_ids"]),
                                                               "stop": tuple(p["stop"])}), seeds)
-        return [(c.prompt_index, c.token_ids, c.logprobs, c.finish_reason, c.versions) for c in out]
+        return [(c.prompt_index, c.token_ids, c.logprobs, c.finish_reason, c.versions, c.routed_experts) for c in out]
 
     def begin_weight_update(self) -> None:
         self.engine.begin_weight_update()
@@ -346,7 +387,8 @@ def pool_setup(cfg: ProRLConfig, model_dir: Path, plan: Any, pad_token_id: int) 
     per_node = max(sum(1 for e in plan.engines if e.node == n) for n in {e.node for e in plan.engines})
     threads = cfg.cluster.num_threads or max(1, (os.cpu_count() or 1) // per_node)
     spec = dict(model_dir=str(model_dir), device=cfg.cluster.device, dtype=cfg.model.dtype,
-                max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad_token_id, num_threads=threads)
+                max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad_token_id, num_threads=threads,
+                record_routing=cfg.rollout.routing_replay)
     logs = [None] * len(plan.engines)
     return EngineSetup("torch engine", TorchEngineServer, spec, DTYPES[cfg.model.dtype], logs,
                        env={"OMP_NUM_THREADS": str(threads)})
@@ -364,5 +406,6 @@ def build_torch_engine(cfg: ProRLConfig, model_dir: Path) -> RolloutEngine:
     plan = cluster.plan_from_config(cfg, engine="torch")
     if not plan.engines:  # one engine: in this process
         return TorchRolloutEngine(model_dir, device=cfg.cluster.device, dtype=cfg.model.dtype,
-                                  max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad, tokenizer=tok)
+                                  max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad, tokenizer=tok,
+                                  record_routing=cfg.rollout.routing_replay)
     return EnginePool(cfg, pool_setup(cfg, model_dir, plan, pad), engine="torch")

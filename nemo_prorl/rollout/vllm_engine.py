@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -23,6 +24,8 @@ from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.rollout.base import ROLLOUT_ENGINES, RolloutEngine
 from nemo_prorl.rollout.pool import EnginePool, EngineSetup, RolloutEngineError
 from nemo_prorl.torch_utils import DTYPES
+
+log = logging.getLogger(__name__)
 
 _MODULE = "prorl_vllm_server"
 
@@ -101,6 +104,8 @@ def engine_env(cfg: ProRLConfig, folder: Path) -> dict[str, str]:
            "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
     if cfg.rollout.vllm.batch_invariant and cfg.cluster.device.startswith("cuda"):
         env["VLLM_BATCH_INVARIANT"] = "1"  # vLLM's batch-invariant kernels exist on CUDA only
+    if cfg.rollout.routing_replay and cfg.cluster.device.startswith("cuda"):
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "1"  # vLLM's routed-experts output exists on its V2 runner only
     return env
 
 
@@ -117,9 +122,22 @@ def engine_spec(cfg: ProRLConfig, model_dir: Path) -> dict[str, Any]:
     if v.max_model_len is None and model_max:
         max_len = min(max_len, model_max)  # vLLM refuses more positions than the model was built for
     kv_gb = v.kv_cache_gb if v.kv_cache_gb is not None else (None if on_gpu else 1.0)
+    # Routing replay: vLLM's own routed-experts output where it has one (its V2 model runner, GPU; it
+    # keeps the routing of cached prefixes, and requires prefix caching on), a capture hook in the CPU
+    # build (vllm_server.RoutingRecorder; prefix caching off, since cached tokens are never computed, and
+    # eager mode: the CPU build compiles the forward with one Dynamo trace that would freeze the hook's
+    # Python side, its batch layout included, at trace time)
+    routing = ("official" if on_gpu else "hook") if cfg.rollout.routing_replay else None
+    prefix_caching = True if routing == "official" else (False if routing == "hook" else v.enable_prefix_caching)
+    eager = v.enforce_eager or routing == "hook"
+    if prefix_caching != v.enable_prefix_caching or eager != v.enforce_eager:
+        log.warning("rollout.routing_replay: the vLLM engines run with enable_prefix_caching=%s and enforce_eager=%s "
+                    "(rollout.vllm says %s, %s): %s", prefix_caching, eager, v.enable_prefix_caching, v.enforce_eager,
+                    "vLLM's routed-experts output needs prefix caching" if routing == "official" else
+                    "the CPU build's routing hook sees only computed tokens, in eager mode")
     spec = dict(model_dir=str(model_dir), dtype=cfg.model.dtype, seed=cfg.trainer.seed, max_model_len=max_len,
-                tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager,
-                enable_prefix_caching=v.enable_prefix_caching, max_num_seqs=cfg.rollout.max_num_seqs,
+                tensor_parallel_size=v.tensor_parallel_size, enforce_eager=eager, routing=routing,
+                enable_prefix_caching=prefix_caching, max_num_seqs=cfg.rollout.max_num_seqs,
                 gpu_memory_utilization=v.gpu_memory_utilization,
                 kv_cache_bytes=int(kv_gb * 2**30) if kv_gb else None,
                 sleep_mode=v.sleep_during_update and on_gpu)  # vLLM's CPU build has no sleep mode

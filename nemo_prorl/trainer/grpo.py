@@ -259,6 +259,9 @@ class ProRLTrainer:
     def make_batch(self, groups: StepGroups) -> dict[str, torch.Tensor]:
         a = self.cfg.algo
         batch = build_batch(groups.prompt_ids, groups.completions, self.tokenizer.pad_token_id)
+        if self.cfg.rollout.routing_replay and "routed_experts" not in batch:  # never replay silently nothing
+            raise RuntimeError(f"rollout.routing_replay=true, but the rollout engine (rollout.engine="
+                               f"{self.cfg.rollout.engine!r}) returned no routed experts")
         rewards = torch.stack(groups.rewards)  # [G, n]
         token_counts = batch["response_mask"].sum(dim=1).view_as(rewards)
         estimator = ADVANTAGE_ESTIMATORS.get(a.advantage_estimator, "algo.advantage_estimator")
@@ -324,7 +327,15 @@ class ProRLTrainer:
         # on the rows whose policy logprobs this step computed anyway (all but the first update's)
         mask = batch["response_mask"][rows]
         m = mismatch_metrics(policy_lp, batch["rollout_logprobs"][rows], mask, mask.sum().clamp(min=1))
-        return {f"mismatch/{k}": float(v) for k, v in m.items()}
+        out = {f"mismatch/{k}": float(v) for k, v in m.items()}
+        if "routed_experts" in batch:
+            # Routing replay: what it buys, measured on the same rows by a forward that routes anew (one more
+            # logprob pass on the steps that check).
+            plain = select_rows({k: v for k, v in batch.items() if k != "routed_experts"}, rows)  # no routing copy
+            m = mismatch_metrics(self.policy.logprobs(plain, temperature=T), batch["rollout_logprobs"][rows], mask,
+                                 mask.sum().clamp(min=1))
+            out.update({f"mismatch/no_replay_{k}": float(v) for k, v in m.items()})
+        return out
 
     def train_step(self, step: int, timer: PhaseTimer) -> dict[str, float]:
         groups, metrics = self.collect_groups(step, timer)
