@@ -267,7 +267,7 @@ class EngineServer:
                 "gpus": [str(g) for g in ray.get_gpu_ids()], "node_id": ray.get_runtime_context().get_node_id()}
 
     def init(self, spec: dict[str, Any]) -> None:
-        tp = spec["tensor_parallel_size"]
+        tp = spec.get("tensor_parallel_size", 1)  # (read before vLLM's import, whose failure is reported first)
         if tp > 1 and spec.get("visible_devices"):
             # GPU: Ray showed this actor only its own device; its vLLM workers need all of the engine's
             # (cluster.actors.engine_gpus, its own first). Before vLLM (and torch.cuda) count the devices.
