@@ -19,13 +19,13 @@ else
 TEST_DEPS  := $(STAMP)
 endif
 
-.PHONY: run test test-torch setup vllm-env bench-trl gpu-wheels gpu-rehearsal clean
+.PHONY: run test test-torch setup vllm-env bench-trl gpu-wheels gpu-rehearsal clean readme-tables
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,wandb,mlflow]'
 	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: ' + v)"
 	touch $(STAMP)
 
@@ -44,6 +44,17 @@ vllm-env: $(VLLM_STAMP)
 run: $(STAMP)
 	$(VENV)/bin/prorl train $(ARGS)
 
+# The README's tables of the CPU runs (`make run` and the recipes' miniatures), from fresh runs on this machine:
+# each run is summarised into benchmarks/results/readme/ and its README block rewritten (benchmarks/readme_tables.py;
+# tests/test_readme_tables.py checks that the README equals those records).
+README_RUNS ?= cpu_tiny prorl_v2_cpu_tiny brorl_cpu_tiny
+readme-tables: $(STAMP)
+	for e in $(README_RUNS); do \
+		rm -rf runs/readme/$$e && \
+		$(VENV)/bin/prorl train experiment=$$e trainer.output_dir=runs/readme/$$e trainer.progress_bar=false && \
+		$(PY) benchmarks/readme_tables.py record $$e runs/readme/$$e || exit 1; \
+	done
+
 test: $(TEST_DEPS)
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
@@ -58,7 +69,7 @@ test-torch: $(filter-out $(STAMP),$(TEST_DEPS))
 	$(COMPAT_PY) -m pip install --quiet --upgrade pip
 	$(COMPAT_PY) -m pip install --quiet torch==$(TORCH_COMPAT)
 	echo torch==$(TORCH_COMPAT) > $(COMPAT_VENV)/constraints.txt
-	PIP_CONSTRAINT=$(abspath $(COMPAT_VENV))/constraints.txt $(COMPAT_PY) -m pip install --quiet -e '.[dev]'
+	PIP_CONSTRAINT=$(abspath $(COMPAT_VENV))/constraints.txt $(COMPAT_PY) -m pip install --quiet -e '.[dev,wandb,mlflow]'
 	$(TEST_ENV) $(COMPAT_PY) -m pytest $(PYTEST_ARGS)
 
 # The wheels benchmarks/gpu_check.sh installs offline on a GPU machine with PyTorch preinstalled (README "GPU

@@ -10,8 +10,10 @@ whether a problem is a FAIL (needed) or a WARN (not needed by this run).
 from __future__ import annotations
 
 import copy
+import contextlib
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -440,6 +442,15 @@ def data_files(cfg: ProRLConfig) -> list[Finding]:
 
 
 @check
+def trackers(cfg: ProRLConfig) -> list[Finding]:
+    """logger.wandb, logger.mlflow: package, W&B mode, credentials and server, MLflow server or local store
+    (trainer/trackers.py). A dashboard that cannot be reached is a WARN: the run goes on without it."""
+    from nemo_prorl.trainer.tracker_checks import tracker_findings
+
+    return [Finding(*f) for f in tracker_findings(cfg)]
+
+
+@check
 def model_folder(cfg: ProRLConfig) -> list[Finding]:
     if not cfg.model.path:
         return [Finding(OK, "model", "the tiny model, built at launch (model.path unset)")]
@@ -467,12 +478,30 @@ def model_folder(cfg: ProRLConfig) -> list[Finding]:
     return [Finding(OK, "model", f"{d}: {conf.model_type}, {len(weights)} weight file(s), {tensors} tensors")]
 
 
+# Their INFO lines would land between the doctor's (the CLI's root logger shows INFO): megatron-core 0.16's
+# FSDP module announces "Detected Megatron Core ..." three times when megatron.core is imported.
+QUIET_LOGGERS = ("megatron", "mlflow", "wandb")
+
+
+@contextlib.contextmanager
+def _quiet_loggers() -> Any:
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def run_checks(cfg: ProRLConfig, checks: Sequence[Check] = (),
                emit: Optional[Callable[[Finding], None]] = None) -> list[Finding]:
     """Every finding of `checks` (all by default); `emit` sees each as it comes (a killed doctor has
     printed what it found so far)."""
     out: list[Finding] = []
-    with warnings.catch_warnings():  # libraries' import-time notices (no apex, no TE): the lines say it
+    with warnings.catch_warnings(), _quiet_loggers():  # libraries' import-time notices: the lines say it
         warnings.simplefilter("ignore")
         for fn in checks or CHECKS:
             try:

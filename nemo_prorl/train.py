@@ -21,6 +21,7 @@ from nemo_prorl.rollout import ROLLOUT_ENGINES
 from nemo_prorl.trainer.checkpoint import CONFIG_FILE, CheckpointError, list_checkpoints, verify_checkpoint
 from nemo_prorl.trainer.grpo import ProRLTrainer
 from nemo_prorl.trainer.report import before_after_table, plot_curves, read_metrics
+from nemo_prorl.trainer.trackers import require_packages
 from nemo_prorl.weight_sync import sync_weights
 
 log = logging.getLogger("nemo_prorl")
@@ -93,6 +94,7 @@ def build_trainer(cfg: ProRLConfig, resolved: DictConfig) -> ProRLTrainer:
     if cfg.cluster.num_threads:
         torch.set_num_threads(cfg.cluster.num_threads)
     seed_everything(cfg.trainer.seed)
+    require_packages(cfg)  # logger.wandb/mlflow enabled without their package: fail here, naming the extra
     resume = resolve_resume(cfg)
     model_dir = resolve_model_dir(cfg)
     if resume is not None:

@@ -56,6 +56,7 @@ def test_wrong_type_fails_naming_the_key():
     ("reward.sandbox.backend=docker", "reward.sandbox.backend='docker': allowed values: local, remote"),
     ("reward.sandbox.backend=remote", "reward.sandbox.url='': must be an http(s):// URL"),
     ("reward.math.timeout_s=0", "reward.math.timeout_s=0.0: must be > 0"),
+    ("logger.wandb.mode=onlin", "logger.wandb.mode='onlin': allowed values: auto, online, offline, disabled"),
     ("algo.rollout_correction.mode=is", "algo.rollout_correction.mode='is': allowed values: none, tis, icepop"),
     ("algo.rollout_correction.icepop_low=1.5", "algo.rollout_correction.icepop_low=1.5: need icepop_low <= 1"),
     ("rollout.mismatch_check_every_n_steps=-1", "rollout.mismatch_check_every_n_steps=-1: must be >= 0"),

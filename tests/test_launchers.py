@@ -298,3 +298,18 @@ def test_trainer_env_install_fails_when_a_compiled_package_is_replaced(tmp_path)
                            NGC_CONSTRAINTS="compiled")
     assert out.returncode == 1 and "a compiled package was replaced" in out.stderr, out.stderr[-3000:]
     assert "flash_attn==2.7.4" in out.stderr and "flash_attn==9.9.9" in out.stderr
+
+
+def test_building_the_project_warns_of_nothing(tmp_path):
+    """Every `pip install` builds the project's metadata; setuptools used to warn there that `project.license`
+    as a TOML table is deprecated (an SPDX string since setuptools 77)."""
+    code = ("import warnings, setuptools.build_meta as b\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            f"    b.prepare_metadata_for_build_wheel({str(tmp_path)!r})\n"
+            "print('\\n'.join(f'{x.category.__name__}: {x.message}' for x in w))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Warning" not in out.stdout + out.stderr, out.stdout + out.stderr
+    meta = next(tmp_path.glob("*.dist-info")) / "METADATA"
+    assert "License-Expression: Apache-2.0" in meta.read_text()

@@ -161,6 +161,10 @@ class RolloutConfig:
     # training forwards use those experts instead of routing again, so both compute the same function of the
     # same tokens. The router's weights still train: its gate values for the replayed experts carry gradient.
     routing_replay: bool = False
+    # Torch engine: a prompt's KV cache is held once for all its samples instead of copied into each sample's
+    # row (rollout/shared_prefix.py), so memory stops growing with n x prompt length (BroRL's n = 512). The
+    # same tokens and logprobs either way, bit for bit; false: the copying cache, for benchmarks/broad_rollouts.py.
+    share_prompt_cache: bool = True
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -170,6 +174,10 @@ class DynamicSamplingConfig:
     enabled: bool = True
     max_generation_rounds: int = 3
     reward_atol: float = 0.0
+    # Prompts drawn per generation round: ceil(algo.num_prompts_per_step x batch_multiplier), so that after the
+    # uniform groups are filtered out one round usually fills the step (NeMo-RL's grpo.batch_multiplier;
+    # its ProRL v2 config uses 1.5). Groups with signal beyond the step's need are dropped, as in DAPO.
+    batch_multiplier: float = 1.0
 
 
 @dataclass
@@ -348,6 +356,30 @@ class StopProperlyConfig:
 
 
 @dataclass
+class LengthPenaltyConfig:
+    """ProRL v2's scheduled cosine length penalty (algo/shaping.py): penalty(L) = min_value + (max_value -
+    min_value) * (1 + cos(pi L / L_max)) / 2 for a response of L tokens (L_max = rollout.max_response_length),
+    at the steps the schedule switches it on. It applies to the groups DAPO's filter kept, after it: the
+    filter sees the rewards without it (trainer/scoring.py, length_penalty_step)."""
+
+    enabled: bool = False
+    # The blog's "reward/penalty boundaries" (its numbers are not published): max_value at length 0,
+    # min_value at L_max. 0 / -0.5: a correct answer never gains from the shaping and the longest keeps half
+    # its reward (Yeo et al. 2025's cosine reward for correct answers also halves, 2 -> 1, over the length).
+    max_value: float = 0.0
+    min_value: float = -0.5
+    # correct: every response with a positive reward that stopped properly gets reward x (1 + penalty(L))
+    # (for a reward of 1 the same as adding it; partial credit is scaled alike; 0 stays 0, so wrong answers
+    # are not taught to be short, and truncation is reward.stop_properly's business); all: reward + penalty(L)
+    # for every response. The blog does not say which responses get it.
+    apply_to: str = "correct"
+    start_step: int = 1  # off before this trainer step (steps count from 1)
+    # From start_step: on for `on_steps` steps, then off for `off_steps`, over and over; null: always on
+    on_steps: Optional[int] = None
+    off_steps: int = 0
+
+
+@dataclass
 class MathRewardConfig:
     # Math-Verify and the sympy fallback run in worker processes; one that exceeds the limit is killed
     # and replaced, so a pathological expression cannot hang scoring.
@@ -410,6 +442,7 @@ class RewardConfig:
     stem_rel_tol: float = 0.01
     overlong: OverlongShapingConfig = field(default_factory=OverlongShapingConfig)
     stop_properly: StopProperlyConfig = field(default_factory=StopProperlyConfig)
+    length_penalty: LengthPenaltyConfig = field(default_factory=LengthPenaltyConfig)
     # Seconds a node's reward worker (cluster.rewards_on_every_node) may take for its share of a batch before
     # it is taken for hung: replaced, its rows scored again, then recorded as errors. null: derived from the
     # verifiers' own limits above and the rows of the share (cluster/rewards.py, derived_worker_timeout).
@@ -513,6 +546,42 @@ class TrainerConfig:
     hacking_alarm: HackingAlarmConfig = field(default_factory=HackingAlarmConfig)
 
 
+WANDB_MODES = ("auto", "online", "offline", "disabled")  # logger.wandb.mode
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (nemo_prorl/trainer/trackers.py); `pip install nemo_prorl[wandb]`."""
+
+    enabled: bool = False
+    project: str = "nemo_prorl"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # None: experiment_name
+    tags: list[str] = field(default_factory=list)
+    # auto: online when WANDB_API_KEY is set or `wandb login` stored a key, else offline (`wandb sync` later);
+    # online, offline, disabled: wandb's own modes
+    mode: str = "auto"
+    dir: Optional[str] = None  # None: <trainer.output_dir> (wandb writes its wandb/ folder there)
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow (nemo_prorl/trainer/trackers.py); `pip install nemo_prorl[mlflow]`."""
+
+    enabled: bool = False
+    tracking_uri: Optional[str] = None  # None: sqlite:///<trainer.output_dir>/mlruns/mlflow.db; or http(s)://host:port
+    experiment_name: Optional[str] = None  # None: experiment_name
+    run_name: Optional[str] = None  # None: experiment_name
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment trackers beside metrics.jsonl and TensorBoard (trainer.tensorboard), fed the same dict."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
 @dataclass
 class ProRLConfig:
     experiment_name: str = "prorl"
@@ -532,3 +601,4 @@ class ProRLConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from nemo_prorl.config.schema import ProRLConfig, async_config
+from nemo_prorl.config.schema import WANDB_MODES, ProRLConfig, async_config
 
 
 def _registry_names() -> dict[str, Iterable[str]]:
@@ -80,6 +80,8 @@ def validate_config(cfg: ProRLConfig) -> None:
         "(group-relative advantages need several responses per prompt)",
     )
     check(a.dynamic_sampling.max_generation_rounds >= 1, "algo.dynamic_sampling.max_generation_rounds", "must be >= 1")
+    check(a.dynamic_sampling.batch_multiplier >= 1, "algo.dynamic_sampling.batch_multiplier",
+          "must be >= 1 (prompts drawn per round: num_prompts_per_step x batch_multiplier)")
     ac = async_config(a)
     check(ac.max_staleness >= 0, "algo.async.max_staleness", "must be >= 0 (0: synchronous steps)")
     check(ac.max_buffered_groups is None or ac.max_buffered_groups >= 1, "algo.async.max_buffered_groups",
@@ -169,6 +171,26 @@ def validate_config(cfg: ProRLConfig) -> None:
                 "max_output_bytes", "max_run_output_bytes", "max_file_bytes", "num_workers"):
         check(getattr(sb, key) > 0, f"reward.sandbox.{key}", "must be > 0")
 
+    lp = cfg.reward.length_penalty
+    check(lp.apply_to in ("correct", "all"), "reward.length_penalty.apply_to", "allowed values: correct, all")
+    check(lp.min_value <= lp.max_value, "reward.length_penalty.min_value",
+          f"must be <= reward.length_penalty.max_value={lp.max_value} (the penalty at L_max vs at length 0)")
+    if lp.enabled and lp.apply_to == "correct":
+        # reward x (1 + penalty) keeps a positive reward positive while 1 + min_value > 0; the overlong
+        # punishment comes before it (shaped_rewards), and leaves a reward-1 answer that stopped (L <= L_max)
+        # at least 1 - penalty_factor, so it too must stay above 0
+        check(lp.min_value > -1, "reward.length_penalty.min_value",
+              "must be > -1 with apply_to=correct (a rewarded answer's reward x (1 + min_value) stays positive)")
+        check(not cfg.reward.overlong.enabled or cfg.reward.overlong.penalty_factor < 1,
+              "reward.overlong.penalty_factor", "must be < 1 with reward.length_penalty (apply_to=correct): a "
+              "correct answer that stopped keeps 1 - penalty_factor > 0 before the length penalty scales it")
+    if lp.enabled and lp.apply_to == "all":
+        check(lp.max_value - lp.min_value < 1, "reward.length_penalty.min_value",
+              "max_value - min_value must be < 1 with apply_to=all, so a reward-1 answer of any length still "
+              "outscores a reward-0 one")
+    check(lp.start_step >= 1, "reward.length_penalty.start_step", "must be >= 1 (trainer steps count from 1)")
+    check(lp.on_steps is None or lp.on_steps >= 1, "reward.length_penalty.on_steps", "must be >= 1 or null (always on)")
+    check(lp.off_steps >= 0, "reward.length_penalty.off_steps", "must be >= 0")
     s = cfg.reward.overlong
     check(not s.enabled or 0 < s.buffer_length <= ro.max_response_length, "reward.overlong.buffer_length",
           "must be in (0, rollout.max_response_length]")
@@ -184,6 +206,7 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(cfg.trainer.hacking_alarm.patience >= 0, "trainer.hacking_alarm.patience",
           "must be >= 0 (0 disables the alarm)")
     check(cfg.trainer.hacking_alarm.min_delta >= 0, "trainer.hacking_alarm.min_delta", "must be >= 0")
+    check(cfg.logger.wandb.mode in WANDB_MODES, "logger.wandb.mode", f"allowed values: {', '.join(WANDB_MODES)}")
     if cfg.model.path is None:
         check(cfg.model.warm_start.steps >= 0, "model.warm_start.steps", "must be >= 0")
 

@@ -31,6 +31,7 @@ from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.procs import ignore_preemption_signals
 from nemo_prorl.rollout.base import (ROLLOUT_ENGINES, Completion, RolloutEngine, SamplingParams, WeightGate,
                                      prompt_seed)
+from nemo_prorl.rollout.shared_prefix import held_bytes, reshare_rows, share_prompts
 from nemo_prorl.torch_utils import DTYPES
 
 
@@ -65,7 +66,8 @@ class TorchRolloutEngine(RolloutEngine):
     in_flight_updates = True  # weights may change between two decode steps (see the module docstring)
 
     def __init__(self, model_dir: Path, *, device: str, dtype: str, max_num_seqs: int, pad_token_id: int,
-                 tokenizer: Optional[Any] = None, record_routing: bool = False) -> None:
+                 tokenizer: Optional[Any] = None, record_routing: bool = False,
+                 share_prompt_cache: bool = True) -> None:
         self.device = torch.device(device)
         self.weight_dtype = DTYPES[dtype]
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(self.device).eval()
@@ -83,6 +85,12 @@ class TorchRolloutEngine(RolloutEngine):
         # token t, outside the gate: where a test lands a weight update at a known step (None: nothing).
         self.step_hook: Optional[Callable[[int], None]] = None
         self._routing = self._routing_hooks() if record_routing else None
+        # rollout.share_prompt_cache: a prompt's KV cache held once for its samples (rollout/shared_prefix.py)
+        self.share_prompt_cache = share_prompt_cache
+        # Benchmarks and tests: the most KV-cache bytes a generate call held after a model call (None: not
+        # measured; measuring walks the cache's layers once per step).
+        self.track_cache_bytes = False
+        self.peak_cache_bytes: Optional[int] = None
 
     def _routing_hooks(self) -> Any:
         # Imported here: rollout/ reaches into policy/ only where it must (policy/__init__ builds backends).
@@ -102,6 +110,7 @@ class TorchRolloutEngine(RolloutEngine):
         # The math attention kernel: PyTorch's CPU flash-attention kernel splits its work over threads in a
         # way that changes a row's last bits with the row's place in the batch (measured with 2 threads;
         # the math kernel's per-row batched matmuls do not).
+        self.peak_cache_bytes = 0 if self.track_cache_bytes else None
         with sdpa_kernel(SDPBackend.MATH):
             for chunk in self._chunks(prompts, params.n):
                 out.extend(self._generate_chunk(chunk, prompts, params, seeds))
@@ -136,20 +145,15 @@ class TorchRolloutEngine(RolloutEngine):
     def _generate_chunk(self, chunk: list[tuple[int, int, int]], prompts: Sequence[Sequence[int]],
                         params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
         # The samples of a prompt share its prefill (vLLM's prefix caching does the same): each prompt runs
-        # once, and its KV cache and last logits are copied to its samples' rows. With n=8 this cuts the
-        # prompt tokens the model processes eightfold.
+        # once, and its last logits go to its samples' rows. With n=8 this cuts the prompt tokens the model
+        # processes eightfold. Its KV cache is shared by those rows (rollout.share_prompt_cache), or copied to
+        # each of them (the same tokens, bit for bit; memory grows with n x prompt length).
         B = sum(k for _, _, k in chunk)
         rows = -(-B // ROW_BUCKET) * ROW_BUCKET  # B sampled rows, then idle rows that copy the first prompt
         row_of = torch.tensor([j for j, (_, _, k) in enumerate(chunk) for _ in range(k)] + [0] * (rows - B),
                               device=self.device)
-        P = self._bucket(max(len(prompts[i]) for i, _, _ in chunk))
-        ids = torch.full((len(chunk), P), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), P), dtype=torch.long)
-        for row, (i, _, _) in enumerate(chunk):  # left padding: every prompt ends at column P - 1
-            ids[row, P - len(prompts[i]) :] = torch.tensor(prompts[i], dtype=torch.long)
-            mask[row, P - len(prompts[i]) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = self._prompt_batch([prompts[i] for i, _, _ in chunk])
+        P = ids.shape[1]
         stop = torch.tensor(params.stop_token_ids or (-1,), device=self.device)
         gens = [torch.Generator(device="cpu").manual_seed(seeds[i] + s) for i, s, _ in chunk]
         spans = [(r - k, r) for r, k in zip(torch.tensor([k for _, _, k in chunk]).cumsum(0).tolist(),
@@ -160,8 +164,12 @@ class TorchRolloutEngine(RolloutEngine):
         # Routing replay: the routing of the latest prefill [rows, columns, layers, k], then one column per
         # decode step after it (concatenated once, at the end)
         routes = [self._routing.take(len(chunk))] if self._routing else None
-        if len(chunk) < rows:
-            cache.batch_select_indices(row_of)
+        shared = self.share_prompt_cache and len(chunk) < rows  # one row per prompt: nothing to share
+        if len(chunk) < rows:  # one prefill row per prompt, fanned out to its samples' rows
+            if shared:
+                cache = share_prompts(cache, row_of)
+            else:
+                cache.batch_select_indices(row_of)
             logits, mask, pos = logits[row_of], mask[row_of], pos[row_of]
             routes = [routes[0][row_of]] if routes is not None else None
         done = torch.arange(rows, device=self.device) >= B  # idle rows are done from the start
@@ -195,8 +203,13 @@ class TorchRolloutEngine(RolloutEngine):
             last_pos = last_pos + live.long()
             if self.step_hook is not None:
                 self.step_hook(t + 1)
+            rebuilt_from = cache_version
             logits, cache, cache_version = self._next_logits(
                 nxt, mask, last_pos, cache, cache_version, lambda: torch.cat([ids[row_of], torch.stack(tokens, 1)], 1))
+            if cache_version != rebuilt_from and shared:
+                cache = reshare_rows(cache, row_of, P)
+            if self.peak_cache_bytes is not None:
+                self.peak_cache_bytes = max(self.peak_cache_bytes, held_bytes(cache))
             if routes is not None:
                 new = self._routing.take(rows)
                 # a rebuild's prefill covers every column: it replaces what the earlier weights routed
@@ -209,6 +222,18 @@ class TorchRolloutEngine(RolloutEngine):
             for row, c in enumerate(out):  # the prompt's columns, then every response token but the last
                 c.routed_experts = routes[row, P - len(prompts[c.prompt_index]) : P + len(c.token_ids) - 1].clone()
         return out
+
+    def _prompt_batch(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids, attention mask and positions of `prompts`, left-padded to their length bucket: every
+        prompt ends at the last column."""
+        P = self._bucket(max(len(p) for p in prompts))
+        ids = torch.full((len(prompts), P), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), P), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, P - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, P - len(prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                  last_only: bool = False) -> tuple[torch.Tensor, DynamicCache]:
@@ -331,7 +356,8 @@ class TorchEngineServer(ActorBase):
         tok = AutoTokenizer.from_pretrained(spec["model_dir"])
         self.engine = TorchRolloutEngine(Path(spec["model_dir"]), device=spec["device"], dtype=spec["dtype"],
                                          max_num_seqs=spec["max_num_seqs"], pad_token_id=spec["pad_token_id"],
-                                         tokenizer=tok, record_routing=bool(spec.get("record_routing")))
+                                         tokenizer=tok, record_routing=bool(spec.get("record_routing")),
+                                         share_prompt_cache=spec.get("share_prompt_cache", True))
         if spec.get("test_hold_at_step"):
             self.engine.step_hook = self._hold_hook(*spec["test_hold_at_step"])
 
@@ -388,7 +414,7 @@ def pool_setup(cfg: ProRLConfig, model_dir: Path, plan: Any, pad_token_id: int) 
     threads = cfg.cluster.num_threads or max(1, (os.cpu_count() or 1) // per_node)
     spec = dict(model_dir=str(model_dir), device=cfg.cluster.device, dtype=cfg.model.dtype,
                 max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad_token_id, num_threads=threads,
-                record_routing=cfg.rollout.routing_replay)
+                record_routing=cfg.rollout.routing_replay, share_prompt_cache=cfg.rollout.share_prompt_cache)
     logs = [None] * len(plan.engines)
     return EngineSetup("torch engine", TorchEngineServer, spec, DTYPES[cfg.model.dtype], logs,
                        env={"OMP_NUM_THREADS": str(threads)})
@@ -407,5 +433,6 @@ def build_torch_engine(cfg: ProRLConfig, model_dir: Path) -> RolloutEngine:
     if not plan.engines:  # one engine: in this process
         return TorchRolloutEngine(model_dir, device=cfg.cluster.device, dtype=cfg.model.dtype,
                                   max_num_seqs=cfg.rollout.max_num_seqs, pad_token_id=pad, tokenizer=tok,
-                                  record_routing=cfg.rollout.routing_replay)
+                                  record_routing=cfg.rollout.routing_replay,
+                                  share_prompt_cache=cfg.rollout.share_prompt_cache)
     return EnginePool(cfg, pool_setup(cfg, model_dir, plan, pad), engine="torch")

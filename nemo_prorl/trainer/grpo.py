@@ -41,8 +41,10 @@ from nemo_prorl.trainer.checkpoint import (CheckpointError, read_checkpoint_file
 from nemo_prorl.trainer.logger import MetricsLogger, truncate_logs
 from nemo_prorl.trainer.phases import PhaseTimer
 from nemo_prorl.trainer.producer import (RolloutProducer, SerializedRewards, Taken, multi_version_tokens,
-                                         version_lags)
-from nemo_prorl.trainer.scoring import Scores, per_domain_means, reward_health, score_completions, shaped_rewards
+                                         prompts_per_round, version_lags)
+from nemo_prorl.trainer.scoring import (Scores, generation_metrics, length_penalty_step, score_completions,
+                                        shaped_rewards)
+from nemo_prorl.trainer.trackers import open_trackers, tracker_ids_for
 from nemo_prorl.trainer.validate import HackingWatch, validate
 from nemo_prorl.weight_sync import sync_weights
 
@@ -97,6 +99,7 @@ class ProRLTrainer:
         self.num_resets = 0
         self.skipped_streak = 0  # consecutive steps whose update was skipped
         self.last_validation: dict[str, float] = {}
+        self.tracker_ids: dict[str, str] = {}  # W&B/MLflow run ids (trainer state): a resume continues them
         self.resumed_stage: Optional[str] = None
         # Asynchronous steps (trainer/producer.py): None when synchronous (max_staleness 0)
         self.max_staleness = async_config(cfg).max_staleness
@@ -117,19 +120,26 @@ class ProRLTrainer:
 
     # ---------------------------------------------------------------- phases: generate, score, filter
     def collect_groups(self, step: int, timer: PhaseTimer) -> tuple[StepGroups, dict[str, float]]:
+        """The step's groups (DAPO-filtered), then ProRL v2's length penalty for this step on the kept ones."""
+        kept, metrics = self.take_groups(step, timer) if self.producer is not None else self.sample_groups(step, timer)
+        kept.rewards, shaping = length_penalty_step(kept.rewards, kept.completions, self.cfg.reward,
+                                                    self.cfg.rollout.max_response_length, step)
+        return kept, {**metrics, **shaping}
+
+    def sample_groups(self, step: int, timer: PhaseTimer) -> tuple[StepGroups, dict[str, float]]:
+        """A synchronous step's generate, score and filter phases: DAPO's rounds until it has its groups."""
         a, ro = self.cfg.algo, self.cfg.rollout
         n, need = a.num_generations_per_prompt, a.num_prompts_per_step
         ds = a.dynamic_sampling
-        if self.producer is not None:
-            return self.take_groups(step, timer)
+        draw = prompts_per_round(need, ds.batch_multiplier, ds.enabled)  # DAPO: extra prompts for the filter
         kept = StepGroups()
         gen_groups = uniform_groups = rounds = dropped_prompts = 0
         round_scores: list[Scores] = []
         for rnd in range(ds.max_generation_rounds if ds.enabled else 1):
             with timer("generate"):
-                records, prompt_ids, dropped = self.encode_prompts(self.source.next_prompts(need))
+                records, prompt_ids, dropped = self.encode_prompts(self.source.next_prompts(draw))
                 dropped_prompts += dropped
-                self.prompts_consumed += need
+                self.prompts_consumed += draw
                 completions = self.engine.generate(prompt_ids, self.sampling_params(_seed(self.cfg.trainer.seed, step,
                                                                                           rnd)))
             with timer("score"):
@@ -183,7 +193,8 @@ class ProRLTrainer:
         """The generate phase of an asynchronous step: the groups it needs, from the producer's buffer."""
         a, ds = self.cfg.algo, self.cfg.algo.dynamic_sampling
         need = a.num_prompts_per_step
-        budget = need * (ds.max_generation_rounds if ds.enabled else 1)  # prompts examined, as in sync rounds
+        per_round = prompts_per_round(need, ds.batch_multiplier, ds.enabled)
+        budget = per_round * (ds.max_generation_rounds if ds.enabled else 1)  # prompts examined, as sync rounds
         with timer("generate"):
             taken = self.producer.take(
                 policy_version=self.policy_version, max_staleness=self.max_staleness, need=need, budget=budget,
@@ -200,7 +211,7 @@ class ProRLTrainer:
         self.reward_failures += self.producer.drain_failures()
         scored = [g.scores for g in taken.scored]  # not the stale groups: an older policy's figures
         metrics = self.generation_metrics(scored, generated_groups=len(scored), uniform_groups=taken.filtered,
-                                          kept=len(kept), rounds=len(taken.examined) / need,
+                                          kept=len(kept), rounds=len(taken.examined) / per_round,
                                           dropped_prompts=taken.too_long)
         return kept, {**metrics, **self.async_metrics(taken, kept)}
 
@@ -229,31 +240,9 @@ class ProRLTrainer:
             "async/trainer_idle_frac": min(1.0, taken.waited_s / wall) if wall > 0 else 0.0,
         }
 
-    def generation_metrics(self, scores: Sequence[Scores], *, generated_groups: int, uniform_groups: int, kept: int,
-                           rounds: float, dropped_prompts: int) -> dict[str, float]:
-        """The step's figures of what it generated (every scored response, kept or not)."""
-        need = self.cfg.algo.num_prompts_per_step
-        out: dict[str, float] = {}
-        domains = [d for s in scores for d in s.domains]
-        if scores:  # (none when every prompt an asynchronous step took was too long)
-            rewards, lengths = torch.cat([s.rewards for s in scores]), torch.cat([s.lengths for s in scores]).float()
-            out = {"reward/mean": float(rewards.mean()), "response_length/mean": float(lengths.mean()),
-                   "response_length/max": float(lengths.max()),
-                   "response_length/truncated_frac": float(torch.cat([s.truncated for s in scores]).float().mean()),
-                   **per_domain_means(rewards, domains, "reward")}
-        return {
-            **out,
-            # Groups whose rewards were all equal (no learning signal), out of all generated this step.
-            "filter/filtered_group_frac": uniform_groups / max(generated_groups, 1),
-            "filter/kept_groups": float(kept),
-            # groups the step planned for but did not get (DAPO's rounds fell short); see minibatch_sizes
-            "filter/shortfall_groups": float(need - kept),
-            "filter/generation_rounds": rounds,
-            "data/dropped_long_prompts": float(dropped_prompts),
-            "data/skipped_rows": float(self.source.skipped_rows()),
-            "throughput/generated_tokens": float(sum(int(s.lengths.sum()) for s in scores)),
-            **reward_health([x for s in scores for x in s.statuses], domains, [x for s in scores for x in s.info]),
-        }
+    def generation_metrics(self, scores: Sequence[Scores], **counts: Any) -> dict[str, float]:
+        return generation_metrics(scores, need=self.cfg.algo.num_prompts_per_step,
+                                  skipped_rows=self.source.skipped_rows(), **counts)
 
     # ---------------------------------------------------------------- phases: advantages, logprobs, update
     def make_batch(self, groups: StepGroups) -> dict[str, torch.Tensor]:
@@ -409,7 +398,8 @@ class ProRLTrainer:
                 "data": self.consumed_data_state if self.producer is not None and self.consumed_data_state is not None
                 else self.source.state_dict(),
                 "prompts_consumed": self.prompts_consumed, "policy_version": self.policy_version,
-                "stage_name": self.cfg.stage_name, "hacking_alarm": self.hacking.state_dict()}
+                "stage_name": self.cfg.stage_name, "hacking_alarm": self.hacking.state_dict(),
+                "trackers": dict(self.tracker_ids)}
 
     def restore(self, ckpt: Path) -> None:
         """Continue exactly where the checkpoint left off: policy (optimizer, reference), counters, data
@@ -427,6 +417,7 @@ class ProRLTrainer:
         self.source.load_state_dict(st["data"])
         set_rng_state(read_checkpoint_file(ckpt, "rng_state.pt"))
         self.resumed_stage = st.get("stage_name")
+        self.tracker_ids = tracker_ids_for(st.get("trackers", {}), ckpt, self.out_dir)  # a fork: new runs
         self.last_validation = read_checkpoint_file(ckpt, "metrics.json")
 
     def checkpoint(self, logger: MetricsLogger, reason: str) -> Path:
@@ -470,7 +461,8 @@ class ProRLTrainer:
         resumed_at = self.step
         tidied = self._tidy_for_resume() if resumed_at else {}
         logger = MetricsLogger(self.out_dir, total_steps=t.num_steps, start_step=self.step,
-                               tensorboard=t.tensorboard, progress_bar=t.progress_bar)
+                               tensorboard=t.tensorboard, progress_bar=t.progress_bar,
+                               trackers=open_trackers(self.cfg, self.resolved, self.out_dir, self.tracker_ids))
         logger.restore_alarms(self.hacking.alarmed)  # a resumed run's bar names what is still raised
         if tidied:
             logger.event(self.step, "resume_cleanup", **tidied)

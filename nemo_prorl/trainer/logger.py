@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from nemo_prorl.trainer.trackers import TrackerHub
 
 ALARM_PREFIX = "alarm/reward_hacking/"  # trainer/validate.py's HackingWatch: 1.0 where a domain is flagged
 # HackingWatch: 1.0 for a domain flagged at the previous validation and not at this one. The watch says it, not
@@ -28,8 +32,14 @@ BAR_KEYS = {
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: Path, *, total_steps: int, start_step: int, tensorboard: bool, progress_bar: bool):
+    def __init__(self, out_dir: Path, *, total_steps: int, start_step: int, tensorboard: bool, progress_bar: bool,
+                 trackers: Optional[TrackerHub] = None):
+        """`trackers` (W&B, MLflow: trainer/trackers.py) get every row metrics.jsonl gets, and after each
+        validation and at the end the curves PNG and the pass@k table."""
         out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir, self.trackers = out_dir, trackers
+        self.last_step, self.reported_step = start_step, start_step
+        self.status = "FINISHED"  # of the trackers' runs at close
         self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
         self.events = open(out_dir / "events.jsonl", "a", buffering=1)
         self.tb = None
@@ -51,6 +61,12 @@ class MetricsLogger:
                 if math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
         self.last_val.update({k: v for k, v in clean.items() if k.startswith("val/")})
+        self.last_step = step
+        if self.trackers is not None:
+            self.trackers.submit("log", step, clean)
+            if any(k.startswith("val/") for k in clean):
+                self._report(step)
+            self._tracker_events()
         if any(k.startswith((ALARM_PREFIX, CLEARED_PREFIX)) for k in clean):  # a validation: the alarm is news
             self._show_alarms(step, sorted(k[len(ALARM_PREFIX):] for k, v in clean.items()
                                            if k.startswith(ALARM_PREFIX) and v > 0),
@@ -92,11 +108,28 @@ class MetricsLogger:
         self.bar.update(1)
 
     def event(self, step: int, kind: str, **info: Any) -> None:
+        if kind == "preempted":  # the trackers' runs close as KILLED: the requeued job continues them
+            self.status = "KILLED"
         self.events.write(json.dumps({"step": step, "event": kind, **info}) + "\n")
         if self.bar is not None:
             self.bar.write(f"[step {step}] {kind}: {info}")
 
+    def _report(self, step: int) -> None:
+        self.reported_step = step
+        self.trackers.submit_report(self.out_dir, step)
+
+    def _tracker_events(self) -> None:
+        for kind, info in self.trackers.drain_events():
+            self.event(self.last_step, kind, **info)
+
     def close(self) -> None:
+        if self.trackers is not None:
+            if self.last_step > self.reported_step:  # steps since the last validation: the final curves
+                self._report(self.last_step)
+            crashed = sys.exc_info()[0]  # closing in a `finally` while an error stops the run
+            self.trackers.close("FAILED" if crashed is not None and issubclass(crashed, Exception) else
+                                "KILLED" if crashed is not None else self.status)
+            self._tracker_events()
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -44,7 +45,10 @@ class Group:
     generated_at: int = 0  # the engines' policy version when its request was handed to them
     prompt_ids: list[int] = dataclasses.field(default_factory=list)  # empty: too long, dropped at encoding
     completions: list[Completion] = dataclasses.field(default_factory=list)  # prompt_index 0
-    shaped: Optional[torch.Tensor] = None  # [n] shaped rewards
+    # [n] shaped rewards as DAPO's filter sees them: without ProRL v2's length penalty, which the step that
+    # takes the group applies (scoring.length_penalty_step), so the rewards trained on never depend on when
+    # the scorer thread got to them
+    shaped: Optional[torch.Tensor] = None
     scores: Optional[Scores] = None  # unshaped scores, for the metrics
 
     @property
@@ -69,6 +73,17 @@ class Taken:
     too_long: int
     ready_at_start: int  # scored groups waiting when the step began
     waited_s: float  # trainer time spent waiting for groups
+
+
+def prompts_per_round(num_prompts_per_step: int, batch_multiplier: float, dynamic_sampling: bool) -> int:
+    """Prompts drawn per generation round of a synchronous step: the step's need times
+    algo.dynamic_sampling.batch_multiplier, rounded up (NeMo-RL's grpo.batch_multiplier), so that the groups
+    DAPO keeps usually fill the step in one round. Without dynamic sampling, exactly the need. Asynchronous
+    steps draw algo.async.prompts_per_request at a time whatever the multiplier; this sets only how many
+    prompts a step may examine (the same rounds' worth) and what its `filter/generation_rounds` counts."""
+    if not dynamic_sampling:
+        return num_prompts_per_step
+    return max(num_prompts_per_step, math.ceil(round(num_prompts_per_step * batch_multiplier, 6)))
 
 
 def version_lags(completions: Sequence[Completion], policy_version: int) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""End-of-run summary: validation before/after as a table, and a PNG of the training curves."""
+"""End-of-run summary: validation before/after as a table, and a PNG of the training curves (also sent to the
+experiment trackers after each validation: `validation_report`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -32,12 +32,14 @@ def before_after_table(before: dict[str, float], after: dict[str, float], keys: 
 
 
 def plot_curves(records: list[dict[str, float]], out_png: Path, title: str) -> Path:
-    import matplotlib
+    """A Figure of its own on the Agg canvas, not pyplot: pyplot's global figure state is not thread-safe,
+    and the trackers' thread plots while the training thread may too (the end-of-run summary)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fig = Figure(figsize=(13, 7))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3)
     for ax, (key, label) in zip(axes.flat, CURVES):
         pts = [(r["step"], r[key]) for r in records if key in r]
         if pts:
@@ -49,5 +51,24 @@ def plot_curves(records: list[dict[str, float]], out_png: Path, title: str) -> P
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)
     return out_png
+
+
+def validation_report(out_dir: Path, step: int, title: str) -> list[tuple[str, tuple]]:
+    """The curves PNG and the before/after table of the validations so far (the first against the
+    latest), written to <out_dir>/report/, as log_artifact items for the trackers."""
+    rows = read_metrics(out_dir / "metrics.jsonl")
+    folder = out_dir / "report"
+    folder.mkdir(exist_ok=True)
+    items: list[tuple[str, tuple]] = [("log_artifact", (plot_curves(rows, folder / "training_curves.png", title),
+                                                         step))]
+    vals = [r for r in rows if any(k.startswith("val/") for k in r)]
+    if vals:
+        first, last = vals[0], vals[-1]
+        keys = sorted((k for k in last if k.startswith("val/pass@")), key=lambda k: int(k.split("@")[1])
+                      if k.split("@")[1].isdigit() else 0) + ["val/reward", "val/response_length"]
+        table = folder / "pass_at_k.txt"
+        table.write_text(f"validation, step {first['step']} -> step {last['step']}\n"
+                         + before_after_table(first, last, keys) + "\n")
+        items.append(("log_artifact", (table, step)))
+    return items

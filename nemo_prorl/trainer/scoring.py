@@ -9,7 +9,8 @@ from typing import Sequence
 
 import torch
 
-from nemo_prorl.algo.shaping import overlong_penalty, stop_properly_penalty
+from nemo_prorl.algo.shaping import (cosine_length_penalty, length_penalised, length_penalty_active, overlong_penalty,
+                                     stop_properly_penalty)
 from nemo_prorl.config.schema import RewardConfig
 from nemo_prorl.data.records import PromptRecord
 from nemo_prorl.rewards import RewardInput, RewardSuite
@@ -57,6 +58,8 @@ def score_completions(records: Sequence[PromptRecord], completions: Sequence[Com
 
 
 def shaped_rewards(scores: Scores, cfg: RewardConfig, max_response_length: int) -> torch.Tensor:
+    """The task rewards with the shaping DAPO's filter sees: stop-properly, then DAPO's overlong punishment.
+    ProRL v2's length penalty comes after the filter (length_penalty_step)."""
     r = scores.rewards
     if cfg.stop_properly.enabled:
         r = stop_properly_penalty(r, scores.truncated, truncated_reward_scale=cfg.stop_properly.truncated_reward_scale)
@@ -64,6 +67,32 @@ def shaped_rewards(scores: Scores, cfg: RewardConfig, max_response_length: int) 
         r = r + overlong_penalty(scores.lengths, max_response_length=max_response_length,
                                  buffer_length=cfg.overlong.buffer_length, penalty_factor=cfg.overlong.penalty_factor)
     return r
+
+
+def length_penalty_step(rewards: list[torch.Tensor], completions: Sequence[Completion], cfg: RewardConfig,
+                        max_response_length: int, step: int) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """ProRL v2's scheduled cosine length penalty (reward.length_penalty) for the groups a step trains on:
+    `rewards` one [n] tensor of shaped_rewards per kept group, `completions` theirs in the same order, `step`
+    the step that takes them (asynchronous steps included: the producer scores without it, so a group's
+    rewards depend on the step that trains on it, not on when it was scored). It comes after DAPO's filter:
+    "Dynamic Sampling discards prompts with group responses with all 1 or 0" (the ProRL v2 blog), and
+    a group kept for a length spread alone would get +-1 advantages from GRPO's (std + eps) normalisation.
+    Returns the rewards and `reward/length_penalty/{active,mean}` (the mean change over the responses)."""
+    lp = cfg.length_penalty
+    if not lp.enabled:
+        return rewards, {}
+    active = length_penalty_active(step, start_step=lp.start_step, on_steps=lp.on_steps, off_steps=lp.off_steps)
+    if not active or not rewards:
+        return rewards, {"reward/length_penalty/active": float(active), "reward/length_penalty/mean": 0.0}
+    before = torch.cat(rewards)
+    # the figures score_completions gives Scores.lengths and Scores.truncated
+    lengths = torch.tensor([len(c.token_ids) for c in completions])
+    truncated = torch.tensor([c.finish_reason == "length" for c in completions])
+    penalty = cosine_length_penalty(lengths, max_response_length=max_response_length, min_value=lp.min_value,
+                                    max_value=lp.max_value)
+    after = length_penalised(before, penalty, truncated, rewarded_only=lp.apply_to == "correct")
+    return list(after.split([len(r) for r in rewards])), {"reward/length_penalty/active": 1.0,
+                                                           "reward/length_penalty/mean": float((after - before).mean())}
 
 
 def per_domain_means(values: torch.Tensor, domains: Sequence[str], prefix: str) -> dict[str, float]:
@@ -86,3 +115,30 @@ def reward_health(statuses: Sequence[str], domains: Sequence[str], info: Sequenc
             sums[f"{prefix}/{d}/{k}"].append(float(v))
     out.update({k: sum(vs) / len(vs) for k, vs in sorted(sums.items())})
     return out
+
+
+def generation_metrics(scores: Sequence[Scores], *, need: int, generated_groups: int, uniform_groups: int, kept: int,
+                       rounds: float, dropped_prompts: int, skipped_rows: int) -> dict[str, float]:
+    """A step's figures of what it generated (every scored response, kept or not); `need`: the groups a step
+    trains on (algo.num_prompts_per_step), `skipped_rows`: the data source's."""
+    out: dict[str, float] = {}
+    domains = [d for s in scores for d in s.domains]
+    if scores:  # (none when every prompt an asynchronous step took was too long)
+        rewards, lengths = torch.cat([s.rewards for s in scores]), torch.cat([s.lengths for s in scores]).float()
+        out = {"reward/mean": float(rewards.mean()), "response_length/mean": float(lengths.mean()),
+               "response_length/max": float(lengths.max()),
+               "response_length/truncated_frac": float(torch.cat([s.truncated for s in scores]).float().mean()),
+               **per_domain_means(rewards, domains, "reward")}
+    return {
+        **out,
+        # Groups whose rewards were all equal (no learning signal), out of all generated this step.
+        "filter/filtered_group_frac": uniform_groups / max(generated_groups, 1),
+        "filter/kept_groups": float(kept),
+        # groups the step planned for but did not get (DAPO's rounds fell short); see minibatch_sizes
+        "filter/shortfall_groups": float(need - kept),
+        "filter/generation_rounds": rounds,
+        "data/dropped_long_prompts": float(dropped_prompts),
+        "data/skipped_rows": float(skipped_rows),
+        "throughput/generated_tokens": float(sum(int(s.lengths.sum()) for s in scores)),
+        **reward_health([x for s in scores for x in s.statuses], domains, [x for s in scores for x in s.info]),
+    }
