@@ -23,9 +23,11 @@ layer included) plus attention's 6 * layers * hidden * sequence length per token
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -139,7 +141,8 @@ def _model_dir(shape: dict, dtype: str) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    d = Path(tempfile.mkdtemp(prefix="prorl-gpu-check-"))
+    d = Path(tempfile.mkdtemp(prefix="prorl-gpu-check-"))  # under TMPDIR; removed when this process exits
+    atexit.register(shutil.rmtree, d, True)
     torch.manual_seed(0)
     config, model = (Qwen3MoeConfig, Qwen3MoeForCausalLM) if "num_experts" in shape else (Qwen2Config, Qwen2ForCausalLM)
     model(config(**shape, dtype=dtype)).to(getattr(torch, dtype)).save_pretrained(d)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,29 @@ def _ray_token_for_the_session() -> None:
 
 
 _ray_token_for_the_session()
+
+# multiprocessing gives each process that needs one a `pymp-*` folder under the temp dir and removes it at
+# exit; workers the tests kill (timeouts, crash tests) never do. At the session's end the `pymp-*` folders
+# that appeared during it are removed, so that a machine running the suite daily does not fill /tmp.
+# (TMPDIR is not redirected under pytest's basetemp: that is mode 0700, and the sandbox and rendezvous tests
+# hand temp folders to other uids; Ray's socket paths must also stay under 108 bytes.)
+_PYMP_BEFORE = frozenset(Path(tempfile.gettempdir()).glob("pymp-*"))
+
+
+def pymp_folders_left(before=_PYMP_BEFORE) -> list[Path]:
+    """The `pymp-*` folders under the temp dir that were not there when this session started."""
+    return sorted(set(Path(tempfile.gettempdir()).glob("pymp-*")) - before)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    import multiprocessing
+    import shutil
+
+    own = multiprocessing.current_process()._config.get("tempdir")  # this process's: its own exit removes it
+    for folder in pymp_folders_left():
+        if str(folder) != own:
+            shutil.rmtree(folder, ignore_errors=True)
+
 
 TINY_OVERRIDES = [
     "model.tiny.hidden_size=32",

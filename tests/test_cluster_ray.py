@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,7 +75,7 @@ def two_nodes():
     from nemo_prorl.cluster.runtime import loopback_only
 
     cluster.close_session()  # a private cluster of an earlier test
-    temp = tempfile.mkdtemp(prefix="prorl-2n-")
+    temp, ray_tmpdir = tempfile.mkdtemp(prefix="prorl-2n-"), os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = temp
     os.environ["RAY_worker_niceness"] = "0"  # as the launchers start Ray (see runtime.NORMAL_PRIORITY)
     loopback_only()
@@ -87,6 +88,11 @@ def two_nodes():
     cluster.close_session()
     ray.shutdown()
     c.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)  # Ray's session files of both nodes (about 2 MB)
+    if ray_tmpdir is None:  # later tests' Ray must not recreate the removed folder
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = ray_tmpdir
 
 
 def test_the_cluster_binds_loopback_only_and_refuses_clients_without_the_token(two_nodes):

@@ -65,3 +65,16 @@ def test_flops_per_token_of_the_0p5b_shape():
     assert gpu_check._flops_per_token(gpu_check.QWEN2_0P5B, 1000) == 6 * 493_961_216 + 6 * 24 * 896 * 1000
     assert gpu_check.peak_tflops("NVIDIA H200") == 989.4 and gpu_check.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert gpu_check.peak_tflops("NVIDIA H200 NVL") == 835.0 and gpu_check.peak_tflops("NVIDIA L40") == 181.0
+
+
+def test_the_model_folders_are_removed_at_exit(tmp_path):
+    """Each section's model folder (prorl-gpu-check-*, 1.4 MB on CPU) goes when the check's process exits."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import gpu_check\n"
+            "d = gpu_check._model_dir(dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,"
+            " num_attention_heads=2, num_key_value_heads=1), 'float32')\n"
+            "assert (d / 'config.json').is_file(); print(d)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks")], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    folder = Path(proc.stdout.split()[-1])
+    assert folder.parent == tmp_path and not folder.exists()  # made under TMPDIR, gone after exit

@@ -11,8 +11,9 @@ from __future__ import annotations
 import atexit
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
+from nemo_prorl.cluster.current import current_session, set_session  # noqa: F401  (current_session: re-exported)
 from nemo_prorl.cluster.plan import Plan, PlacementError, format_plan, plan_from_config  # noqa: F401
 from nemo_prorl.cluster.runtime import CPU_SLOT, RayRuntime, RayStartError, attach, start_private, wait_for_nodes
 
@@ -52,21 +53,18 @@ class ClusterSession:
         self.runtime.close()
 
 
-_SESSION: Optional[ClusterSession] = None
-
-
 def session(cfg: Any, plan: Plan) -> ClusterSession:
     """This process's Ray session for `cfg`: reused if it is on the same cluster (cluster.ray_address, or
     a private one), else replaced."""
-    global _SESSION
     from nemo_prorl.cluster.shm import run_tag
 
     want = cfg.cluster.ray_address
-    if _SESSION is not None:
-        same = (not want and _SESSION.runtime.private) or want == _SESSION.runtime.address
+    current = current_session()
+    if current is not None:
+        same = (not want and current.runtime.private) or want == current.runtime.address
         if same:
-            _SESSION.run_tag = run_tag(cfg.trainer.output_dir)
-            return _SESSION
+            current.run_tag = run_tag(cfg.trainer.output_dir)
+            return current
         close_session()
     c = cfg.cluster
     if want:
@@ -84,18 +82,15 @@ def session(cfg: Any, plan: Plan) -> ClusterSession:
         # plans of several sizes (the plan's placement groups take exactly what they need).
         resources = {} if lay.kind == "gpu" else {CPU_SLOT: float(max(lay.devices_per_node, 64))}
         rt = start_private(resources=resources, object_store_gb=c.ray_object_store_gb, dashboard=c.ray_dashboard)
-    _SESSION = ClusterSession(rt, run_tag=run_tag(cfg.trainer.output_dir))
-    return _SESSION
-
-
-def current_session() -> Optional[ClusterSession]:
-    return _SESSION
+    made = ClusterSession(rt, run_tag=run_tag(cfg.trainer.output_dir))
+    set_session(made)
+    return made
 
 
 @atexit.register
 def close_session() -> None:
     """Stop this process's actors and placement groups, and its private Ray cluster (if it started one)."""
-    global _SESSION
-    s, _SESSION = _SESSION, None
+    s = current_session()
+    set_session(None)
     if s is not None:
         s.close()

@@ -218,7 +218,7 @@ def start_group(role: str, actor_cls: Any, placement: NodePlacement, slots: Sequ
     others then run one at a time in the default group's thread, no longer the main one)."""
     import ray
 
-    from nemo_prorl.cluster import current_session
+    from nemo_prorl.cluster.current import current_session
     from nemo_prorl.cluster.shm import TAG_ENV
 
     remote = ray.remote(concurrency_groups=concurrency_groups)(actor_cls) if concurrency_groups \

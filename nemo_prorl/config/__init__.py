@@ -1,4 +1,5 @@
 from nemo_prorl.config.schema import ProRLConfig
-from nemo_prorl.config.loader import ConfigError, load_config
+from nemo_prorl.config.errors import ConfigError
+from nemo_prorl.config.loader import load_config
 
 __all__ = ["ProRLConfig", "ConfigError", "load_config"]

@@ -17,13 +17,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from nemo_prorl.config.errors import ConfigError  # noqa: F401  (re-exported: nemo_prorl.config.loader.ConfigError)
 from nemo_prorl.config.schema import ProRLConfig
 
 SCHEMA_NAME = "prorl_schema"
-
-
-class ConfigError(ValueError):
-    """A configuration problem found at launch; the message names the key."""
 
 
 def default_config_dir() -> Path:

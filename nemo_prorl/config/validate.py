@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from nemo_prorl.config.errors import ConfigError
 from nemo_prorl.config.schema import WANDB_MODES, ProRLConfig, async_config
 
 
@@ -39,7 +40,6 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 def validate_config(cfg: ProRLConfig) -> None:
     from nemo_prorl.algo.advantages import NEEDS_GROUP
-    from nemo_prorl.config.loader import ConfigError
 
     errors: list[str] = []
 
@@ -151,8 +151,7 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(e.max_response_length is None or e.max_response_length >= 1, "eval.max_response_length", "must be >= 1")
 
     rw = cfg.reward
-    from nemo_prorl.rewards.sandbox import SANDBOXES
-    from nemo_prorl.rewards import sandbox_remote  # noqa: F401  registers "remote"
+    from nemo_prorl.rewards.sandboxes import SANDBOXES
 
     check(rw.num_workers >= 1, "reward.num_workers", "must be >= 1")
     check(rw.math.timeout_s > 0, "reward.math.timeout_s", "must be > 0")

@@ -42,7 +42,8 @@ from nemo_prorl.config.schema import SandboxConfig
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
 from nemo_prorl.rewards.code_judge import Replay, ReplayJudge, check_replay, mbpp_replay, run_rounds
 from nemo_prorl.rewards.extract import last_code_block, strip_thinking
-from nemo_prorl.rewards.sandbox import Sandbox, SandboxRun, make_sandbox
+from nemo_prorl.rewards.sandbox import Sandbox, SandboxRun
+from nemo_prorl.rewards.sandboxes import make_sandbox
 from nemo_prorl.rewards.sandbox_judge import parse_literal
 
 

@@ -1,6 +1,7 @@
 """Running untrusted, model-generated programs. One interface, `Sandbox.run(code, inputs) -> SandboxRun`,
-two backends in `SANDBOXES`: "local" (this machine; the containment is described in sandbox_runner.py)
-and "remote" (an HTTP sandbox server for clusters, see sandbox_remote.py).
+two backends in `SANDBOXES` (sandboxes.py, which also builds one from the config): "local" (this module:
+this machine; the containment is described in sandbox_runner.py) and "remote" (an HTTP sandbox server for
+clusters, see sandbox_remote.py).
 
 A run executes one program once per input (stdin) inside one sandbox, with a wall-time budget per test
 and in total (ProRL §3.1 scores code 0 after 5 s in total). The trainer side enforces the total again
@@ -24,10 +25,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 from nemo_prorl.config.schema import SandboxConfig
-from nemo_prorl.registry import Registry
 from nemo_prorl.rewards import jail
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,6 @@ class SandboxRun:
 
 class Sandbox(Protocol):
     def run(self, code: str, inputs: Sequence[str], driver: bool = False) -> SandboxRun: ...
-
-
-SANDBOXES: Registry[Callable[[SandboxConfig], Sandbox]] = Registry("sandbox backend")
 
 
 def _namespaces_available() -> bool:
@@ -443,12 +440,3 @@ def _killpg(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-SANDBOXES.register("local")(LocalSandbox)
-
-
-def make_sandbox(cfg: SandboxConfig) -> Sandbox:
-    from nemo_prorl.rewards import sandbox_remote  # noqa: F401  (registers "remote")
-
-    return SANDBOXES.get(cfg.backend, "reward.sandbox.backend")(cfg)

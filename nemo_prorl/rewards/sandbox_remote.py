@@ -48,7 +48,7 @@ import urllib.request
 from typing import Any, Optional, Sequence
 
 from nemo_prorl.config.schema import SandboxConfig
-from nemo_prorl.rewards.sandbox import SANDBOXES, LocalSandbox, SandboxRun, UnconfinedError
+from nemo_prorl.rewards.sandbox import LocalSandbox, SandboxRun, UnconfinedError
 from nemo_prorl.rewards.sandbox_server import (AUTH_GRACE_S, MAX_CODE_BYTES, MAX_CONNECTIONS, MAX_REQUEST_BYTES,
                                                MAX_TESTS, REQUEST_TIMEOUT_S, SEND_TIMEOUT_S, SandboxServer,
                                                check_token)
@@ -123,9 +123,6 @@ class RemoteSandbox:
             return SandboxRun(error=f"sandbox server {self.url}: HTTP {e.code}: {e.read()[:300]!r}")
         except (urllib.error.URLError, OSError, ValueError, TypeError, KeyError) as e:  # incl. a bad reply
             return SandboxRun(error=f"sandbox server {self.url}: {type(e).__name__}: {e}")
-
-
-SANDBOXES.register("remote")(RemoteSandbox)
 
 
 def serve(host: str, port: int, cfg: SandboxConfig, *, token: Optional[str] = None, sandbox: Any = None,
