@@ -334,7 +334,7 @@ def weight_sync(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from nemo_prorl.policy.base import LazyWeight
-    from nemo_prorl.weight_sync import TransferBuffer, iter_buckets, pack, packed_size
+    from nemo_prorl.weight_sync.buffer import TransferBuffer, iter_buckets, pack, packed_size
 
     shape = TINY if args.quick else QWEN2_0P5B
     dtype = _dtype(args)

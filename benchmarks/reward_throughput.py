@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nemo_prorl.config.schema import RewardConfig, SandboxConfig
 from nemo_prorl.rewards import REWARDS, RewardInput, RewardSuite
-from nemo_prorl.rewards.sandbox import LocalSandbox
+from nemo_prorl.confine.sandbox import LocalSandbox
 
 # A simple stdin/stdout problem with 10 test cases: print the sum of the numbers on the second line.
 PROGRAM = "n = int(input())\nprint(sum(map(int, input().split())))\n"

@@ -22,7 +22,8 @@ from transformers import Qwen2Config
 
 from nemo_prorl.policy.megatron_convert import ModelShape, hf_to_megatron, megatron_to_hf_lazy
 from nemo_prorl.rollout.torch_engine import TorchRolloutEngine
-from nemo_prorl.weight_sync import iter_buckets, load_into_engine, pack, packed_size
+from nemo_prorl.weight_sync import load_into_engine
+from nemo_prorl.weight_sync.buffer import iter_buckets, pack, packed_size
 
 MB = 2**20
 QWEN2_0P5B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

@@ -360,7 +360,7 @@ def ray_runtime(cfg: ProRLConfig) -> list[Finding]:
 
 @check
 def code_sandbox(cfg: ProRLConfig) -> list[Finding]:
-    from nemo_prorl.rewards.sandbox import LocalSandbox, UnconfinedError, _namespaces_available
+    from nemo_prorl.confine.sandbox import LocalSandbox, UnconfinedError, _namespaces_available
 
     needed = _uses_code(cfg)
     sb_cfg = cfg.reward.sandbox

@@ -440,6 +440,7 @@ def test_split_mode_a_rollout_node_gets_the_weights_through_its_relay(two_nodes,
     from nemo_prorl.rollout import ROLLOUT_ENGINES, SamplingParams
     from nemo_prorl.trainer.batching import build_batch
     from nemo_prorl.weight_sync import sync_weights
+    from nemo_prorl.weight_sync.sync import weight_relays
     from tests.test_megatron_policy import _batch_and_loss
 
     cfg, _ = load_config([*TINY_OVERRIDES, f"model.path={tiny_model_dir}", "policy=megatron", "cluster.num_nodes=2",
@@ -466,7 +467,7 @@ def test_split_mode_a_rollout_node_gets_the_weights_through_its_relay(two_nodes,
             assert gap() > 1e-2
             stats = sync_weights(policy, engines, bucket_mb=0.05)
             assert gap() < 1e-4
-        relay = engines._relays.call_all("node_info", timeout_s=60)[0]
+        relay = weight_relays(engines, [1]).call_all("node_info", timeout_s=60)[0]
         engine = engines.group.call_all("node_info", timeout_s=60)[0]
         assert relay["node_id"] == engine["node_id"]  # the relay sits on the engine's node
         whole = sum(torch.Size(shape).numel() * 4 for m in policy.shard_layout()[2].values() for _, shape, _ in m)

@@ -108,7 +108,7 @@ def _code_config() -> ProRLConfig:
 
 
 def test_no_namespaces_fails_the_sandbox_only_where_code_is_scored(monkeypatch):
-    from nemo_prorl.rewards import sandbox
+    from nemo_prorl.confine import sandbox
 
     monkeypatch.setattr(sandbox, "_namespaces_available", lambda: False)
     [f] = doctor.code_sandbox(_code_config())

@@ -17,7 +17,7 @@ from nemo_prorl.config.loader import ConfigError
 from nemo_prorl.data.formats import FORMATS, RowContext, RowError
 from nemo_prorl.config.schema import PromptFormatConfig
 from nemo_prorl.data.records import PromptRecord
-from nemo_prorl.eval.core import EvalResult, curve_ks, summarize, validation_metrics
+from nemo_prorl.trainer.evaluation import EvalResult, curve_ks, summarize, validation_metrics
 from nemo_prorl.eval.runner import EvalError, evaluate_all, load_tasks
 from nemo_prorl.rollout import ROLLOUT_ENGINES
 from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams

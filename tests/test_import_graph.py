@@ -1,5 +1,7 @@
 """The package's modules import one another in one direction (issue 32): no two modules import each other,
-directly or round a longer circle. An import inside a function counts: it is still an arrow, only a later one.
+directly or round a longer circle, and the layers issue 32 named stay in order (LAYERS: what runs hostile code
+confined below the verifiers and their users, the evaluation core below `prorl eval`, the weight sync's wire
+format below the engines). An import inside a function counts: it is still an arrow, only a later one.
 Imports under `if TYPE_CHECKING:` never run and are left out.
 
 Run as a script (`python tests/test_import_graph.py`) to print every circle it finds."""
@@ -12,12 +14,10 @@ from pathlib import Path
 PKG = "nemo_prorl"
 ROOT = Path(__file__).resolve().parents[1]
 
-# Issue 32's open item: rollout/pool takes TransferBuffer and WeightRelay from weight_sync, which checks for
-# EnginePool. It is untied with the redesign of the weight sync, not here; until then it is the one circle
-# allowed.
-# Nothing else may be added here (cluster/__init__ <-> cluster/actors, which this test found, is untied:
-# the session lives in cluster/current.py).
-ALLOWED_CIRCLES = [{"nemo_prorl.rollout.pool", "nemo_prorl.weight_sync"}]
+# Empty, and to stay so. The last ones were untied by issue 32: rollout/pool <-> weight_sync (the sync now
+# owns its protocol in weight_sync/sync.py, and the pool imports only the wire format, weight_sync/buffer.py)
+# and cluster/__init__ <-> cluster/actors (the session lives in cluster/current.py).
+ALLOWED_CIRCLES: list[set[str]] = []
 
 
 def _modules() -> dict[str, Path]:
@@ -125,7 +125,7 @@ def test_config_loader_and_validate_import_one_way():
 
 def test_sandbox_and_remote_sandbox_import_one_way():
     g = import_graph()
-    local, remote = "nemo_prorl.rewards.sandbox", "nemo_prorl.rewards.sandbox_remote"
+    local, remote = "nemo_prorl.confine.sandbox", "nemo_prorl.confine.remote"
     assert not (remote in g[local] and local in g[remote])
     assert not any({local, remote} <= c for c in circles(g))
 
@@ -133,6 +133,48 @@ def test_sandbox_and_remote_sandbox_import_one_way():
 def test_no_other_import_circles():
     found = [sorted(c) for c in circles(import_graph()) if c not in ALLOWED_CIRCLES]
     assert not found, f"modules that import each other (round a circle): {found}"
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for w in graph[todo.pop()]:
+            if w not in seen:
+                seen.add(w)
+                todo.append(w)
+    return seen
+
+
+def _reaches(graph: dict[str, set[str]], low: str, high: str) -> list[str]:
+    """The modules of package `low` that import (directly or not) a module of package `high`."""
+    return sorted(m for m in graph if m == low or m.startswith(low + ".")
+                  if any(t == high or t.startswith(high + ".") for t in reachable(graph, m)))
+
+
+# Issue 32's layers: what runs hostile code confined sits below the verifiers and everything that uses it
+# (the code reward, the verifiers, the doctor, the config checks, the trainer), and the evaluation core
+# below both the trainer's validation and `prorl eval`.
+LAYERS = [("nemo_prorl.confine", above) for above in ("nemo_prorl.rewards", "nemo_prorl.trainer", "nemo_prorl.policy",
+                                                      "nemo_prorl.rollout", "nemo_prorl.cluster", "nemo_prorl.eval",
+                                                      "nemo_prorl.doctor")] + \
+         [("nemo_prorl.trainer", "nemo_prorl.eval"),
+          # the weight sync: the engines speak its wire format only (buffer.py), and the sync reaches the
+          # engine pool through what the pool exposes, never by import
+          ("nemo_prorl.rollout", "nemo_prorl.weight_sync.sync"),
+          ("nemo_prorl.rollout", "nemo_prorl.weight_sync.sender"),
+          ("nemo_prorl.weight_sync", "nemo_prorl.rollout"), ("nemo_prorl.weight_sync.buffer", "nemo_prorl.policy")]
+
+
+def test_the_layers_run_one_way():
+    g = import_graph()
+    wrong = {f"{low} -> {high}": _reaches(g, low, high) for low, high in LAYERS if _reaches(g, low, high)}
+    assert not wrong, f"modules that import a layer above their own: {wrong}"
+
+
+def test_the_layer_check_can_fail():
+    g = {"a.x": {"a.y"}, "a.y": {"b.z"}, "b.z": set()}
+    assert _reaches(g, "a", "b") == ["a.x", "a.y"] and _reaches(g, "b", "a") == []
 
 
 if __name__ == "__main__":

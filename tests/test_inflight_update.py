@@ -18,7 +18,8 @@ from nemo_prorl.config import load_config
 from nemo_prorl.policy.base import LazyWeight
 from nemo_prorl.rollout.base import Completion, SamplingParams
 from nemo_prorl.rollout.torch_engine import TorchRolloutEngine
-from nemo_prorl.weight_sync import iter_buckets, load_into_engine
+from nemo_prorl.weight_sync import load_into_engine
+from nemo_prorl.weight_sync.buffer import iter_buckets
 from tests.conftest import TINY_OVERRIDES, VLLM_PYTHON, VLLM_TINY
 
 TEMPERATURE = 0.8

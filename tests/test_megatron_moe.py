@@ -203,7 +203,7 @@ def _node_local_sync(worker):
     (under EP=2 the other rank's experts) and plans the HF buckets; their weights, materialised."""
     import torch.distributed as dist
 
-    from nemo_prorl.weight_sync import transfer_plan
+    from nemo_prorl.weight_sync.sync import transfer_plan
 
     metas = [None] * dist.get_world_size()
     dist.all_gather_object(metas, worker.sync_meta())

@@ -25,7 +25,7 @@ import pytest
 from nemo_prorl.config.schema import RewardConfig, SandboxConfig
 from nemo_prorl.rewards import RewardInput
 from nemo_prorl.rewards.code import CodeReward, plan_tests
-from nemo_prorl.rewards.sandbox import _namespaces_available
+from nemo_prorl.confine.sandbox import _namespaces_available
 
 pytestmark = pytest.mark.skipif(not _namespaces_available(), reason="this kernel forbids namespaces")
 
@@ -335,7 +335,7 @@ def test_parse_literal_reads_what_the_harness_writes_as_literal_eval_does():
     import ast
     import random
 
-    from nemo_prorl.rewards.sandbox_driver import encode
+    from nemo_prorl.confine.driver import encode
     from nemo_prorl.rewards.sandbox_judge import parse_literal
 
     rng = random.Random(29)
@@ -368,7 +368,7 @@ def test_parse_literal_reads_what_the_harness_writes_as_literal_eval_does():
 
 def test_a_verdict_line_without_the_runs_nonce_is_no_verdict():
     from nemo_prorl.rewards.code_judge import judge_output
-    from nemo_prorl.rewards.sandbox import TestRun
+    from nemo_prorl.confine.sandbox import TestRun
 
     forged = TestRun("ok", 0, stdout='{"passed": true, "error": "", "unrecorded": false}\n')
     assert judge_output(forged, "n1")[0] is None
@@ -493,9 +493,9 @@ def test_a_module_used_by_an_mbpp_test_is_imported_not_bound(reward):
 
 
 def test_an_argument_the_harness_cannot_read_is_no_program_exception():
-    from nemo_prorl.rewards import sandbox_driver
+    from nemo_prorl.confine import driver
 
-    line = sandbox_driver.record({"f": lambda *a: 1}, "f", "[1, ", "{}")
+    line = driver.record({"f": lambda *a: 1}, "f", "[1, ", "{}")
     assert line.startswith("x:") and "argument" in line, line
 
 
@@ -503,7 +503,7 @@ def test_recorded_results_reach_the_judge_canonical_and_capped():
     """The program's raw result text never reaches the judge: each value is decoded and written again
     canonically; a test whose results pass MAX_KNOWN_BYTES fails with that reason."""
     from nemo_prorl.rewards.code_judge import MAX_KNOWN_BYTES, ReplayJudge, canonical_outcome, mbpp_replay
-    from nemo_prorl.rewards.sandbox import TestRun
+    from nemo_prorl.confine.sandbox import TestRun
 
     assert canonical_outcome("v:{2,1}") == "v:{1, 2}"
     assert canonical_outcome("v:__import__('os')").startswith("x:")
@@ -533,7 +533,7 @@ def test_a_harness_without_record_requests_is_named_a_protocol_mismatch():
     """A sandbox server older than the replay judge answers a record request with its own error: the
     reason must say so, not blame the program."""
     from nemo_prorl.rewards.code_judge import ReplayJudge, mbpp_replay
-    from nemo_prorl.rewards.sandbox import TestRun
+    from nemo_prorl.confine.sandbox import TestRun
 
     rj = ReplayJudge(None, "def f(x): pass", [mbpp_replay("assert f(1) != f(2)", "")])
     old = TestRun("error", 1, stderr="Traceback (most recent call last):\nKeyError: 'stmt'\n")

@@ -8,7 +8,7 @@ quotas such as /proc/sys/fs/aio-nr) that no budget sees. Every attack here alloc
 While it runs the test samples the host: MemAvailable must not fall by more than the budget plus a margin,
 the host's own io_setup must keep working, and afterwards nothing is left (processes, files, AIO events).
 Each family is refused by the seccomp filter (jail.DENY_ALWAYS, jail.REFUSED_ARGS) or bounded by an
-rlimit (sandbox_runner._limits): the program's own report says which.
+rlimit (confine/runner._limits): the program's own report says which.
 
 Variants: the trainer's identity with its venv interpreter (root here: the root-namespace path of the
 sandbox), and an unprivileged runner (uid 1000 via setpriv, system interpreter: the user-namespace path,
@@ -30,7 +30,7 @@ import pytest
 from nemo_prorl.config.schema import RewardConfig, SandboxConfig
 from nemo_prorl.rewards import RewardInput
 from nemo_prorl.rewards.code import CodeReward
-from nemo_prorl.rewards.sandbox import _namespaces_available
+from nemo_prorl.confine.sandbox import _namespaces_available
 from tests.test_sandbox_redteam import GOOD, SETPRIV, STDIO, SYSTEM_PY, _left_behind, _state, fenced
 
 pytestmark = pytest.mark.skipif(not _namespaces_available(), reason="this kernel forbids namespaces")
@@ -501,7 +501,7 @@ def _filtered_calls() -> dict:
 def test_the_argument_rules_keep_everyday_calls():
     """The fcntl and setsockopt rules refuse buffer growth and record locks, and nothing else of those
     calls (non-blocking mode, duplication, flock, other socket options): checked on the filter itself."""
-    from nemo_prorl.rewards import jail
+    from nemo_prorl.confine import jail
 
     r, w = os.pipe()
     pid = os.fork()
@@ -524,7 +524,7 @@ def test_the_argument_rules_keep_everyday_calls():
     assert {k: got.get(k) for k in refused} == dict.fromkeys(refused, EPERM), got
 
 
-# ---- the verifier workers (workers.py) share DENY_ALWAYS --------------------------------------------
+# ---- the verifier workers (confine/workers.py) share DENY_ALWAYS --------------------------------------------
 
 def _kernel_calls(_: object) -> dict:
     """In a confined verifier worker: what the kernel-object calls return."""
@@ -559,7 +559,7 @@ def _kernel_calls(_: object) -> dict:
 
 
 def test_verifier_workers_refuse_kernel_objects():
-    from nemo_prorl.rewards.workers import HardTimeoutPool
+    from nemo_prorl.confine.workers import HardTimeoutPool
 
     pool = HardTimeoutPool(1, ro_paths=[str(Path(__file__).parent)])  # a confined worker imports this module
     try:

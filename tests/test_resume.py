@@ -279,7 +279,7 @@ def test_children_ignore_preemption_but_never_outlive_the_trainer():
     """Workers ignore SIGTERM (the trainer checkpoints first); a pool left open must still not keep the
     interpreter from exiting (multiprocessing would SIGTERM it and wait forever)."""
     code = ("import os, signal\n"
-            "from nemo_prorl.rewards.workers import HardTimeoutPool\n"
+            "from nemo_prorl.confine.workers import HardTimeoutPool\n"
             "pool = HardTimeoutPool(1)\n"
             "assert pool.call(abs, -3, timeout=60).value == 3\n"
             "w = pool._idle.queue[0]\n"

@@ -7,7 +7,7 @@ import pytest
 
 from nemo_prorl.config.schema import IFEvalRewardConfig, RewardConfig
 from nemo_prorl.rewards import RewardInput, RewardSuite, safe_score
-from nemo_prorl.rewards import ifeval
+from nemo_prorl.rewards import ifeval, ifeval_text
 from nemo_prorl.rewards.base import REWARDS
 
 
@@ -227,7 +227,7 @@ def test_missing_instruction_list_is_an_error():
 
 
 def test_without_langdetect_language_checks_are_left_out(monkeypatch):
-    monkeypatch.setattr(ifeval, "_langdetect", False)  # as if the import had failed
+    monkeypatch.setattr(ifeval_text, "_langdetect", False)  # as if the import had failed
     ids = ["language:response_language", "punctuation:no_comma", "change_case:english_lowercase"]
     res = score("Hello, world.", ids, [{"language": "en"}, {}, {}])
     assert res.status == "ok" and res.reward == 0.0

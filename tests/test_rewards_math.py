@@ -122,7 +122,7 @@ def _crash(x):
 
 
 def test_worker_pool_reports_errors_and_replaces_dead_workers():
-    from nemo_prorl.rewards.workers import HardTimeoutPool
+    from nemo_prorl.confine.workers import HardTimeoutPool
 
     pool = HardTimeoutPool(1, ro_paths=[str(Path(__file__).parent)])  # a confined worker imports this module
     try:
@@ -154,7 +154,7 @@ def _exit_first_time(arg):
 
 
 def test_worker_start_up_does_not_count_against_the_time_limit():
-    from nemo_prorl.rewards.workers import HardTimeoutPool
+    from nemo_prorl.confine.workers import HardTimeoutPool
 
     pool = HardTimeoutPool(1, initializer=_sleep_then_confine, preload=("sympy",))
     try:
@@ -166,7 +166,7 @@ def test_worker_start_up_does_not_count_against_the_time_limit():
 
 
 def test_a_worker_that_dies_before_the_call_begins_is_replaced_and_the_call_retried(tmp_path):
-    from nemo_prorl.rewards.workers import HardTimeoutPool
+    from nemo_prorl.confine.workers import HardTimeoutPool
 
     pool = HardTimeoutPool(1, initializer=None)  # not confined: `prepare` writes its marker in tmp_path
     try:

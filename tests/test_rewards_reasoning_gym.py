@@ -193,7 +193,7 @@ def test_answers_are_scored_confined(tmp_path, monkeypatch):
     import signal
     from pathlib import Path
 
-    from nemo_prorl.rewards.workers import HardTimeoutPool
+    from nemo_prorl.confine.workers import HardTimeoutPool
 
     monkeypatch.setenv("PRORL_TEST_SECRET", "s3cret")
     data = tmp_path / "train.jsonl"
@@ -238,7 +238,7 @@ def _read_patch(arg):
 def test_the_state_guard_catches_a_patched_scorer_and_ends_the_worker():
     from pathlib import Path
 
-    from nemo_prorl.rewards.workers import HardTimeoutPool
+    from nemo_prorl.confine.workers import HardTimeoutPool
 
     mod = _countdown_module()
     pool = HardTimeoutPool(1, preload=(mod,), ro_paths=[str(Path(__file__).parent)])
@@ -309,7 +309,7 @@ def _edit_table(arg):
 def test_the_state_guard_catches_an_edited_table():
     from pathlib import Path
 
-    from nemo_prorl.rewards.workers import HardTimeoutPool
+    from nemo_prorl.confine.workers import HardTimeoutPool
 
     mod = "nemo_prorl.rewards.reasoning_gym"
     pool = HardTimeoutPool(1, preload=(mod,), ro_paths=[str(Path(__file__).parent)])
@@ -391,7 +391,7 @@ def test_the_state_guard_sees_the_cached_datasets():
     from pathlib import Path
 
     from nemo_prorl.rewards.reasoning_gym import prepare_in_worker
-    from nemo_prorl.rewards.workers import HardTimeoutPool
+    from nemo_prorl.confine.workers import HardTimeoutPool
 
     entry = reasoning_gym.create_dataset("countdown", size=1, seed=0)[0]
     job = ("countdown", "{}", entry["metadata"], entry["question"], entry["answer"], "1+1")

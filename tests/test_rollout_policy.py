@@ -12,7 +12,8 @@ from nemo_prorl.rollout import ROLLOUT_ENGINES, SamplingParams
 from nemo_prorl.rollout.torch_engine import top_p_filter
 from nemo_prorl.trainer.batching import build_batch
 from nemo_prorl.policy.base import LazyWeight
-from nemo_prorl.weight_sync import iter_buckets, pack, packed_size, sync_weights
+from nemo_prorl.weight_sync import sync_weights
+from nemo_prorl.weight_sync.buffer import iter_buckets, pack, packed_size
 
 
 @pytest.fixture()

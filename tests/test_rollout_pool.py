@@ -1,5 +1,5 @@
 """Data-parallel rollout engines (rollout/pool.py): how a step's prompts are dealt out, which ranks feed
-which engines in the node-local weight sync (weight_sync.transfer_plan), and torch engines as Ray actors
+which engines in the node-local weight sync (weight_sync/sync.py transfer_plan), and torch engines as Ray actors
 that generate exactly what one engine does for any number of engines."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from nemo_prorl.config import load_config
 from nemo_prorl.rollout import ROLLOUT_ENGINES, SamplingParams
 from nemo_prorl.rollout.base import prompt_seed, split_prompts
-from nemo_prorl.weight_sync import transfer_plan
+from nemo_prorl.weight_sync.sync import transfer_plan
 from tests.conftest import TINY_OVERRIDES
 
 

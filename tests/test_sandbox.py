@@ -15,7 +15,7 @@ import pytest
 from nemo_prorl.config.schema import RewardConfig, SandboxConfig
 from nemo_prorl.rewards import RewardInput
 from nemo_prorl.rewards.code import CodeReward, outputs_match, plan_tests
-from nemo_prorl.rewards.sandbox import LocalSandbox, _namespaces_available
+from nemo_prorl.confine.sandbox import LocalSandbox, _namespaces_available
 
 needs_ns = pytest.mark.skipif(not _namespaces_available(), reason="this kernel forbids user/net/pid namespaces")
 
@@ -208,7 +208,7 @@ def test_many_programs_run_concurrently(reward):
 
 def test_without_namespaces_the_sandbox_refuses_unless_allowed(monkeypatch, caplog):
     """Issue 18: a machine that cannot confine (no namespaces) used to drop silently to rlimits only."""
-    from nemo_prorl.rewards import sandbox as sandbox_mod
+    from nemo_prorl.confine import sandbox as sandbox_mod
 
     monkeypatch.setattr(sandbox_mod, "_namespaces_available", lambda: False)
     monkeypatch.setattr(sandbox_mod, "_warned_unconfined", False)
@@ -233,7 +233,7 @@ def test_unconfined_as_root_never_runs_programs_as_root(monkeypatch, tmp_path):
     back to running programs as root. Now the sandbox refuses at launch, and the runner refuses too."""
     import shutil
 
-    from nemo_prorl.rewards import sandbox as sandbox_mod
+    from nemo_prorl.confine import sandbox as sandbox_mod
 
     closed = tmp_path / "closed"
     closed.mkdir(mode=0o700)
@@ -289,10 +289,10 @@ def test_two_trainers_on_one_node_get_disjoint_sandbox_uids(tmp_path, monkeypatc
     import subprocess
     import sys
 
-    from nemo_prorl.rewards.sandbox import UidBlock
+    from nemo_prorl.confine.sandbox import UidBlock
 
     monkeypatch.setattr(UidBlock, "LOCK_DIR", str(tmp_path / "uids"))
-    code = ("import sys\nfrom nemo_prorl.rewards.sandbox import UidBlock\n"
+    code = ("import sys\nfrom nemo_prorl.confine.sandbox import UidBlock\n"
             f"UidBlock.LOCK_DIR = {str(tmp_path / 'uids')!r}\n"
             "b = UidBlock()\nu = [b.take(), b.take()]\nprint(u[0], u[1], flush=True)\nsys.stdin.read()\n")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from nemo_prorl.config.schema import SandboxConfig
-from nemo_prorl.rewards import sandbox as sandbox_mod
-from nemo_prorl.rewards.sandbox import LocalSandbox, UidBlock, _namespaces_available
+from nemo_prorl.confine import sandbox as sandbox_mod
+from nemo_prorl.confine.sandbox import LocalSandbox, UidBlock, _namespaces_available
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM_PY = "/usr/bin/python3"
@@ -109,7 +109,7 @@ def _kill_all(pids: list[int]) -> None:
 def test_a_timed_out_verifier_leaves_no_process_behind():
     """Before the fix (as root): the worker's answer process was PID 1 of its PID namespace, and its
     death signal was cleared by the uid change, so killing the pool's process left it computing."""
-    from nemo_prorl.rewards.workers import HardTimeoutPool
+    from nemo_prorl.confine.workers import HardTimeoutPool
 
     pool = HardTimeoutPool(1, ro_paths=[str(Path(__file__).parent)])  # a confined worker imports this module
     ns = None
@@ -137,7 +137,7 @@ def test_a_timed_out_verifier_leaves_no_process_behind():
 _NONROOT_POOL = """
 import json, sys
 sys.path.insert(0, {repo!r})
-from nemo_prorl.rewards.workers import HardTimeoutPool
+from nemo_prorl.confine.workers import HardTimeoutPool
 from tests.test_sandbox_procs import _spin, _where
 pool = HardTimeoutPool(1, ro_paths=[{tests!r}, {site!r}])  # the test module imports pytest
 print(json.dumps(pool.call(_where, None, timeout=120).__dict__), flush=True)
@@ -214,7 +214,7 @@ def test_a_uid_lock_folder_planted_by_another_user_fails_the_launch(root_only_di
     monkeypatch.setattr(sandbox_mod, "UIDS", UidBlock(lock_dir=str(planted)))
     with pytest.raises(RuntimeError, match=re.escape(str(planted))):
         LocalSandbox(SandboxConfig())
-    from nemo_prorl.rewards.workers import HardTimeoutPool
+    from nemo_prorl.confine.workers import HardTimeoutPool
 
     with pytest.raises(RuntimeError, match=re.escape(str(planted))):
         HardTimeoutPool(1)
@@ -476,7 +476,7 @@ def test_a_killed_worker_reaped_behind_the_pools_back_spares_the_process_that_re
     (ns_last_pid) by a process that is not ours."""
     import multiprocessing as mp
 
-    from nemo_prorl.rewards.workers import _Worker
+    from nemo_prorl.confine.workers import _Worker
 
     if not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
         pytest.skip("cannot choose the next pid here")

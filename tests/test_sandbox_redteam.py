@@ -25,7 +25,7 @@ import pytest
 from nemo_prorl.config.schema import RewardConfig, SandboxConfig
 from nemo_prorl.rewards import RewardInput
 from nemo_prorl.rewards.code import CodeReward
-from nemo_prorl.rewards.sandbox import _namespaces_available
+from nemo_prorl.confine.sandbox import _namespaces_available
 
 pytestmark = pytest.mark.skipif(not _namespaces_available(), reason="this kernel forbids namespaces")
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from nemo_prorl.config.schema import SandboxConfig
-from nemo_prorl.rewards.sandbox import SandboxRun
-from nemo_prorl.rewards.sandbox import TestRun as _TestRun  # not a pytest class
-from nemo_prorl.rewards.sandbox_remote import TOKEN_ENV, RemoteSandbox, serve
+from nemo_prorl.confine.sandbox import SandboxRun
+from nemo_prorl.confine.sandbox import TestRun as _TestRun  # not a pytest class
+from nemo_prorl.confine.remote import TOKEN_ENV, RemoteSandbox, serve
 
 TOKEN = secrets.token_hex(16)
 HANG_S = 60.0  # a guard against hanging forever, never a figure the test checks
@@ -179,7 +179,7 @@ def _cli(*args, env_token=None):
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     if env_token:
         env[TOKEN_ENV] = env_token
-    return subprocess.Popen([sys.executable, "-m", "nemo_prorl.rewards.sandbox_remote", "--port", "0", *args],
+    return subprocess.Popen([sys.executable, "-m", "nemo_prorl.confine.remote", "--port", "0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
 

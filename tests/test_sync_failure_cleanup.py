@@ -105,12 +105,13 @@ def test_split_mode_a_rank_killed_mid_sync_leaves_no_relay_buffer(two_nodes, tin
     """Split mode: node 1's weight relay fills that node's buffer from the rank on node 0. The rank is killed
     mid-sync: the relay (alive, but its transport peers gone) is stopped and its buffer removed."""
     from nemo_prorl.rollout import ROLLOUT_ENGINES
+    from nemo_prorl.weight_sync.sync import weight_relays
 
     cfg = _cfg(two_nodes, tiny_model_dir, tmp_path / "run", "cluster.rollout_nodes=1")
     policy = POLICY_BACKENDS.get("megatron")(cfg, tiny_model_dir)
     engines = ROLLOUT_ENGINES.get("torch")(cfg, tiny_model_dir)
     try:
-        relays = engines.relays([1])  # started here (the sync reuses them) so that their pid is known
+        relays = weight_relays(engines, [1])  # started here (the sync reuses them) so that their pid is known
         relay = relays.call_all("node_info", timeout_s=60)[0]["pid"]
         rank = policy.group.call_all("node_info", timeout_s=60)[0]["pid"]
         seen = _sync_with_a_killed_process(policy, engines, {relay}, 1, rank, "megatron rank 0")
@@ -126,7 +127,7 @@ def test_split_mode_a_rank_killed_mid_sync_leaves_no_relay_buffer(two_nodes, tin
 
 _HOLD = """
 import sys, time, torch
-from nemo_prorl.weight_sync import TransferBuffer
+from nemo_prorl.weight_sync.buffer import TransferBuffer
 buf = TransferBuffer(torch.device("cpu"), tag=sys.argv[1])
 buf.ensure(4096)
 print(buf.handle[1], flush=True)
@@ -177,7 +178,7 @@ def test_a_new_job_of_the_same_run_removes_what_a_killed_job_left(tmp_path):
 
 def test_transfer_buffers_are_named_after_their_run():
     from nemo_prorl.cluster.shm import run_prefix, run_tag
-    from nemo_prorl.weight_sync import TransferBuffer
+    from nemo_prorl.weight_sync.buffer import TransferBuffer
 
     buf = TransferBuffer(torch.device("cpu"), tag=run_tag("/some/run"))
     try:

@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -35,7 +36,12 @@ pytest.importorskip("mlflow")
 
 @pytest.fixture(autouse=True)
 def _no_home(tmp_path, monkeypatch):
-    """wandb offline, its folders in tmp_path; no ~/.netrc, no network, no real home."""
+    """wandb offline, its folders in tmp_path; no ~/.netrc, no network, no real home. Temporary folders too:
+    every process that imports wandb makes two (wandb-media, wandb-artifacts) and leaves them when it is
+    killed, so the processes these tests start make them under tmp_path."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     for var in ("WANDB_API_KEY", "MLFLOW_TRACKING_URI", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

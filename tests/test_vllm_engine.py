@@ -24,6 +24,7 @@ from nemo_prorl.policy.base import PolicyBackend
 from nemo_prorl.policy.megatron_convert import ModelShape, hf_to_megatron, megatron_to_hf_lazy
 from nemo_prorl.rollout import ROLLOUT_ENGINES, SamplingParams
 from nemo_prorl.rollout.vllm_engine import VLLMEngineError
+from nemo_prorl.rollout.vllm_server import TMP_ENV
 from nemo_prorl.train import run_training
 from nemo_prorl.trainer.batching import build_batch
 from nemo_prorl.trainer.grpo import microbatch_loss
@@ -218,6 +219,7 @@ def test_a_dead_engine_process_is_reported(vllm_model_dir, tmp_path):
                                               r"(nonsense|model\.)(.|\n)*vllm_engine.log"):
         ROLLOUT_ENGINES.get("vllm")(cfg, broken)
     engine = ROLLOUT_ENGINES.get("vllm")(cfg, vllm_model_dir)
+    folder = Path(engine.setup.env[TMP_ENV])
     try:
         os.kill(engine.pid, signal.SIGKILL)
         with pytest.raises(VLLMEngineError, match=r"vllm engine 0 on node 0 \(.*\) died during generate"):
@@ -225,6 +227,14 @@ def test_a_dead_engine_process_is_reported(vllm_model_dir, tmp_path):
                                                         stop_token_ids=(), seed=0))
     finally:
         engine.close()
+    assert not folder.exists()  # with what the killed engine left there (vllm_dist_*: see the test below)
+
+
+def test_vllm_keeps_its_temporary_files_in_the_pools_folder(setup):
+    """vLLM's file:// rendezvous (vllm_dist_*) goes to the pool's private folder, removed when the pool closes,
+    not to /tmp, where each engine that was killed rather than shut down left one."""
+    folder = Path(setup[2].setup.env[TMP_ENV])
+    assert folder.is_dir() and any(folder.glob("vllm_dist_*")), sorted(p.name for p in folder.iterdir())
 
 
 def test_two_engines_generate_what_one_engine_does(setup, vllm_model_dir, tmp_path):

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from nemo_prorl.policy.megatron_convert import ModelShape, hf_to_megatron, megatron_to_hf_lazy
 from nemo_prorl.rollout.vllm_engine import VLLMEngineError, VLLMRolloutEngine
-from nemo_prorl.weight_sync import iter_buckets, module_of, pack, packed_size
+from nemo_prorl.weight_sync.buffer import iter_buckets, module_of, pack, packed_size
 
 
 def tiny(arch: str):

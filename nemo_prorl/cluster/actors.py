@@ -226,7 +226,7 @@ def start_group(role: str, actor_cls: Any, placement: NodePlacement, slots: Sequ
     session = current_session()
     tag = session.run_tag if session is not None else ""
     renv = dict(runtime_env or {})
-    # the run's tag: the actor names its transfer buffers after it (weight_sync.TransferBuffer), so that
+    # the run's tag: the actor names its transfer buffers after it (weight_sync/buffer.py TransferBuffer), so that
     # the controller and the run's next job can find them
     renv["env_vars"] = {**renv.get("env_vars", {}), **(env or {}), **({TAG_ENV: tag} if tag else {})}
     options: list[dict[str, Any]] = []

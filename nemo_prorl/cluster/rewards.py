@@ -30,7 +30,7 @@ START_MARGIN_S = 360.0
 # A verifier call past its limit has its process killed and replaced (spawn and imports) before the next row
 VERIFIER_RESTART_S = 5.0
 # What the code reward waits for a program beyond reward.sandbox.total_timeout_s (the runner's outer limit in
-# rewards/sandbox.py; the HTTP client's in rewards/sandbox_remote.py)
+# confine/sandbox.py; the HTTP client's in confine/remote.py)
 SANDBOX_SLACK_S = {"local": 10.0, "remote": 30.0}
 # Rewards without a limit of their own (exact_match, ifeval, ...) run in the worker's threads, in milliseconds
 IN_THREAD_ROW_S = 1.0

@@ -1,4 +1,4 @@
-"""The names of a run's transfer-buffer files in shared memory (weight_sync.TransferBuffer), and their removal
+"""The names of a run's transfer-buffer files in shared memory (weight_sync/buffer.py TransferBuffer), and their removal
 where their owner cannot remove them itself.
 
 A buffer file is `prorl-weights-<run tag>-<creator pid>-<random>-<bytes>` in /dev/shm. The run tag is

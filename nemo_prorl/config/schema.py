@@ -407,7 +407,7 @@ class IFEvalRewardConfig:
 
 @dataclass
 class SandboxConfig:
-    """Limits for running generated code (rewards/sandbox.py). ProRL §3.1 (code): reward = fraction of
+    """Limits for running generated code (confine/sandbox.py). ProRL §3.1 (code): reward = fraction of
     tests passed, 0 on syntax error or more than 5 s in total."""
 
     backend: str = "local"  # "local" (rlimits + process group) or "remote" (HTTP, see rewards/remote.py)
@@ -416,7 +416,7 @@ class SandboxConfig:
     per_test_timeout_s: float = 5.0
     cpu_time_s: int = 5  # RLIMIT_CPU per process
     memory_mb: int = 1024  # RLIMIT_AS
-    max_processes: int = 32  # RLIMIT_NPROC counts the sandbox user's processes; see sandbox.py
+    max_processes: int = 32  # RLIMIT_NPROC counts the sandbox user's processes; see confine/sandbox.py
     max_output_bytes: int = 1 << 20  # a test's stdout (or call result) kept; more fails the test
     # all of a program's tests together: more fails the rest (the trainer holds what comes back)
     max_run_output_bytes: int = 16 << 20
@@ -494,7 +494,7 @@ class ClusterConfig:
     # cpu: Megatron ranks / engine devices per node ("CPU slots"); None on one node: as many as the run needs
     cpu_slots_per_node: Optional[int] = None
     # Split mode: the last `rollout_nodes` nodes only generate (their weights arrive through a relay actor on
-    # each, see weight_sync.WeightRelay), the others only train; needs policy=megatron. 0: colocated (engines
+    # each, see weight_sync/sender.py WeightRelay), the others only train; needs policy=megatron. 0: colocated (engines
     # share the training devices and sleep during the update).
     rollout_nodes: int = 0
     # Split inside a node: the last `rollout_devices_per_node` GPUs (CPU slots) of every training node only

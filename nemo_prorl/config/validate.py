@@ -151,7 +151,7 @@ def validate_config(cfg: ProRLConfig) -> None:
     check(e.max_response_length is None or e.max_response_length >= 1, "eval.max_response_length", "must be >= 1")
 
     rw = cfg.reward
-    from nemo_prorl.rewards.sandboxes import SANDBOXES
+    from nemo_prorl.confine import SANDBOXES
 
     check(rw.num_workers >= 1, "reward.num_workers", "must be >= 1")
     check(rw.math.timeout_s > 0, "reward.math.timeout_s", "must be > 0")

@@ -20,7 +20,7 @@ from nemo_prorl.data.blend import SourceStream
 from nemo_prorl.data.readers import DataError
 from nemo_prorl.data.records import PromptRecord
 from nemo_prorl.data.templates import apply_chat_template_choice, encode_prompts
-from nemo_prorl.eval.core import EvalResult, EvalTask, curve_ks, run_tasks, summarize, task_of
+from nemo_prorl.trainer.evaluation import EvalResult, EvalTask, curve_ks, run_tasks, summarize, task_of
 from nemo_prorl.eval.report import plot_pass_at_k, results_table
 from nemo_prorl.policy.base import LazyWeight
 from nemo_prorl.policy.megatron_convert import lazy_hf_weights
@@ -135,7 +135,7 @@ class EngineCache:
 def evaluate_checkpoint(cfg: ProRLConfig, model_dir: Path, tasks: dict[str, list[PromptRecord]],
                         rewards: RewardSuite, engines: EngineCache,
                         samples_file: Path | None = None) -> dict[str, Any]:
-    """Sample and score one checkpoint; its summary (see core.summarize) plus timing."""
+    """Sample and score one checkpoint; its summary (see trainer/evaluation.summarize) plus timing."""
     e = cfg.eval
     tokenizer = apply_chat_template_choice(AutoTokenizer.from_pretrained(model_dir), cfg.data.prompt.chat_template)
     encoded = _encode(tokenizer, tasks, cfg.data.max_prompt_length)

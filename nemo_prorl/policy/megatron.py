@@ -10,6 +10,9 @@ none: those run an empty, fully masked micro-batch (MegatronWorker._split), whic
 collective and adds nothing to the loss, the gradients or the metrics (an MoE model's DP ranks also run
 as many micro-batches as the busiest of them: their expert group's dispatch is a collective). A rank that fails or dies stops the
 whole group and raises MegatronWorkerError naming the rank, its node and the command.
+
+For the node-local weight sync it only says what it holds (`shard_layout`, `rank_sites`, `rank_group`):
+the protocol is weight_sync/sync.py's, which drives the ranks' sync commands itself.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from nemo_prorl.cluster.actors import ActorError, gather_groups
+from nemo_prorl.cluster.actors import ActorError
 from nemo_prorl.cluster.plan import check_experts
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.policy.base import POLICY_BACKENDS, STATE_FILE, Batch, LazyWeight, LossFn, PolicyBackend
 from nemo_prorl.policy.megatron_convert import ModelShape, megatron_to_hf_lazy
 from nemo_prorl.policy.megatron_worker import MegatronRank, WorkerSpec
-from nemo_prorl.weight_sync import NodeLocalSource, ShardKey, ShardMeta
+from nemo_prorl.weight_sync.sender import ShardKey, ShardMeta
+from nemo_prorl.weight_sync.sync import NodeLocalSource, RankGroup
 
 log = logging.getLogger("nemo_prorl")
 
@@ -91,8 +95,7 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
         self.rank_nodes = [r.node for r in plan.ranks]
         self._rank_sites = [(r.node, r.device) for r in plan.ranks]
         self._sync_layout: Optional[tuple] = None
-        self._relays: Any = None  # the weight relays the ranks share a transport group with (split mode)
-        self._transports = 0  # transport groups made so far: each has its own keys in the rendezvous
+        self._rank_group: Optional[RankGroup] = None
         self._rendezvous: Any = None
         self._session = cluster.session(cfg, plan)
         self._placement = self._session.place(plan, cfg.cluster.ray_timeout_s)
@@ -209,7 +212,7 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
         stages, experts = self._shards()
         yield from megatron_to_hf_lazy(stages, self.shape, experts)
 
-    # ------------------------------------------------------------------ NodeLocalSource (weight_sync.py)
+    # ------------------------------------------------------------------ NodeLocalSource (weight_sync/sync.py)
     def shard_layout(self) -> tuple[list[list[ShardKey]], list[int], dict[ShardKey, ShardMeta]]:
         if self._sync_layout is None:  # the shapes never change: asked once
             per_rank = self._call_all("sync_meta")
@@ -220,38 +223,13 @@ class MegatronPolicy(PolicyBackend, NodeLocalSource):
     def rank_sites(self) -> list[tuple[int, int]]:
         return self._rank_sites
 
-    def connect_relays(self, relays: Any) -> None:
-        if self._relays is relays:
-            return
-        # the group's rendezvous, under keys of this transport group's own (an earlier one's are still there)
-        self._transports += 1
-        prefix, size, kv = f"transport-{self._transports}", self.world + len(relays.actors), self._rendezvous
-        ranks = [a.run.remote("join_transport", kv, prefix, size) for a in self.group.actors]
-        joins = [a.join.remote(kv, prefix, self.world + j, size) for j, a in enumerate(relays.actors)]
-        gather_groups([(self.group, ranks), (relays, joins)], "join_transport", self.cfg.cluster.ray_timeout_s)
-        self._relays = relays
-
-    def sync_prepare(self, transfers: list[tuple[int, int, ShardKey]], kinds: dict[int, set[str]], bucket_bytes: int,
-                     dtype: str, relays: Any = None) -> list[int]:
-        metas = self.shard_layout()[2]
-        # all at once: ranks and relays meet in the same point-to-point transfers
-        ranks = [a.run.remote("sync_prepare", transfers, kinds, bucket_bytes, dtype, metas) for a in self.group.actors]
-        grid = self._grid()
-        extra = [a.sync_prepare.remote(transfers, kinds, bucket_bytes, dtype, metas, self.shape, grid)
-                 for a in (relays.actors if relays is not None else [])]
-        calls = [(self.group, ranks)] + ([(relays, extra)] if extra else [])
-        return [n for counts in gather_groups(calls, "sync_prepare", self.m.worker_timeout_s) for n in counts]
-
-    def sync_pack(self, k: int, relays: Any = None) -> list[Optional[dict[str, tuple[tuple, list]]]]:
-        out = self._call_all("sync_pack", k)
-        if relays is not None:
-            out += relays.call_all("sync_pack", k, timeout_s=self.m.worker_timeout_s)
-        return out
-
-    def sync_end(self, relays: Any = None) -> None:
-        self._call_all("sync_end")
-        if relays is not None:
-            relays.call_all("sync_end", timeout_s=self.m.worker_timeout_s)
+    def rank_group(self) -> RankGroup:
+        if self.group is None:
+            raise MegatronWorkerError("the megatron ranks have been shut down")
+        if self._rank_group is None:  # one for the ranks' life: the sync keeps its transport state in it
+            self._rank_group = RankGroup(self.group, self._rendezvous, self.world, self.shape, self._grid(),
+                                         self.m.worker_timeout_s, self.cfg.cluster.ray_timeout_s)
+        return self._rank_group
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for w in self.lazy_weights():

@@ -1,9 +1,9 @@
 """Expert parallelism in the Megatron backend: the experts' shards (which rank holds which experts, and
 their assembly into the Hugging Face model), the load-balancing losses' scale, and the per-step
 load-balancing metrics. Used by the Megatron worker (policy/megatron_worker.py), the policy's export
-(policy/megatron.py) and the node-local weight sync (weight_sync.py). Also the MoE fields of megatron's
-TransformerConfig (`moe_fields`, for policy/parallel.py's transformer_config) and the MoE shims of megatron
-on CPU (`shim_moe`, shims 6-7 of policy/parallel.py's module doc).
+(policy/megatron.py) and the node-local weight sync (weight_sync/sender.py). Also the MoE fields of
+megatron's TransformerConfig (`moe_fields`, for policy/parallel.py's transformer_config) and the MoE shims
+of megatron on CPU (`shim_moe`, shims 6-7 of policy/parallel.py's module doc).
 
 Shards. A dense model's shard is keyed (stage, TP rank), as before. A mixture-of-experts model's weights
 are split in two: the dense part of each rank (attention, norms, router, embeddings; key (stage, TP rank))

@@ -1,7 +1,7 @@
 """One rank of the Megatron-core policy: its model chunks, frozen reference, DDP and optimizer, driven by
-commands from `MegatronPolicy` (policy/megatron.py) over a queue. Each command runs on every rank of the
-group at once (all of them take part in the collectives); the last pipeline stage computes the
-log-probabilities and the loss with vocab-parallel cross entropy.
+commands from `MegatronPolicy` (policy/megatron.py) and from the weight sync (weight_sync/sync.py) over a
+queue. Each command runs on every rank of the group at once (all of them take part in the collectives);
+the last pipeline stage computes the log-probabilities and the loss with vocab-parallel cross entropy.
 """
 
 from __future__ import annotations
@@ -361,34 +361,27 @@ class MegatronWorker:
         return (self.m.pipeline_parallel_size * (self.m.virtual_pipeline_parallel_size or 1),
                 self.m.tensor_parallel_size, self.ep, self.etp)
 
+    # The node-local sync's commands (weight_sync/sync.py drives them): this rank's live shards, handed to
+    # its sender (weight_sync/sender.py), which does the work.
     def _sender(self) -> Any:
-        from nemo_prorl.weight_sync import NodeLocalSender
+        from nemo_prorl.weight_sync.sender import NodeLocalSender
 
         if getattr(self, "_weight_sender", None) is None:
             self._weight_sender = NodeLocalSender(self.device)
         return self._weight_sender
 
     def sync_meta(self) -> dict[tuple, list]:
-        from nemo_prorl.weight_sync import NodeLocalSender
+        from nemo_prorl.weight_sync.sender import NodeLocalSender
 
         return NodeLocalSender.metas(self._own_shards())
 
     def sync_prepare(self, transfers: list, kinds: dict[int, set[str]], bucket_bytes: int, dtype: str, metas: dict) -> int:
-        """weight_sync.sync_node_local on this rank: take part in the shard transfers; a leader then plans
-        its node's buckets (the number of them)."""
-        from nemo_prorl.policy.megatron_convert import megatron_to_hf_lazy
-        from nemo_prorl.policy.megatron_moe import assemble
-
-        own, sender = self._own_shards(), self._sender()
-        sender.exchange(self.spec.rank, own, transfers, metas)
-        if self.spec.rank not in kinds:
-            return 0
-        stages, experts = assemble({**own, **sender.received}, *self.shard_grid(), self.shape.is_moe)
-        return sender.plan_buckets(megatron_to_hf_lazy(stages, self.shape, experts), bucket_bytes, dtype,
-                                   kinds[self.spec.rank])
+        """Take part in the shard transfers; a leader then plans its node's buckets (the number of them)."""
+        return self._sender().prepare(self.spec.rank, self._own_shards(), transfers, kinds, bucket_bytes, dtype,
+                                      metas, self.shape, self.shard_grid())
 
     def join_transport(self, rendezvous: Any, prefix: str, size: int) -> None:
-        """The gloo group with the weight relays of nodes without ranks (weight_sync.WeightRelay)."""
+        """The gloo group with the weight relays of nodes without ranks (weight_sync/sender.py WeightRelay)."""
         self._sender().join_transport(rendezvous, prefix, self.spec.rank, size)
 
     def sync_pack(self, k: int) -> Optional[dict[str, tuple[tuple, list]]]:

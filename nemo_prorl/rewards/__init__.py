@@ -1,4 +1,5 @@
-"""Verifiers behind one registry; each data row names the one that scores it (`PromptRecord.reward`)."""
+"""Verifiers behind one registry; each data row names the one that scores it (`PromptRecord.reward`). What
+they run confined (programs, answers a scorer evaluates) runs through nemo_prorl/confine/, below this package."""
 
 from nemo_prorl.rewards.base import (
     REWARDS, RewardFn, RewardInput, RewardResult, RewardSuite, get_reward, safe_score,

@@ -88,7 +88,7 @@ class RewardSuite:
         self._lock = threading.Lock()
         self._threads: Optional[ThreadPoolExecutor] = None
         if cfg is not None:  # a run's suite: an unusable sandbox uid lock folder fails the launch, naming it
-            from nemo_prorl.rewards.sandbox import check_sandbox_uids
+            from nemo_prorl.confine import check_sandbox_uids
 
             check_sandbox_uids()
 

@@ -11,7 +11,7 @@ All test cases of one response run in one sandbox; many responses run concurrent
 
 Judging happens here, outside the program (issue 18): expected outputs never enter the sandbox.
 - stdin/stdout: the program's real output is compared here.
-- function tests: the harness (sandbox_driver.py) calls the function and returns its value as a literal of
+- function tests: the harness (confine/driver.py) calls the function and returns its value as a literal of
   plain built-in types, decoded here with `ast.literal_eval` and compared here, so a return value whose
   __eq__ always succeeds, a shadowed `exec` or a printed pass marker gain nothing. APPS call tests,
   and asserts of the forms `assert f(<literals>) == <literal>` (either side), `... is True/False/None`,
@@ -39,11 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from nemo_prorl.config.schema import SandboxConfig
+from nemo_prorl.confine import Sandbox, SandboxRun, make_sandbox
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
 from nemo_prorl.rewards.code_judge import Replay, ReplayJudge, check_replay, mbpp_replay, run_rounds
 from nemo_prorl.rewards.extract import last_code_block, strip_thinking
-from nemo_prorl.rewards.sandbox import Sandbox, SandboxRun
-from nemo_prorl.rewards.sandboxes import make_sandbox
 from nemo_prorl.rewards.sandbox_judge import parse_literal
 
 
@@ -53,7 +52,7 @@ class TestPlan:
     judgement happens here in the trainer; expected values never enter the sandbox."""
 
     program: str
-    inputs: list[str]  # stdin text (stdio) or a harness request (sandbox_driver.py); "" for a replay test
+    inputs: list[str]  # stdin text (stdio) or a harness request (confine/driver.py); "" for a replay test
     checks: list["Check"]
     kind: str  # "stdio" or "driver"
     replays: list[Replay] = field(default_factory=list)  # tests judged by replay (Check "replay": the index)

@@ -8,7 +8,7 @@ Now such a test is judged in three steps, none of which lets the program see the
   1. collect: a judge process (sandbox_judge.py, a sandbox run of its own, without the program) runs the
      test with the function under test bound to a recorder, every statement soft, and lists the argument
      literals of every call;
-  2. record: the program runs in the sandbox on exactly those arguments (sandbox_driver.py "record"); its
+  2. record: the program runs in the sandbox on exactly those arguments (confine/driver.py "record"); its
      return values come back as plain literals (or the name of the exception raised);
   3. replay: a fresh judge process runs the test for real with the function replaying those literals for
      exactly those arguments. The test passes iff that run completes.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from nemo_prorl.rewards.sandbox import Sandbox, SandboxRun, TestRun
+from nemo_prorl.confine import Sandbox, SandboxRun, TestRun
 from nemo_prorl.rewards.sandbox_judge import canon, parse_literal
 
 JUDGE = Path(__file__).with_name("sandbox_judge.py")

@@ -18,9 +18,9 @@ from collections import OrderedDict
 from fractions import Fraction
 from typing import Any, Optional, Sequence
 
+from nemo_prorl.confine import HardTimeoutPool, Outcome
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
 from nemo_prorl.rewards.extract import code_like, last_boxed, strip_thinking
-from nemo_prorl.rewards.workers import HardTimeoutPool, Outcome
 
 # ----------------------------------------------------------------------------------- normalisation
 _REMOVE = [r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\quad", r"\qquad", r"\displaystyle", "$",
@@ -279,7 +279,7 @@ class MathReward:
         self.timeout_s = float(getattr(mcfg, "timeout_s", 5.0))
         self.pool = HardTimeoutPool(int(getattr(mcfg, "num_workers", 2)), preload=CHECKER_MODULES)
         # verdicts are deterministic in (answer, truth): the n samples of a prompt often repeat an answer,
-        # and each check runs in a fresh forked process that keeps no cache of its own (workers.py)
+        # and each check runs in a fresh forked process that keeps no cache of its own (confine/workers.py)
         self._verdicts: "OrderedDict[tuple[str, str], RewardResult]" = OrderedDict()
         self._lock = threading.Lock()
 

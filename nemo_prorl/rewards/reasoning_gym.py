@@ -36,9 +36,9 @@ import json
 from fractions import Fraction
 from typing import Any, Callable, Optional, Sequence
 
+from nemo_prorl.confine import GUARDED_OBJECTS, HardTimeoutPool
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
 from nemo_prorl.rewards.extract import arithmetic, code_like, last_tag, literal_or_text, strip_thinking, sympy_expression
-from nemo_prorl.rewards.workers import GUARDED_OBJECTS, HardTimeoutPool
 
 
 # The tasks whose scorer evaluates the answer (reasoning-gym 0.1.25: `eval` or sympy's `parse_expr` in

@@ -17,13 +17,13 @@ import re
 import threading
 from typing import Any, Optional
 
+from nemo_prorl.confine import HardTimeoutPool
 from nemo_prorl.rewards.base import REWARDS, RewardInput, RewardResult, failed
 from nemo_prorl.rewards.extract import (
     BOXED_BARE, BOXED_OPEN, last_boxed, last_tag, matching_braces, strip_thinking,
 )
 from nemo_prorl.rewards.math_verifier import CHECKER_MODULES, verdict, warm
 from nemo_prorl.rewards.math_verifier import check as math_check
-from nemo_prorl.rewards.workers import HardTimeoutPool
 
 # Extraction runs on the policy's output in the trainer's threads with no time limit, so everything below
 # takes time linear in the response: no regex here has two quantifiers that can share a character

@@ -9,10 +9,12 @@ batch-invariant: see README "Several rollout engines").
 
 Weights reach the engines through a transfer buffer that they map on their own node: the controller's
 (`staging_buffer`, when it holds the weights itself: the hf policy, evaluation), or a buffer each node's
-Megatron rank fills (`load_from_sites`, weight_sync.sync_node_local), so that no weight byte passes
-through the controller. Every engine actor answers the same commands (init, generate, begin_weight_update,
-load_bucket, finish_weight_update, sleep, wake_up): vllm_server.EngineServer and
-torch_engine.TorchEngineServer.
+Megatron rank fills (the node-local sync of weight_sync/sync.py, which tells each engine which buffer to
+load: `load_bucket`), so that no weight byte passes through the controller. The pool knows the buffers'
+wire format (weight_sync/buffer.py) but not the sync's protocol: it only exposes its engines' nodes and
+devices, the update gate, and actors started on its placement (`node_actors`: the sync's weight relays).
+Every engine actor answers the same commands (init, generate, begin_weight_update, load_bucket,
+finish_weight_update, sleep, wake_up): vllm_server.EngineServer and torch_engine.TorchEngineServer.
 
 Weight updates and generation (asynchronous steps call them from different threads): engine actors that
 take updates in flight (`in_flight_updates`: the torch engine) run the weight commands in a thread of their
@@ -33,7 +35,7 @@ import torch
 from nemo_prorl.cluster.actors import ActorError
 from nemo_prorl.rollout.base import (Completion, RolloutEngine, SamplingParams, WeightGate, prompt_seed,
                                      split_prompts)
-from nemo_prorl.weight_sync import TransferBuffer
+from nemo_prorl.weight_sync.buffer import TransferBuffer, pack, packed_size
 
 
 class RolloutEngineError(ActorError):
@@ -99,7 +101,7 @@ class EnginePool(RolloutEngine):
         self.role = setup.role
         self.weight_dtype = setup.weight_dtype
         self.group = None
-        self._relays = None
+        self._node_groups: dict[str, Any] = {}  # node_actors by role
         self._placement = None
         self._buffer: Optional[TransferBuffer] = None
         self._device = torch.device(cfg.cluster.device)
@@ -211,7 +213,6 @@ class EnginePool(RolloutEngine):
         buf = self._buffer
         if buf is None or any(buf.offset(t) is None for _, t in items):  # not built in the buffer by the sync
             from nemo_prorl.policy.base import LazyWeight
-            from nemo_prorl.weight_sync import pack, packed_size
 
             lazy = [LazyWeight(n, (t.clone() if buf is not None and buf.offset(t) is not None else t,))
                     for n, t in items]
@@ -219,26 +220,27 @@ class EnginePool(RolloutEngine):
             buf = self._buffer
             items = pack(lazy, buf.tensor, self.weight_dtype)
         buf.ready()
-        self._call_weights("load_bucket", [(buf.handle, buf.metas(items))] * self.num_engines)
+        self.load_bucket([(buf.handle, buf.metas(items))] * self.num_engines)
 
-    def load_from_sites(self, buckets: dict[tuple[int, int], tuple[tuple, list]], sites: Sequence[tuple[int, int]]) -> None:
-        """Engine i loads the bucket packed in the buffer at sites[i] (weight_sync.sync_node_local):
-        {site: (buffer handle, metas)}."""
-        self._call_weights("load_bucket", [buckets[site] for site in sites])
+    def load_bucket(self, per_engine: Sequence[tuple[tuple, list]]) -> None:
+        """Engine i loads the bucket per_engine[i] = (handle of the transfer buffer it lies in, metas), a
+        buffer of its own node (weight_sync/buffer.py)."""
+        self._call_weights("load_bucket", list(per_engine))
 
-    def relays(self, nodes: Sequence[int]) -> Any:
-        """The weight relays of these engine nodes (nodes without Megatron ranks: split mode), one per node,
-        started on first use (weight_sync.WeightRelay)."""
+    def node_actors(self, role: str, actor_cls: Any, nodes: Sequence[int], init_args: tuple = ()) -> Any:
+        """An ActorGroup of `actor_cls(*init_args)`, one CPU actor per node of `nodes`, on the engines'
+        placement (the weight sync's relays), started on first use and closed with the pool. One group per
+        role: a group stopped by a failure stays stopped, and asking for it again fails by name."""
         from nemo_prorl.cluster.actors import start_group
-        from nemo_prorl.weight_sync import WeightRelay
 
-        if self._relays is not None and not self._relays.actors:
-            raise self.setup.error_type("the weight relays were stopped by an earlier failure", role="weight relay")
-        if self._relays is None:
-            self._relays = start_group("weight relay", WeightRelay, self._placement, [(n, 0, 0.0) for n in nodes],
-                                       init_args=[("",)] * len(nodes), timeout_s=self.setup.startup_timeout_s,
-                                       error_type=self.setup.error_type)
-        return self._relays
+        group = self._node_groups.get(role)
+        if group is not None and not group.actors:
+            raise self.setup.error_type(f"the {role}s were stopped by an earlier failure", role=role)
+        if group is None:
+            group = self._node_groups[role] = start_group(
+                role, actor_cls, self._placement, [(n, 0, 0.0) for n in nodes], init_args=[init_args] * len(nodes),
+                timeout_s=self.setup.startup_timeout_s, error_type=self.setup.error_type)
+        return group
 
     def begin_weight_update(self) -> None:
         """Waits for the running generate calls (engines without in-flight updates) or for each engine's
@@ -283,11 +285,11 @@ class EnginePool(RolloutEngine):
         self._call_all("wake_up")
 
     def close(self) -> None:
-        for name in ("group", "_relays"):
-            group = getattr(self, name, None)
-            setattr(self, name, None)
-            if group is not None:
-                group.kill()
+        group, self.group = getattr(self, "group", None), None
+        groups, self._node_groups = [group, *getattr(self, "_node_groups", {}).values()], {}
+        for g in groups:
+            if g is not None:
+                g.kill()
         placement, self._placement = getattr(self, "_placement", None), None
         if placement is not None:
             self._session.release(placement)

@@ -23,6 +23,7 @@ from nemo_prorl import cluster
 from nemo_prorl.config.schema import ProRLConfig
 from nemo_prorl.rollout.base import ROLLOUT_ENGINES, RolloutEngine
 from nemo_prorl.rollout.pool import EnginePool, EngineSetup, RolloutEngineError
+from nemo_prorl.rollout.vllm_server import TMP_ENV
 from nemo_prorl.torch_utils import DTYPES
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,11 @@ def _model_max_len(model_dir: Path) -> Optional[int]:
 
 
 def engine_env(cfg: ProRLConfig, folder: Path) -> dict[str, str]:
-    """The engine process's environment additions: `folder` (holding `prorl_vllm_server.py`) on PYTHONPATH."""
+    """The engine process's environment additions: `folder` (holding `prorl_vllm_server.py`) on PYTHONPATH and
+    as the home of vLLM's temporary files."""
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p),
-           "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
+           "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
+           TMP_ENV: str(folder)}  # vLLM's temporary files, removed with the folder (vllm_server._use_private_tmp)
     if cfg.rollout.vllm.batch_invariant and cfg.cluster.device.startswith("cuda"):
         env["VLLM_BATCH_INVARIANT"] = "1"  # vLLM's batch-invariant kernels exist on CUDA only
     if cfg.rollout.routing_replay and cfg.cluster.device.startswith("cuda"):

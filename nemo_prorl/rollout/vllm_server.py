@@ -29,6 +29,10 @@ from typing import Any, Optional
 import torch
 
 MODULE = "prorl_vllm_server"
+# The engine pool's private folder (vllm_engine.py makes it, and removes it when the pool closes): vLLM's
+# rendezvous file (vllm_dist_*) and its IPC sockets go there instead of /tmp, where every engine that was
+# killed rather than shut down would leave them behind.
+TMP_ENV = "PRORL_VLLM_TMP"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,6 +52,17 @@ def _open_buffer(handle: tuple) -> torch.Tensor:
         return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
     rebuild, args = handle[1]  # torch.multiprocessing.reductions.reduce_tensor of a CUDA uint8 tensor
     return rebuild(*args)
+
+
+def _use_private_tmp() -> None:
+    """Point vLLM's temporary files at the pool's folder when it is on this node (TMP_ENV)."""
+    import tempfile
+
+    private = os.environ.get(TMP_ENV)
+    if private and os.path.isdir(private):
+        os.environ["VLLM_RPC_BASE_PATH"] = private  # its zmq IPC sockets
+        os.environ["TMPDIR"] = private  # the processes it starts (tensor-parallel workers)
+        tempfile.tempdir = private  # this process: the file:// rendezvous of torch.distributed
 
 
 def buffer_views(owner: Any, handle: tuple, metas: list[tuple[str, int, list[int], str]]) -> list[tuple[str, torch.Tensor]]:
@@ -272,6 +287,7 @@ class EngineServer:
             # GPU: Ray showed this actor only its own device; its vLLM workers need all of the engine's
             # (cluster.actors.engine_gpus, its own first). Before vLLM (and torch.cuda) count the devices.
             os.environ["CUDA_VISIBLE_DEVICES"] = spec["visible_devices"]
+        _use_private_tmp()
         from vllm import LLM
         from vllm.platforms import current_platform
 

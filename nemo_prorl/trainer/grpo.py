@@ -33,7 +33,7 @@ from nemo_prorl.config.schema import ProRLConfig, async_config
 from nemo_prorl.data.records import PromptRecord, PromptSource
 from nemo_prorl.data.templates import encode_prompts
 from nemo_prorl.policy.base import Batch, LossFn, PolicyBackend
-from nemo_prorl.rewards.sandbox import sandbox_confines
+from nemo_prorl.confine import sandbox_confines
 from nemo_prorl.rollout.base import Completion, RolloutEngine, SamplingParams, prompt_seed
 from nemo_prorl.trainer.batching import build_batch, minibatch_plan, select_rows
 from nemo_prorl.trainer.checkpoint import (CheckpointError, read_checkpoint_file, remove_stale_temporaries,

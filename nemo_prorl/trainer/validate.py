@@ -1,4 +1,4 @@
-"""Validation: the evaluation of `prorl eval` (nemo_prorl/eval/core.py) on the run's held-out set, with
+"""Validation: the evaluation of `prorl eval` (trainer/evaluation.py) on the run's held-out set, with
 ProRL's §3.2 sampling (several samples per prompt at temperature 0.6, top-p 0.95), reported as flat metrics;
 `validation.metric` among them feeds the reference-reset stall rule and, per domain, the reward-hacking
 alarm (HackingWatch), which compares it with the training reward."""
@@ -14,7 +14,7 @@ import torch
 from nemo_prorl.algo.hacking import divergence_streak, hacking_flags
 from nemo_prorl.config.schema import HackingAlarmConfig, ValidationConfig
 from nemo_prorl.data.records import PromptRecord
-from nemo_prorl.eval.core import run_eval, task_of, validation_metrics
+from nemo_prorl.trainer.evaluation import run_eval, task_of, validation_metrics
 from nemo_prorl.rewards import RewardSuite
 from nemo_prorl.rollout.base import RolloutEngine, SamplingParams
 from nemo_prorl.trainer.logger import ALARM_PREFIX, CLEARED_PREFIX

@@ -1,4 +1,4 @@
-"""The remote sandbox's HTTP server (`python -m nemo_prorl.rewards.sandbox_remote` starts it; the protocol
+"""The remote sandbox's HTTP server (`python -m nemo_prorl.confine.remote` starts it; the protocol
 and authentication are described there).
 
 Serving: one thread owns all sockets (a `selectors` loop). It accepts connections and reads requests

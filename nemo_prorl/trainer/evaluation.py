@@ -1,6 +1,9 @@
 """The evaluation both `prorl eval` and the trainer's validation run: sample n responses per prompt, score
 them with the rewards the rows name, and report pass@k (the unbiased estimator, `algo/passk.py`) per task,
-per domain and overall (ProRL §3.2: pass@1 averaged over n samples; pass@k curves)."""
+per domain and overall (ProRL §3.2: pass@1 averaged over n samples; pass@k curves).
+
+It sits in the trainer's package, below both of its users: trainer/validate.py imports it, and so does the
+command (eval/runner.py), which adds loading checkpoints and benchmarks and the report (eval/report.py)."""
 
 from __future__ import annotations
 

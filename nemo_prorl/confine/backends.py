@@ -1,5 +1,5 @@
 """The sandbox backends by name (`reward.sandbox.backend`): "local" (sandbox.py, this machine) and "remote"
-(sandbox_remote.py, an HTTP sandbox server). This module sits above both and registers both, so the registry
+(remote.py, an HTTP sandbox server). This module sits above both and registers both, so the registry
 is whole as soon as it is imported, and neither backend imports the other for it."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Callable
 
 from nemo_prorl.config.schema import SandboxConfig
 from nemo_prorl.registry import Registry
-from nemo_prorl.rewards.sandbox import LocalSandbox, Sandbox
-from nemo_prorl.rewards.sandbox_remote import RemoteSandbox
+from nemo_prorl.confine.sandbox import LocalSandbox, Sandbox
+from nemo_prorl.confine.remote import RemoteSandbox
 
 SANDBOXES: Registry[Callable[[SandboxConfig], Sandbox]] = Registry("sandbox backend")
 SANDBOXES.register("local")(LocalSandbox)

@@ -1,4 +1,4 @@
-"""The process that runs untrusted programs, started by `LocalSandbox` as `python -I -B sandbox_runner.py`
+"""The process that runs untrusted programs, started by `LocalSandbox` as `python -I -B runner.py`
 with its spec (JSON) on stdin. Standard library only (plus jail.py): it must start fast and import
 nothing of the trainer. It prints one JSON line: {"results": [...], "notes": [...]} or {"error": "..."}.
 

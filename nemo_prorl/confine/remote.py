@@ -1,8 +1,8 @@
-"""backend=remote, reward.sandbox.url=http://host:port, reward.sandbox.token_file=PATH). The server is this
-module:
+"""The remote sandbox, for clusters: the client (`RemoteSandbox`: reward.sandbox.backend=remote,
+reward.sandbox.url=http://host:port, reward.sandbox.token_file=PATH) and the command that starts its server:
 
     umask 077; python -c 'import secrets; print(secrets.token_hex(32))' > /etc/prorl-sandbox.token
-    python -m nemo_prorl.rewards.sandbox_remote --host 0.0.0.0 --port 8080 --token-file /etc/prorl-sandbox.token \
+    python -m nemo_prorl.confine.remote --host 0.0.0.0 --port 8080 --token-file /etc/prorl-sandbox.token \
         [--workers 16] [--queue-size 64] [--max-connections 256] [--request-timeout-s 10] [--auth-grace-s 2] \
         [--max-tests 512]
 
@@ -17,7 +17,7 @@ a request without the right token is answered 401 as soon as its headers are in,
 Protocol (JSON over HTTP/1.1, one request per connection; the server closes it after the answer):
     POST /run   {"code": "<python source>", "inputs": ["<stdin of test 0>", ...], "driver": false}
                 (with "driver": true each input is a request for the function-test harness,
-                 sandbox_driver.py, and "result" carries what it wrote)
+                 driver.py, and "result" carries what it wrote)
       200 ->    {"tests": [{"status": "ok"|"runtime_error"|"timeout"|"killed"|"output_limit"|"file_size_limit"
                                       |"memory_limit"|"process_limit",
                             "returncode": int|null, "stdout": str, "stderr": str, "wall_s": float,
@@ -33,7 +33,7 @@ Limits (each violation is a 400 naming it): --max-tests inputs per request (512)
 source (1 MiB), --max-request-bytes of body (64 MiB, Content-Length required, no chunked bodies), 64 KiB of
 headers; "code" must be a string and "inputs" a list of strings.
 
-Serving (one selector thread, connection caps, flood handling): sandbox_server.py.
+Serving (one selector thread, connection caps, flood handling): server.py.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ import urllib.request
 from typing import Any, Optional, Sequence
 
 from nemo_prorl.config.schema import SandboxConfig
-from nemo_prorl.rewards.sandbox import LocalSandbox, SandboxRun, UnconfinedError
-from nemo_prorl.rewards.sandbox_server import (AUTH_GRACE_S, MAX_CODE_BYTES, MAX_CONNECTIONS, MAX_REQUEST_BYTES,
+from nemo_prorl.confine.sandbox import LocalSandbox, SandboxRun, UnconfinedError
+from nemo_prorl.confine.server import (AUTH_GRACE_S, MAX_CODE_BYTES, MAX_CONNECTIONS, MAX_REQUEST_BYTES,
                                                MAX_TESTS, REQUEST_TIMEOUT_S, SEND_TIMEOUT_S, SandboxServer,
                                                check_token)
 
@@ -147,7 +147,7 @@ def serve(host: str, port: int, cfg: SandboxConfig, *, token: Optional[str] = No
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m nemo_prorl.rewards.sandbox_remote", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m nemo_prorl.confine.remote", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)

@@ -1,7 +1,7 @@
 """Running untrusted, model-generated programs. One interface, `Sandbox.run(code, inputs) -> SandboxRun`,
-two backends in `SANDBOXES` (sandboxes.py, which also builds one from the config): "local" (this module:
-this machine; the containment is described in sandbox_runner.py) and "remote" (an HTTP sandbox server for
-clusters, see sandbox_remote.py).
+two backends in `SANDBOXES` (backends.py, which also builds one from the config): "local" (this module:
+this machine; the containment is described in runner.py) and "remote" (an HTTP sandbox server for
+clusters, see remote.py).
 
 A run executes one program once per input (stdin) inside one sandbox, with a wall-time budget per test
 and in total (ProRL §3.1 scores code 0 after 5 s in total). The trainer side enforces the total again
@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
 from nemo_prorl.config.schema import SandboxConfig
-from nemo_prorl.rewards import jail
+from nemo_prorl.confine import jail
 
 log = logging.getLogger(__name__)
-RUNNER = Path(__file__).with_name("sandbox_runner.py")
-DRIVER = Path(__file__).with_name("sandbox_driver.py")
+RUNNER = Path(__file__).with_name("runner.py")
+DRIVER = Path(__file__).with_name("driver.py")
 # Statuses of one test execution. "ok" only means exit code 0; the caller compares the output.
 TEST_STATUSES = ("ok", "runtime_error", "timeout", "killed", "output_limit", "file_size_limit")
 
@@ -352,7 +352,7 @@ class LocalSandbox:
 
     def run(self, code: str, inputs: Sequence[str], driver: bool = False) -> SandboxRun:
         """Run `code` once per input. With `driver`, each input is a request for the function-test
-        harness (sandbox_driver.py), which loads the program and writes its result to `TestRun.result`."""
+        harness (driver.py), which loads the program and writes its result to `TestRun.result`."""
         t0 = time.monotonic()
         uid = None
         try:

@@ -1,5 +1,5 @@
 """Confinement primitives for untrusted code: an allowlist root file system, an unprivileged identity and a
-seccomp filter. Standard library only: `sandbox_runner.py` imports it in a process that must start fast
+seccomp filter. Standard library only: `runner.py` imports it in a process that must start fast
 and must import nothing of the trainer; the verifier workers (workers.py) use it too.
 
 Why each layer (issue 18, found by attacking the earlier sandbox):
