@@ -259,6 +259,7 @@ def vllm_engine(cfg: ProRLConfig) -> list[Finding]:
         if model is None:
             return []
         shutil.copy(Path(ve.__file__).with_name("vllm_server.py"), Path(scratch) / f"{ve._MODULE}.py")
+        (Path(scratch) / "tmp").mkdir()  # vLLM's temporary files (engine_env), removed with the scratch folder
         spec = ve.engine_spec(cfg, model)
         code = f"import json, sys; from {ve._MODULE} import smoke; smoke(json.loads(sys.argv[1]))"
         env = {**os.environ, **ve.engine_env(cfg, Path(scratch))}

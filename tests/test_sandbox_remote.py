@@ -193,6 +193,7 @@ def test_cli_refuses_to_start_without_a_private_token_file(tmp_path):
             p.kill()
         assert p.returncode == 2 and "refusing to start" in err and says in err, (args, err[-2000:])
         assert "sandbox server on" not in out
+        assert "RuntimeWarning" not in err, err  # runpy's: the package face must not import the command
 
 
 def test_cli_serves_with_a_private_token_file(tmp_path):

@@ -38,7 +38,8 @@ pytest.importorskip("mlflow")
 def _no_home(tmp_path, monkeypatch):
     """wandb offline, its folders in tmp_path; no ~/.netrc, no network, no real home. Temporary folders too:
     every process that imports wandb makes two (wandb-media, wandb-artifacts) and leaves them when it is
-    killed, so the processes these tests start make them under tmp_path."""
+    killed, so the processes these tests start make them under tmp_path. (Safe here, unlike suite-wide (see
+    conftest.py): no test of this file starts Ray or hands a temp folder to another uid.)"""
     (tmp_path / "tmp").mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))

@@ -410,7 +410,7 @@ class SandboxConfig:
     """Limits for running generated code (confine/sandbox.py). ProRL §3.1 (code): reward = fraction of
     tests passed, 0 on syntax error or more than 5 s in total."""
 
-    backend: str = "local"  # "local" (rlimits + process group) or "remote" (HTTP, see rewards/remote.py)
+    backend: str = "local"  # "local" (rlimits + process group) or "remote" (HTTP, see confine/remote.py)
     url: str = ""  # for backend=remote, e.g. http://sandbox-host:8080
     total_timeout_s: float = 5.0  # wall time for all of a program's test cases together
     per_test_timeout_s: float = 5.0

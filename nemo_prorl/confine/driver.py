@@ -10,7 +10,7 @@ library only). It reads one request from stdin before the program runs, loads th
       for a test that is no plain call (issue 29): calls the function with each argument list and writes
       one line per call, "<i>:v:<literal>" (the return value), "<i>:e:<ExceptionName>" (it raised: the nearest builtin class) or
       "<i>:x:<reason>" (no plain data). The test itself never enters the sandbox: a judge process that
-      never ran the program replays its comparisons on these literals (sandbox_judge.py).
+      never ran the program replays its comparisons on these literals (rewards/sandbox_judge.py).
 """
 
 import ast

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 _MISSING = object()
 # Providers of (label, object) pairs whose attributes the state guard checks too: objects a scorer keeps
-# between calls (reasoning_gym.py registers its cached datasets).
+# between calls (rewards/reasoning_gym.py registers its cached datasets).
 GUARDED_OBJECTS: list[Callable[[], list[tuple[str, Any]]]] = []
 # what os.fork itself replaces in the child (threading re-creates its locks)
 _FORK_CHANGES = frozenset({("threading", "_active_limbo_lock"), ("threading", "_shutdown_locks_lock"),

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import math
 import os
+import sys
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -483,6 +484,15 @@ class MegatronWorker:
                     p.copy_(saved)
 
 
+def _without_wandb() -> None:
+    """In a rank's own process only (the controller's trackers need wandb): megatron-core's timers import wandb
+    when it is installed, and the ranks never log to it (the trainer's trackers run on the controller). The
+    import costs time and memory, and makes two temp folders (wandb-media, wandb-artifacts) that a rank stopped
+    by a kill, as every rank is, leaves in /tmp. An entry of None makes the import fail as when wandb is not
+    installed, which megatron-core handles (it then has no wandb writer)."""
+    sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
+
+
 class MegatronRank(ActorBase):
     """One rank as a Ray actor (placed by nemo_prorl.cluster): built by `start`, which meets the other ranks
     in the group's rendezvous actor (cluster/rendezvous.py), then serving the commands of MegatronWorker. A
@@ -490,6 +500,7 @@ class MegatronRank(ActorBase):
 
     def __init__(self, spec: WorkerSpec) -> None:
         _quiet_optional_dependency_warnings()
+        _without_wandb()
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         ignore_preemption_signals()  # the controller checkpoints with these ranks first, then stops them
         self.spec = spec

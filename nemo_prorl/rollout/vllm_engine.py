@@ -74,6 +74,7 @@ class VLLMRolloutEngine(EnginePool):
         folder = Path(tempfile.mkdtemp(prefix="prorl-vllm-"))
         try:
             server = _server_module(folder)
+            (folder / "tmp").mkdir(mode=0o700)  # vLLM's temporary files (engine_env), apart from the module
             num = len(cluster.plan_from_config(cfg, engine="vllm").engines)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -100,11 +101,11 @@ def _model_max_len(model_dir: Path) -> Optional[int]:
 
 
 def engine_env(cfg: ProRLConfig, folder: Path) -> dict[str, str]:
-    """The engine process's environment additions: `folder` (holding `prorl_vllm_server.py`) on PYTHONPATH and
-    as the home of vLLM's temporary files."""
+    """The engine process's environment additions: `folder` (holding `prorl_vllm_server.py`) on PYTHONPATH, and
+    its tmp/ as the home of vLLM's temporary files."""
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p),
            "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
-           TMP_ENV: str(folder)}  # vLLM's temporary files, removed with the folder (vllm_server._use_private_tmp)
+           TMP_ENV: str(folder / "tmp")}  # vLLM's temporary files, removed with the folder (vllm_server._use_private_tmp)
     if cfg.rollout.vllm.batch_invariant and cfg.cluster.device.startswith("cuda"):
         env["VLLM_BATCH_INVARIANT"] = "1"  # vLLM's batch-invariant kernels exist on CUDA only
     if cfg.rollout.routing_replay and cfg.cluster.device.startswith("cuda"):

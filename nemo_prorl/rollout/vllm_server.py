@@ -33,6 +33,9 @@ MODULE = "prorl_vllm_server"
 # rendezvous file (vllm_dist_*) and its IPC sockets go there instead of /tmp, where every engine that was
 # killed rather than shut down would leave them behind.
 TMP_ENV = "PRORL_VLLM_TMP"
+# A unix socket's path has at most 107 bytes; vLLM's are "<folder>/<uuid4>" (37 more). A longer folder (a
+# long TMPDIR) keeps vLLM's default for the sockets.
+MAX_SOCKET_DIR = 64
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,7 +63,8 @@ def _use_private_tmp() -> None:
 
     private = os.environ.get(TMP_ENV)
     if private and os.path.isdir(private):
-        os.environ["VLLM_RPC_BASE_PATH"] = private  # its zmq IPC sockets
+        if len(private) <= MAX_SOCKET_DIR:
+            os.environ["VLLM_RPC_BASE_PATH"] = private  # its zmq IPC sockets
         os.environ["TMPDIR"] = private  # the processes it starts (tensor-parallel workers)
         tempfile.tempdir = private  # this process: the file:// rendezvous of torch.distributed
 

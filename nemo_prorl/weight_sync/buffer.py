@@ -4,7 +4,8 @@ flat transfer buffer that the engines map (`TransferBuffer`: shared memory on CP
 bucket travels as the buffer's `handle` and its `metas` (name, offset, shape, dtype name of each tensor).
 
 The lowest module of the weight sync: it imports torch and the run's shared-memory names (cluster/shm.py)
-only, so that the engines (rollout/pool.py), the ranks' side (sender.py) and the controller (sync.py) can
+only (the package's face, __init__.py, brings sync.py along at runtime, which imports neither the policy nor
+the rollout package), so that the engines (rollout/pool.py), the ranks' side (sender.py) and the controller (sync.py) can
 all speak it without importing each other.
 """
 
