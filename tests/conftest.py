@@ -12,7 +12,7 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def _ray_token_for_the_session() -> None:
+def _ray_token_for_the_session() -> Path:
     """Ray reads its authentication settings once, when first imported, and keeps one token per process:
     every Ray cluster this test session starts uses this token (mode 0600, removed at exit) and binds
     loopback only."""
@@ -24,7 +24,8 @@ def _ray_token_for_the_session() -> None:
 
     os.environ.pop("RAY_AUTH_TOKEN", None)
     folder = Path(tempfile.mkdtemp(prefix="prorl-test-ray-"))
-    atexit.register(shutil.rmtree, folder, True)
+    atexit.register(shutil.rmtree, folder, True)  # and at the session's end (pytest_sessionfinish)
+    return folder
     os.environ.update(auth_env(write_token(folder / "token")))
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # Ray's memory monitor kills actors when the whole machine passes 95% memory: on a shared machine
@@ -33,7 +34,15 @@ def _ray_token_for_the_session() -> None:
     os.environ["RAY_memory_monitor_refresh_ms"] = "0"
 
 
-_ray_token_for_the_session()
+_RAY_TOKEN_FOLDER: Path | None = None
+
+
+def pytest_configure(config) -> None:
+    """In pytest's own process, before any test module imports Ray; not at this module's import: a worker
+    process spawned from a test module imports this module too, and one the test kills left its folder."""
+    global _RAY_TOKEN_FOLDER
+    if _RAY_TOKEN_FOLDER is None:
+        _RAY_TOKEN_FOLDER = _ray_token_for_the_session()
 
 # multiprocessing gives each process that needs one a `pymp-*` folder under the temp dir and removes it at
 # exit; workers the tests kill (timeouts, crash tests) never do. At the session's end the `pymp-*` folders
@@ -56,6 +65,8 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     for folder in pymp_folders_left():
         if str(folder) != own:
             shutil.rmtree(folder, ignore_errors=True)
+    if _RAY_TOKEN_FOLDER is not None:  # every test is done: Ray read the token long ago
+        shutil.rmtree(_RAY_TOKEN_FOLDER, ignore_errors=True)
 
 
 TINY_OVERRIDES = [
